@@ -1,0 +1,27 @@
+"""`hfl-aggregator` (also `hfl aggregator`): the aggregation layer's service."""
+
+from __future__ import annotations
+
+import typer
+
+from aggregator.runner import aggregator_node
+from hfl.cli import ConfigOption, VerboseOption, open_config, setup_logging
+from hfl.messages import Role
+from hfl.service import serve
+
+app = typer.Typer(help="The aggregation layer: run edge rounds for a site's agents.",
+                  no_args_is_help=True)
+
+
+@app.command()
+def run(config: ConfigOption, verbose: VerboseOption = False) -> None:
+    """Serve as an aggregator for the agents the roster enrols under our id."""
+    setup_logging(verbose)
+    cfg, identity, roster = open_config(config, Role.AGGREGATOR)
+    node, machine = aggregator_node(identity, roster, cfg.broker.settings(), cfg.topics,
+                                    max_payload=cfg.max_payload)
+    raise typer.Exit(serve(node, machine))
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,224 @@
+"""The coordinator's job logic as a sans-I/O state machine.
+
+Events in: model requests from apps, partials from aggregators, `now`.
+Actions out: tasks for aggregators, job status for apps, and `NewVersion` (the runner
+stores the version, exports ONNX and publishes it: that is I/O, so it is not done here).
+
+A request is decomposed into one job per model and one task per (job, aggregator). Each
+block, the coordinator averages the partials it got — Σ_a W_a·Δ_a / Σ_a W_a — into the next
+global version, then stops when the rounds are done or when the federated evaluation
+loss has not improved for `patience` versions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from hfl.actions import Action, Note, Send
+from hfl.aggregate import WeightedSum
+from hfl.errors import Rejected
+from hfl.messages import (
+    JobMeta,
+    Kind,
+    Metrics,
+    ModelRequest,
+    ModelSpec,
+    PartialMeta,
+    TaskMeta,
+    expect_tensor,
+    job_id,
+    parse_meta,
+)
+from hfl.topics import Route, Topics
+
+if TYPE_CHECKING:
+    from hfl.envelope import Envelope
+
+# How long past the aggregators' own deadlines the coordinator waits for a block.
+GRACE_S = 10.0
+
+
+@dataclass(frozen=True)
+class NewVersion:
+    """Store, export and publish version `version` of `job`'s model."""
+
+    job: str
+    app: str
+    spec: ModelSpec
+    version: int
+    params: np.ndarray
+    metrics: Metrics
+    agents: int
+
+
+@dataclass
+class Job:
+    job: str
+    app: str
+    spec: ModelSpec
+    params: np.ndarray
+    version: int = 0
+    attempt: int = 0
+    acc: WeightedSum | None = None
+    reported: set[str] = field(default_factory=set)
+    agents: int = 0
+    deadline: float = 0.0
+    state: str = "running"
+    reason: str = ""
+    best_loss: float = float("inf")
+    since_best: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def num_params(self) -> int:
+        return int(self.params.size)
+
+
+def block_timeout(spec: ModelSpec) -> float:
+    """The longest an aggregator may take for a block, retries included."""
+    return spec.kappa1 * spec.deadline_s * (spec.max_retries + 1) + GRACE_S
+
+
+class CoordinatorMachine:
+    def __init__(
+        self,
+        aggregators: Callable[[], list[str]],
+        init_params: Callable[[ModelSpec], np.ndarray],
+        topics: Topics,
+    ) -> None:
+        self.aggregators = aggregators  # the enrolled aggregators (the roster may change)
+        self.init_params = init_params
+        self.topics = topics
+        self.jobs: dict[str, Job] = {}
+
+    # ------------------------------------------------------------------ events
+
+    def handle(self, env: Envelope, route: Route, now: float) -> list[Action]:
+        if env.type == Kind.REQUEST.value:
+            return self._request(env, route, now)
+        if env.type == Kind.PARTIAL.value:
+            return self._partial(env, now)
+        if env.type == Kind.STATUS.value:
+            return []
+        raise Rejected("unexpected-type", f"coordinator does not take {env.type}")
+
+    def tick(self, now: float) -> list[Action]:
+        out: list[Action] = []
+        for job in list(self.jobs.values()):
+            if job.state != "running" or now < job.deadline:
+                continue
+            assert job.acc is not None
+            if job.acc.weight > 0:
+                out += self._finish_block(job, now)
+            elif job.attempt < job.spec.max_retries:
+                job.attempt += 1
+                out += [Note("block_retry", {"job": job.job, "block": job.version}),
+                        *self._start_block(job, now)]
+            else:
+                out += self._end(job, "failed", "no aggregator delivered a partial")
+        return out
+
+    def _request(self, env: Envelope, route: Route, now: float) -> list[Action]:
+        req = parse_meta(ModelRequest, env.meta, reason="bad-request")
+        out: list[Action] = []
+        known = set(self.aggregators())
+        for spec in req.models:
+            jid = job_id(req.request_id, spec.name)
+            if jid in self.jobs:
+                out.append(Note("duplicate", {"job": jid}))
+                continue
+            unknown = [a for a in spec.aggregators if a not in known]
+            try:
+                if unknown:
+                    raise ValueError(f"unknown aggregators: {', '.join(unknown)}")
+                params = np.ascontiguousarray(self.init_params(spec), dtype=np.float32)
+            except ValueError as e:
+                job = Job(jid, route.app, spec, np.zeros(1, np.float32))
+                self.jobs[jid] = job
+                out += self._end(job, "failed", str(e))
+                continue
+            job = Job(jid, route.app, spec, params)
+            self.jobs[jid] = job
+            out.append(Note("job_started", {"job": jid, "app": route.app, "model": spec.name,
+                                            "params": job.num_params}))
+            out += self._start_block(job, now)
+            out.append(self._status(job))
+        return out
+
+    def _partial(self, env: Envelope, now: float) -> list[Action]:
+        job = self.jobs.get(env.job)
+        if job is None or job.state != "running" or env.round != job.version:
+            raise Rejected("stale-round", f"partial for {env.job}/{env.round}")
+        if env.sender not in job.spec.aggregators:
+            raise Rejected("not-in-job", env.sender)
+        if env.sender in job.reported:
+            return [Note("duplicate", {"job": job.job, "aggregator": env.sender})]
+        meta = parse_meta(PartialMeta, env.meta)
+        assert job.acc is not None
+        if meta.weight > 0:
+            total = expect_tensor(env.tensors, "sum", np.float32, (job.num_params,))
+            job.acc.add_weighted(total, meta.weight, meta.metrics)
+            job.agents += meta.agents
+        else:
+            job.acc.add_metrics(meta.metrics)
+        job.reported.add(env.sender)
+        if job.reported >= set(job.spec.aggregators):
+            return self._finish_block(job, now)
+        return []
+
+    # ------------------------------------------------------------------ transitions
+
+    def _start_block(self, job: Job, now: float) -> list[Action]:
+        job.acc = WeightedSum(job.num_params)
+        job.reported = set()
+        job.agents = 0
+        job.deadline = now + block_timeout(job.spec)
+        meta = TaskMeta(spec=job.spec, num_params=job.num_params).model_dump(mode="json")
+        return [
+            Send(Kind.TASK, self.topics.tasks(agg), job.job, job.version, "train", meta,
+                 {"params": job.params})
+            for agg in job.spec.aggregators
+        ]
+
+    def _finish_block(self, job: Job, now: float) -> list[Action]:
+        acc = job.acc
+        assert acc is not None
+        if acc.weight <= 0:
+            return self._end(job, "failed", "every aggregator failed the block")
+        job.params = job.params + acc.mean()
+        job.version += 1
+        job.attempt = 0
+        metrics = acc.metrics()
+        row = {"version": job.version, "agents": job.agents,
+               "aggregators": len(job.reported), **metrics.model_dump()}
+        job.history.append(row)
+        out: list[Action] = [
+            NewVersion(job.job, job.app, job.spec, job.version, job.params, metrics, job.agents),
+            Note("version", {"job": job.job, **row}),
+        ]
+        if metrics.eval_samples > 0:
+            if metrics.eval_loss < job.best_loss - job.spec.min_delta:
+                job.best_loss, job.since_best = metrics.eval_loss, 0
+            else:
+                job.since_best += 1
+        if job.version >= job.spec.rounds:
+            return out + self._end(job, "done", f"{job.version} rounds")
+        if job.spec.patience and job.since_best >= job.spec.patience:
+            return out + self._end(job, "stopped", f"eval loss flat for {job.since_best} versions")
+        return out + self._start_block(job, now) + [self._status(job)]
+
+    def _end(self, job: Job, state: str, reason: str) -> list[Action]:
+        job.state, job.reason, job.acc = state, reason, None
+        return [self._status(job), Note("job_ended", {"job": job.job, "state": state,
+                                                      "reason": reason})]
+
+    def _status(self, job: Job) -> Send:
+        meta = JobMeta(job=job.job, app=job.app, model=job.spec.name, state=job.state,  # type: ignore[arg-type]
+                       reason=job.reason, version=job.version, rounds=job.spec.rounds,
+                       history=job.history)
+        return Send(Kind.JOB, self.topics.job(job.job), job.job, job.version, job.state,
+                    meta.model_dump(mode="json"), retain=True)

@@ -1,0 +1,108 @@
+"""The model registry: jobs and model versions in SQLite, tensors and ONNX beside it.
+
+Files are written atomically (temporary file, fsync, rename) before the row that names
+them is committed, so a crash leaves no row pointing at a half-written file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import save
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    job TEXT PRIMARY KEY, app TEXT NOT NULL, model TEXT NOT NULL,
+    state TEXT NOT NULL, reason TEXT NOT NULL DEFAULT '', version INTEGER NOT NULL DEFAULT 0,
+    updated REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS versions (
+    job TEXT NOT NULL, version INTEGER NOT NULL, model TEXT NOT NULL,
+    safetensors TEXT NOT NULL, onnx TEXT NOT NULL, metrics TEXT NOT NULL, created REAL NOT NULL,
+    PRIMARY KEY (job, version)
+);
+"""
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+@dataclass(frozen=True)
+class VersionRecord:
+    job: str
+    version: int
+    model: str
+    safetensors: Path
+    onnx: Path
+    metrics: dict
+    created: float
+
+
+class Registry:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(self.root / "registry.sqlite", check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def save_job(self, job: str, app: str, model: str, state: str, reason: str,
+                 version: int) -> None:
+        with self.db:
+            self.db.execute(
+                "INSERT INTO jobs VALUES (?,?,?,?,?,?,?) ON CONFLICT(job) DO UPDATE SET "
+                "state=excluded.state, reason=excluded.reason, version=excluded.version, "
+                "updated=excluded.updated",
+                (job, app, model, state, reason, version, time.time()),
+            )
+
+    def save_version(self, job: str, model: str, version: int, state: Mapping[str, np.ndarray],
+                     onnx: bytes, metrics: dict) -> VersionRecord:
+        folder = self.root / "models" / model
+        folder.mkdir(parents=True, exist_ok=True)
+        st_path = folder / f"{job}-v{version}.safetensors"
+        onnx_path = folder / f"{job}-v{version}.onnx"
+        write_atomic(st_path, save(dict(state), metadata={"job": job, "version": str(version)}))
+        write_atomic(onnx_path, onnx)
+        rec = VersionRecord(job, version, model, st_path, onnx_path, metrics, time.time())
+        with self.db:
+            self.db.execute(
+                "INSERT OR REPLACE INTO versions VALUES (?,?,?,?,?,?,?)",
+                (job, version, model, str(st_path), str(onnx_path), json.dumps(metrics),
+                 rec.created),
+            )
+        return rec
+
+    def versions(self, job: str | None = None) -> list[VersionRecord]:
+        q = "SELECT job, version, model, safetensors, onnx, metrics, created FROM versions"
+        rows = self.db.execute(q + (" WHERE job=?" if job else "") + " ORDER BY job, version",
+                               (job,) if job else ()).fetchall()
+        return [VersionRecord(j, v, m, Path(s), Path(o), json.loads(x), c)
+                for j, v, m, s, o, x, c in rows]
+
+    def jobs(self) -> list[dict]:
+        cur = self.db.execute("SELECT job, app, model, state, reason, version, updated FROM jobs "
+                              "ORDER BY updated")
+        cols = [d[0] for d in cur.description]
+        return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]

@@ -1,0 +1,136 @@
+"""`hfl`: the umbrella command. Each role's commands are mounted here, beside the fleet's
+own: keys, broker, demo, simulate, version."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+import hfl
+from aggregator.cli import app as aggregator_app
+from coordinator.cli import app as coordinator_app
+from edge_agent.cli import app as agent_app
+from fleet import keys
+from fleet.follow import RoundRow
+from hfl.cli import VerboseOption, setup_logging
+
+app = typer.Typer(
+    help="hfl: hierarchical federated learning for edge fleets over MQTT.\n\n"
+    "Agents train on data that never leaves the board, aggregators sum their updates per "
+    "site, the coordinator averages the sites and publishes each model version to apps.",
+    no_args_is_help=True,
+)
+app.add_typer(agent_app, name="agent")
+app.add_typer(aggregator_app, name="aggregator")
+app.add_typer(coordinator_app, name="coordinator")
+app.add_typer(keys.app, name="keys")
+
+console = Console()
+
+
+@app.command()
+def version() -> None:
+    """Print the hfl version."""
+    typer.echo(f"hfl {hfl.__version__}")
+
+
+def progress_bar(total: int) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), console=console, transient=False,
+    )
+
+
+def rounds_table(rows: list[RoundRow]) -> Table:
+    table = Table("job", "round", "accuracy", "loss", "agents", "train loss", "fed. accuracy",
+                  title="global rounds (accuracy and loss on held-out data, via onnxruntime)")
+    for r in rows:
+        table.add_row(r.job, str(r.round), f"{r.accuracy:.3f}", f"{r.loss:.4f}", str(r.agents),
+                      f"{r.train_loss:.4f}", f"{r.federated_accuracy:.3f}")
+    return table
+
+
+def run_and_report(cfg, out: Path, report: Path | None, title: str, verbose: bool) -> None:
+    """Run a simulated fleet with a progress bar, then print the table, plot and paths."""
+    from fleet.report import plot_rounds, write_json
+    from fleet.simulate import run, summary
+
+    setup_logging(verbose)
+    if not verbose:
+        logging.getLogger("hfl").setLevel(logging.ERROR)
+    rounds = int(cfg.model.get("rounds", 10))
+    console.print(f"[bold]{title}[/]: {cfg.fleet.aggregators} aggregators, "
+                  f"{cfg.fleet.agents} agents, {rounds} rounds, working in {out}/")
+    try:
+        with progress_bar(rounds) as progress:
+            task = progress.add_task("training", total=rounds)
+
+            def on_row(r: RoundRow) -> None:
+                progress.update(task, completed=r.round,
+                                description=f"round {r.round}: accuracy {r.accuracy:.3f}")
+
+            outcome, fleet, secs = run(cfg, out, on_row=on_row)
+    except (RuntimeError, ValueError) as e:  # no broker binary, bad data path, ...
+        raise typer.TyperException(str(e)) from None
+    doc = summary(outcome, fleet, secs)
+    console.print(rounds_table(outcome.rows))
+    if outcome.rows:
+        console.print(f"accuracy plot: {plot_rounds(outcome.rows, out / 'accuracy.png', title)}")
+    console.print(f"ONNX model:   {doc['onnx']}\nsafetensors:  {doc['safetensors']}")
+    for job, st in doc["jobs"].items():
+        console.print(f"job {job}: {st['state']} ({st['reason']}) in {secs:.1f} s")
+    if doc["rejections"]:
+        console.print(f"rejected messages: {doc['rejections']}")
+    if report:
+        write_json(report, doc)
+        console.print(f"report: {report}")
+    if not outcome.rows or any(s["state"] == "failed" for s in doc["jobs"].values()):
+        raise typer.TyperException("the job did not complete")
+    console.print(f"[bold green]final accuracy {outcome.rows[-1].accuracy:.3f}[/]")
+
+
+OutOption = Annotated[Path, typer.Option(help="Working folder: keys, broker, registry, plot.")]
+ReportOption = Annotated[Path | None, typer.Option(help="Also write the run as JSON here.")]
+
+
+@app.command()
+def demo(
+    out: OutOption = Path("hfl-demo"),
+    rounds: Annotated[int, typer.Option(min=1, help="Global rounds (model versions).")] = 12,
+    report: ReportOption = None,
+    seed: Annotated[int, typer.Option(help="Seed for the data split and model init.")] = 0,
+    verbose: VerboseOption = False,
+) -> None:
+    """Run the whole stack here: a Mosquitto broker, a coordinator, 2 aggregators, 6 agents
+    with non-IID shares of digits, and an app that scores every model version."""
+    from fleet.simulate import demo_config
+
+    run_and_report(demo_config(rounds, seed), out, report, "hfl demo on digits", verbose)
+
+
+@app.command()
+def simulate(
+    config: Annotated[Path, typer.Argument(help="The simulation's TOML config.")],
+    out: OutOption = Path("hfl-sim"),
+    report: ReportOption = None,
+    verbose: VerboseOption = False,
+) -> None:
+    """Run a fleet described by a TOML config (agents, aggregators, data, partitioning,
+    model request) over a real broker on this machine; see examples/simulate-*.toml."""
+    from fleet.simulate import load_sim_config
+
+    try:
+        cfg = load_sim_config(config)
+    except ValueError as e:
+        raise typer.TyperException(str(e)) from None
+    run_and_report(cfg, out, report, f"hfl simulate {config.name}", verbose)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,35 @@
+"""What a state machine asks its runner to do. Machines return these; runners do the I/O."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from hfl.messages import Kind
+
+
+@dataclass(frozen=True)
+class Send:
+    """Sign and publish one envelope (QoS 1; retained when `retain`)."""
+
+    kind: Kind
+    topic: str
+    job: str
+    round: int
+    stage: str
+    meta: dict[str, Any]
+    tensors: dict[str, np.ndarray] = field(default_factory=dict)
+    retain: bool = False
+
+
+@dataclass(frozen=True)
+class Note:
+    """Something worth a log line, a progress bar tick or a metric; no effect on the protocol."""
+
+    event: str
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+Action = Any  # Send | Note | a role's own action (Train, NewVersion)

@@ -1,0 +1,181 @@
+"""Split large payloads into MQTT-sized chunks and reassemble them with bounded memory.
+
+Pure: no I/O, no clocks (time is an argument). A chunk frame is
+
+    b"HFC1" | 16-byte message id | u32 LE index | u32 LE count | u64 LE total | data
+
+Every non-last chunk carries ceil(total / count) bytes and the last one the rest, so the
+receiver can check each frame on its own and copy it straight into place. Whole messages
+(envelopes start with b"HFL1") pass through untouched.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import struct
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from hfl.errors import Rejected
+
+MAGIC = b"HFC1"
+ID_LEN = 16
+_HEADER = struct.Struct(f"<4s{ID_LEN}sIIQ")
+FRAME_OVERHEAD = _HEADER.size  # 36 bytes
+_DONE_MEMORY = 4096  # completed (key, id) pairs remembered so late repeats are dropped
+
+Payload = bytes | bytearray | memoryview
+
+
+def split(payload: bytes, max_payload: int, *, msg_id: bytes | None = None) -> list[bytes]:
+    """Frames of at most `max_payload` bytes each; `[payload]` when it already fits."""
+    if len(payload) <= max_payload and not payload.startswith(MAGIC):
+        return [payload]
+    data_max = max_payload - FRAME_OVERHEAD
+    if data_max <= 0:
+        raise ValueError(f"max_payload {max_payload} leaves no room past the chunk header")
+    msg_id = os.urandom(ID_LEN) if msg_id is None else msg_id
+    if len(msg_id) != ID_LEN:
+        raise ValueError(f"msg_id must be {ID_LEN} bytes")
+    total = len(payload)
+    count = math.ceil(total / data_max)
+    size = math.ceil(total / count)  # what the receiver derives; never above data_max
+    view = memoryview(payload)  # slices without copying: one copy per frame, not quadratic
+    return [
+        b"".join((_HEADER.pack(MAGIC, msg_id, i, count, total), view[i * size : (i + 1) * size]))
+        for i in range(count)
+    ]
+
+
+@dataclass(frozen=True)
+class _Frame:
+    msg_id: bytes
+    index: int
+    count: int
+    total: int
+    size: int  # data bytes in every non-last chunk
+    data: memoryview
+
+
+def _parse(payload: memoryview, max_message: int) -> _Frame:
+    """Check one frame on its own; raise Rejected for anything inconsistent."""
+    if len(payload) < FRAME_OVERHEAD:
+        raise Rejected("malformed-chunk", f"short frame ({len(payload)} bytes)")
+    _, msg_id, index, count, total = _HEADER.unpack_from(payload)
+    if count == 0:
+        raise Rejected("malformed-chunk", "count is 0")
+    if index >= count:
+        raise Rejected("malformed-chunk", f"index {index} >= count {count}")
+    if total > max_message:
+        raise Rejected("too-large", f"{total} bytes > {max_message}")
+    size = math.ceil(total / count)
+    last = total - size * (count - 1)
+    if last <= 0:
+        raise Rejected("malformed-chunk", f"total {total} cannot fill {count} chunks")
+    data = payload[FRAME_OVERHEAD:]
+    want = last if index == count - 1 else size
+    if len(data) != want:
+        raise Rejected("malformed-chunk", f"chunk {index}/{count} has {len(data)} bytes, "
+                       f"expected {want}")
+    return _Frame(bytes(msg_id), index, count, total, size, data)
+
+
+@dataclass
+class _Partial:
+    count: int
+    total: int
+    size: int
+    created: float
+    buf: bytearray
+    seen: bytearray = field(init=False)  # one flag per chunk
+    missing: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.seen = bytearray(self.count)
+        self.missing = self.count
+
+
+class Reassembler:
+    """Collects chunks per (key, message id); holds at most `max_pending_bytes` of partials.
+
+    `key` is where the chunks came from (the topic), so a peer cannot complete or poison
+    another topic's message by reusing its id.
+    """
+
+    def __init__(self, max_message: int, max_pending_bytes: int, max_pending: int = 256,
+                 ttl: float = 120.0) -> None:
+        self.max_message = max_message
+        self.max_pending_bytes = max_pending_bytes
+        self.max_pending = max_pending
+        self.ttl = ttl
+        self.evicted = 0
+        self._partials: OrderedDict[tuple[str, bytes], _Partial] = OrderedDict()  # oldest first
+        self._done: OrderedDict[tuple[str, bytes], None] = OrderedDict()
+        self._pending_bytes = 0
+
+    @property
+    def pending_bytes(self) -> int:
+        return self._pending_bytes
+
+    @property
+    def pending(self) -> int:
+        return len(self._partials)
+
+    def feed(self, key: str, payload: Payload, now: float) -> Payload | None:
+        """The whole message once its last chunk arrives; a non-chunk payload as is."""
+        view = memoryview(payload)
+        if view[: len(MAGIC)] != MAGIC:
+            return payload
+        frame = _parse(view, self.max_message)
+        pid = (key, frame.msg_id)
+        if pid in self._done:
+            return None  # a repeat of a message already delivered
+        if frame.count == 1:
+            self._remember_done(pid)
+            return bytes(frame.data)
+        part = self._partials.get(pid)
+        if part is None:
+            part = self._open(pid, frame, now)
+        elif (part.count, part.total) != (frame.count, frame.total):
+            raise Rejected("malformed-chunk", f"count/total {frame.count}/{frame.total} differ "
+                           f"from {part.count}/{part.total} for the same message")
+        if part.seen[frame.index]:
+            return None
+        start = frame.index * part.size
+        part.buf[start : start + len(frame.data)] = frame.data
+        part.seen[frame.index] = 1
+        part.missing -= 1
+        if part.missing:
+            return None
+        self._drop(pid)
+        self._remember_done(pid)
+        return part.buf
+
+    def expire(self, now: float) -> int:
+        """Drop incomplete messages older than `ttl`; how many were dropped."""
+        old = [pid for pid, p in self._partials.items() if now - p.created > self.ttl]
+        for pid in old:
+            self._drop(pid)
+        return len(old)
+
+    def _open(self, pid: tuple[str, bytes], frame: _Frame, now: float) -> _Partial:
+        if frame.total > self.max_pending_bytes:
+            raise Rejected("too-large", f"{frame.total} bytes > pending bound "
+                           f"{self.max_pending_bytes}")
+        while self._partials and (self._pending_bytes + frame.total > self.max_pending_bytes
+                                  or len(self._partials) >= self.max_pending):
+            self._drop(next(iter(self._partials)))
+            self.evicted += 1
+        part = _Partial(frame.count, frame.total, frame.size, now, bytearray(frame.total))
+        self._partials[pid] = part
+        self._pending_bytes += frame.total
+        return part
+
+    def _drop(self, pid: tuple[str, bytes]) -> None:
+        self._pending_bytes -= self._partials.pop(pid).total
+
+    def _remember_done(self, pid: tuple[str, bytes]) -> None:
+        self._done[pid] = None
+        if len(self._done) > _DONE_MEMORY:
+            self._done.popitem(last=False)

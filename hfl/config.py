@@ -1,0 +1,142 @@
+"""Service configuration: one TOML file per board or service, validated with clear errors.
+
+```toml
+[identity]
+id = "agent-1"
+key = "/etc/hfl/keys/agent-1.key"
+roster = "/etc/hfl/roster.json"
+
+[broker]
+host = "broker.example"
+port = 1883
+
+[agent]
+aggregator = "site-a"
+device = "auto"                  # cuda on a Jetson, else cpu
+
+[agent.datasets.digits]          # the name a model request asks for
+source = "digits"                # digits | mnist | npz
+```
+Relative paths are taken from the config file's folder.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from hfl.messages import short_error
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Jetson images still ship Python 3.10
+    import tomli as tomllib
+from hfl.mqtt import BrokerSettings
+from hfl.topics import DEFAULT_PREFIX, Topics, check_id
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class IdentitySection(_Section):
+    id: str
+    key: Path
+    roster: Path
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, v: str) -> str:
+        return check_id(v)
+
+
+class BrokerSection(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(default=1883, ge=1, le=65535)
+    keepalive: int = Field(default=30, ge=5, le=3600)
+    session_expiry: int = Field(default=3600, ge=0)
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+
+    def settings(self) -> BrokerSettings:
+        return BrokerSettings(
+            host=self.host, port=self.port, keepalive=self.keepalive,
+            session_expiry=self.session_expiry,
+            ca=str(self.ca) if self.ca else None,
+            cert=str(self.cert) if self.cert else None,
+            key=str(self.key) if self.key else None,
+        )
+
+
+class DatasetSection(_Section):
+    source: Literal["digits", "mnist", "npz"]
+    path: Path | None = None
+    split: Literal["train", "test"] = "train"
+    test_fraction: float = Field(default=0.2, ge=0, lt=1)
+    # Simulation only: take part `index` of `parts` from a partition of the whole set.
+    partition: Literal["iid", "dirichlet", "shards"] | None = None
+    parts: int = Field(default=1, ge=1)
+    index: int = Field(default=0, ge=0)
+    alpha: float = Field(default=0.5, gt=0)
+    seed: int = 0
+
+
+class AgentSection(_Section):
+    aggregator: str
+    device: str = "auto"
+    datasets: dict[str, DatasetSection] = Field(min_length=1)
+
+
+class CoordinatorSection(_Section):
+    state_dir: Path = Path("state")
+
+
+class Config(_Section):
+    prefix: str = DEFAULT_PREFIX
+    max_payload: int = Field(default=256 * 1024, ge=4096, le=256 * 1024 * 1024)
+    identity: IdentitySection
+    broker: BrokerSection = BrokerSection()
+    agent: AgentSection | None = None
+    coordinator: CoordinatorSection | None = None
+
+    @property
+    def topics(self) -> Topics:
+        return Topics(self.prefix)
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate a TOML config; any problem is a ValueError naming file and field."""
+    path = Path(path)
+    try:
+        doc = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such config file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{path}: not valid TOML: {e}") from None
+    try:
+        cfg = Config.model_validate(doc)
+    except ValidationError as e:
+        raise ValueError(f"{path}: {short_error(e)}") from None
+    return _resolve(cfg, path.parent)
+
+
+def _resolve(cfg: Config, base: Path) -> Config:
+    """Make relative paths relative to the config file, not to the working directory."""
+
+    def fix(p: Path | None) -> Path | None:
+        return p if p is None or p.is_absolute() else (base / p)
+
+    cfg.identity.key = fix(cfg.identity.key)  # type: ignore[assignment]
+    cfg.identity.roster = fix(cfg.identity.roster)  # type: ignore[assignment]
+    for name in ("ca", "cert", "key"):
+        setattr(cfg.broker, name, fix(getattr(cfg.broker, name)))
+    if cfg.agent:
+        for ds in cfg.agent.datasets.values():
+            ds.path = fix(ds.path)
+    if cfg.coordinator:
+        cfg.coordinator.state_dir = fix(cfg.coordinator.state_dir)  # type: ignore[assignment]
+    return cfg

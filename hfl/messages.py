@@ -1,0 +1,265 @@
+"""The message vocabulary, declared once: who sends each kind, on which topic, and what
+its header `meta` and its tensors hold. Receivers read the same table.
+
+Every structured field travels in the signed header's `meta` and is validated here with
+pydantic (unknown keys refused); tensors travel in the safetensors body and are checked
+against the job's parameter count with `expect_tensor`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Annotated, Any, Literal, TypeVar
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from hfl.errors import Rejected
+from hfl.topics import Route, check_id
+
+
+class Role(str, Enum):
+    COORDINATOR = "coordinator"
+    AGGREGATOR = "aggregator"
+    AGENT = "agent"
+    APP = "app"
+
+
+class Kind(str, Enum):
+    REQUEST = "request"
+    JOB = "job"
+    MODEL = "model"
+    TASK = "task"
+    ROUND = "round"
+    UPDATE = "update"
+    PARTIAL = "partial"
+    STATUS = "status"
+
+
+@dataclass(frozen=True)
+class Link:
+    sender: Role
+    route: str  # the topic kind it travels on (hfl.topics.Route.kind)
+    retained: bool
+
+
+VOCABULARY: dict[Kind, Link] = {
+    Kind.REQUEST: Link(Role.APP, "requests", retained=False),
+    Kind.JOB: Link(Role.COORDINATOR, "job", retained=True),
+    Kind.MODEL: Link(Role.COORDINATOR, "model", retained=True),
+    Kind.TASK: Link(Role.COORDINATOR, "tasks", retained=False),
+    Kind.ROUND: Link(Role.AGGREGATOR, "rounds", retained=True),
+    Kind.UPDATE: Link(Role.AGENT, "update", retained=False),
+    Kind.PARTIAL: Link(Role.AGGREGATOR, "partials", retained=False),
+    Kind.STATUS: Link(Role.COORDINATOR, "status", retained=True),  # any role; see check_route
+}
+KNOWN_TYPES = frozenset(k.value for k in Kind)
+
+
+def check_route(kind: Kind, route: Route, sender: str, role: Role, group: str | None) -> None:
+    """Bind a verified sender to the topic it used: a device may speak only on its own topics.
+
+    `group` is the sender's aggregator for agents (from the roster).
+    """
+    link = VOCABULARY[kind]
+    if route.kind != link.route:
+        raise Rejected("wrong-topic", f"{kind.value} on a {route.kind} topic")
+    if kind is Kind.STATUS:
+        if route.role != role.value or route.id != sender:
+            raise Rejected("wrong-sender", f"status of {route.role}/{route.id} from {sender}")
+        return
+    if role is not link.sender:
+        raise Rejected("wrong-role", f"{kind.value} from {role.value} {sender}")
+    owner = {
+        Kind.REQUEST: route.app,
+        Kind.ROUND: route.agg,
+        Kind.UPDATE: route.agent,
+        Kind.PARTIAL: route.agg,
+    }.get(kind)
+    if owner is not None and owner != sender:
+        raise Rejected("wrong-sender", f"{kind.value} on {owner}'s topic from {sender}")
+    if kind is Kind.UPDATE and group != route.agg:
+        raise Rejected("wrong-group", f"agent {sender} belongs to {group}, not {route.agg}")
+
+
+# ---------------------------------------------------------------- request (app → coordinator)
+
+_Id = Annotated[str, Field(min_length=1, max_length=32)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Strict):
+    """One model to train: the unit the coordinator turns into a job."""
+
+    name: _Id
+    arch: Literal["mnist-cnn", "mnist-2nn", "mlp", "logreg"]
+    input_shape: tuple[int, ...] = Field(min_length=1, max_length=4)
+    num_classes: int = Field(ge=2, le=100_000)
+    dataset: _Id
+    aggregators: list[_Id] = Field(min_length=1, max_length=1000)
+    rounds: int = Field(default=10, ge=1, le=100_000, description="global rounds (model versions)")
+    kappa1: int = Field(default=1, ge=1, le=1000, description="edge rounds per global round")
+    epochs: int = Field(default=1, ge=1, le=1000)
+    batch_size: int = Field(default=32, ge=1, le=65_536)
+    lr: float = Field(default=0.05, gt=0, le=100)
+    momentum: float = Field(default=0.0, ge=0, lt=1)
+    client_fraction: float = Field(default=1.0, gt=0, le=1)
+    min_agents: int = Field(default=1, ge=1, description="quorum per edge round and aggregator")
+    deadline_s: float = Field(default=60.0, gt=0, le=86_400, description="edge round deadline")
+    max_retries: int = Field(default=3, ge=0, le=100)
+    patience: int = Field(default=0, ge=0, description="stop after this many versions "
+                          "without eval-loss improvement (0: off)")
+    min_delta: float = Field(default=0.0, ge=0)
+    seed: int = Field(default=0, ge=0, lt=2**31)
+
+    @field_validator("name", "dataset")
+    @classmethod
+    def _topic_safe(cls, v: str) -> str:
+        return check_id(v)
+
+    @field_validator("aggregators")
+    @classmethod
+    def _aggs(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("aggregators must be distinct")
+        return [check_id(a, "aggregator") for a in v]
+
+    @field_validator("input_shape")
+    @classmethod
+    def _shape(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if any(d < 1 or d > 4096 for d in v):
+            raise ValueError("input_shape dimensions must be in 1..4096")
+        return v
+
+
+class ModelRequest(_Strict):
+    request_id: _Id
+    models: list[ModelSpec] = Field(min_length=1, max_length=16)
+
+    @field_validator("request_id")
+    @classmethod
+    def _rid(cls, v: str) -> str:
+        return check_id(v, "request_id")
+
+    @field_validator("models")
+    @classmethod
+    def _distinct(cls, v: list[ModelSpec]) -> list[ModelSpec]:
+        if len({m.name for m in v}) != len(v):
+            raise ValueError("model names must be distinct within a request")
+        return v
+
+    def job_ids(self) -> list[str]:
+        return [job_id(self.request_id, m.name) for m in self.models]
+
+
+def job_id(request_id: str, model: str) -> str:
+    return check_id(f"{request_id}-{model}", "job")
+
+
+# ---------------------------------------------------------------- per-kind meta
+
+
+class TaskMeta(_Strict):
+    """coordinator → aggregator: train one block (κ1 edge rounds) of a job from `params`."""
+
+    spec: ModelSpec
+    num_params: int = Field(ge=1)
+
+
+class RoundMeta(_Strict):
+    """aggregator → agents (retained): an edge round is open for the selected agents."""
+
+    spec: ModelSpec
+    num_params: int = Field(ge=1)
+    block: int = Field(ge=0)
+    selected: list[str] = Field(max_length=100_000)
+    deadline: float  # the aggregator's clock; informative for agents
+
+
+class Metrics(_Strict):
+    """Sample-weighted metrics of one contribution (agent) or a sum of them (partial)."""
+
+    samples: float = Field(ge=0)
+    train_loss: float = 0.0
+    eval_samples: float = Field(default=0.0, ge=0)
+    eval_loss: float = 0.0
+    eval_accuracy: float = Field(default=0.0, ge=0, le=1)
+
+
+class UpdateMeta(_Strict):
+    """agent → aggregator: the delta from the round model, weighted by `metrics.samples`."""
+
+    metrics: Metrics
+
+
+class PartialMeta(_Strict):
+    """aggregator → coordinator: Σ n_i·Δ_i over its group after κ1 edge rounds."""
+
+    weight: float = Field(ge=0)
+    agents: int = Field(ge=0)
+    metrics: Metrics
+
+
+class ModelMeta(_Strict):
+    """coordinator → apps (retained): one global model version."""
+
+    model: str
+    job: str
+    version: int = Field(ge=0)
+    arch: str
+    input_shape: tuple[int, ...]
+    num_classes: int
+    num_params: int
+    agents: int = Field(ge=0)
+    metrics: Metrics
+
+
+class JobMeta(_Strict):
+    """coordinator → apps (retained): where a job stands."""
+
+    job: str
+    app: str
+    model: str
+    state: Literal["running", "done", "stopped", "failed"]
+    reason: str = ""
+    version: int = Field(ge=0)
+    rounds: int
+    history: list[dict[str, Any]] = Field(default_factory=list, max_length=100_000)
+
+
+class StatusMeta(_Strict):
+    state: Literal["online", "offline"]
+    group: str | None = None
+
+
+_M = TypeVar("_M", bound=BaseModel)
+
+
+def parse_meta(model: type[_M], meta: dict[str, Any], reason: str = "bad-meta") -> _M:
+    """Validate a header's meta against its schema; bad meta is `Rejected(reason)`."""
+    try:
+        return model.model_validate(meta)
+    except ValidationError as e:
+        raise Rejected(reason, short_error(e)) from None
+
+
+def short_error(e: ValidationError) -> str:
+    errs = e.errors()[:3]
+    return "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in errs)
+
+
+def expect_tensor(
+    tensors: dict[str, np.ndarray], name: str, dtype: np.dtype | type, shape: tuple[int, ...]
+) -> np.ndarray:
+    """The tensor `name` with exactly this dtype and shape, else `Rejected("bad-shape")`."""
+    a = tensors.get(name)
+    if a is None:
+        raise Rejected("bad-shape", f"missing tensor {name!r}")
+    if a.dtype != np.dtype(dtype) or a.shape != shape:
+        raise Rejected("bad-shape", f"{name}: {a.dtype}{list(a.shape)}, want "
+                       f"{np.dtype(dtype)}{list(shape)}")
+    return a

@@ -1,0 +1,287 @@
+"""The one MQTT session wrapper every runner uses (paho-mqtt 2.x, MQTT 5, QoS 1).
+
+Paho's network thread only hands inbound messages to a queue; everything else (chunk
+reassembly, decoding) happens on the runner's thread. The session is persistent (session
+expiry), resubscribes on every connect, and splits payloads to fit both `max_payload` and the
+broker's Maximum Packet Size, which paho reads from CONNACK but does not enforce: an oversized
+QoS 1 publish gets the client disconnected, then resent on reconnect, forever.
+
+Paho keeps a persistent session's unacknowledged outgoing messages in memory only: a
+process that dies loses them (the protocol above retries rounds, so that is acceptable).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from hfl import chunks
+
+log = logging.getLogger("hfl.mqtt")
+
+QOS = 1
+PACKET_HEADROOM = 1024  # room under the broker's packet limit for header, topic, properties
+_PUBLISH_FIXED = 1 + 4 + 2 + 2 + 4  # type byte, length (<= 4), topic length, packet id, props
+
+
+@dataclass(frozen=True)
+class BrokerSettings:
+    host: str = "127.0.0.1"
+    port: int = 1883
+    keepalive: int = 30
+    session_expiry: int = 3600
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    username: str | None = None
+    password: str | None = None
+
+
+@dataclass(frozen=True)
+class Inbound:
+    topic: str
+    payload: bytes
+    retain: bool  # True only for a retained message the broker replays on subscribe
+
+
+class _Acks:
+    """Packet ids awaiting an ack; tolerates the ack arriving before the id is registered.
+
+    Paho may process the ack on its network thread before `publish()` / `subscribe()`
+    returns the id to us, so an early ack is parked until its id shows up.
+    """
+
+    def __init__(self, cond: threading.Condition) -> None:
+        self._cond = cond
+        self._waiting: set[int] = set()
+        self._early: set[int] = set()
+
+    def add(self, mid: int) -> None:
+        with self._cond:
+            if mid in self._early:
+                self._early.discard(mid)
+            else:
+                self._waiting.add(mid)
+
+    def ack(self, mid: int) -> None:
+        with self._cond:
+            if mid in self._waiting:
+                self._waiting.discard(mid)
+            else:
+                self._early.add(mid)
+            self._cond.notify_all()
+
+    def clear(self) -> None:
+        with self._cond:
+            self._waiting.clear()
+            self._early.clear()
+
+    @property
+    def empty(self) -> bool:
+        return not self._waiting
+
+
+class Session:
+    """A persistent MQTT 5 session: QoS 1, chunked publishes, inbound into `inbox`."""
+
+    def __init__(self, client_id: str, settings: BrokerSettings, *, inbox: queue.Queue[Inbound],
+                 subscriptions: Sequence[str] = (), will: tuple[str, bytes, bool] | None = None,
+                 clean_start: bool = False, max_payload: int = 256 * 1024) -> None:
+        self.client_id = client_id
+        self.settings = settings
+        self.inbox = inbox
+        self.max_payload = max_payload
+        self.chunk_limit = max_payload
+        self.connected = False
+        self.counters: dict[str, int] = dict.fromkeys(
+            ("connects", "disconnects", "published", "received", "dropped_callback_errors"), 0)
+        self._filters: list[str] = list(dict.fromkeys(subscriptions))
+        self._broker_max: int | None = None
+        self._warned_retain = False
+        self._cond = threading.Condition()
+        self._subacks = _Acks(self._cond)
+        self._pubacks = _Acks(self._cond)
+        self._client = self._make_client(will, clean_start)
+
+    # ------------------------------------------------------------------ setup
+
+    def _make_client(self, will: tuple[str, bytes, bool] | None, clean_start: bool) -> mqtt.Client:
+        s = self.settings
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
+                        protocol=mqtt.MQTTv5)
+        c.enable_logger(logging.getLogger("hfl.mqtt.paho"))
+        if s.ca:
+            c.tls_set(ca_certs=s.ca, certfile=s.cert, keyfile=s.key)
+        if s.username is not None:
+            c.username_pw_set(s.username, s.password)
+        if will is not None:
+            topic, payload, retain = will
+            c.will_set(topic, payload, qos=QOS, retain=retain)
+        c.max_queued_messages_set(0)  # unbounded: a dropped QoS 1 publish would be silent
+        c.reconnect_delay_set(1, 30)
+        c.on_connect = self._on_connect
+        c.on_disconnect = self._on_disconnect
+        c.on_subscribe = self._on_subscribe
+        c.on_publish = self._on_publish
+        c.on_message = self._on_message
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = s.session_expiry
+        # A clean start on every reconnect would throw away what the broker queued for us.
+        self._connect_args: dict[str, Any] = {
+            "clean_start": mqtt.MQTT_CLEAN_START_FIRST_ONLY if clean_start else False,
+            "properties": props,
+        }
+        return c
+
+    def start(self) -> None:
+        """Connect in the background; paho reconnects with back-off from then on."""
+        s = self.settings
+        self._client.connect_async(s.host, s.port, s.keepalive, **self._connect_args)
+        self._client.loop_start()
+
+    def stop(self) -> None:
+        """Disconnect cleanly (so the Last Will does not fire) and stop the network thread."""
+        self._client.disconnect()
+        self._client.loop_stop()
+        self.connected = False
+
+    # ------------------------------------------------------------------ API
+
+    def wait_ready(self, timeout: float) -> bool:
+        """True once connected and every subscription is acknowledged."""
+        with self._cond:
+            return self._cond.wait_for(self._ready, timeout)
+
+    def _ready(self) -> bool:
+        return self.connected and self._subacks.empty
+
+    def subscribe(self, topic_filter: str) -> None:
+        """Remember `topic_filter` (resubscribed on every connect); subscribe now if connected."""
+        with self._cond:
+            if topic_filter in self._filters:
+                return
+            self._filters.append(topic_filter)
+            connected = self.connected
+        if connected:
+            self._send_subscribe([topic_filter])
+
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        """QoS 1; split into chunks that fit `chunk_limit` and the broker's packet limit."""
+        limit = self.chunk_limit
+        if self._broker_max is not None:
+            limit = min(limit, self._broker_max - _PUBLISH_FIXED - len(topic.encode()))
+        frames = chunks.split(payload, limit)
+        if retain and len(frames) > 1 and not self._warned_retain:
+            self._warned_retain = True
+            log.warning("retained message on %s split into %d chunks: the broker keeps only "
+                        "the last chunk for late subscribers", topic, len(frames))
+        for frame in frames:
+            info = self._client.publish(topic, frame, qos=QOS, retain=retain)
+            self._pubacks.add(info.mid)
+            self._bump("published")
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until every publish so far is acknowledged by the broker (PUBACK)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._pubacks.empty, timeout)
+
+    # ------------------------------------------------------------------ callbacks
+    # Paho's network thread runs these; an exception escaping one would kill it.
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any,
+                    reason_code: ReasonCode, properties: Properties | None) -> None:
+        try:
+            if reason_code.is_failure:
+                log.warning("%s: broker refused the connection: %s", self.client_id,
+                            reason_code)
+                return
+            self._apply_packet_limit(getattr(properties, "MaximumPacketSize", None))
+            self._subacks.clear()
+            with self._cond:
+                filters = list(self._filters)
+            if filters:  # before `connected`, so wait_ready cannot see a moment with no acks due
+                self._send_subscribe(filters)
+            with self._cond:
+                self.connected = True
+                added = self._filters[len(filters):]  # by subscribe() in the meantime
+                self._cond.notify_all()
+            if added:
+                self._send_subscribe(added)
+            self._bump("connects")
+            log.info("%s connected to %s:%s (session present: %s)", self.client_id,
+                     self.settings.host, self.settings.port, flags.session_present)
+        except Exception:
+            self._callback_error("on_connect")
+
+    def _apply_packet_limit(self, broker_max: int | None) -> None:
+        self._broker_max = broker_max
+        self.chunk_limit = self.max_payload
+        if broker_max is not None:
+            self.chunk_limit = min(self.max_payload, broker_max - PACKET_HEADROOM)
+
+    def _send_subscribe(self, filters: list[str]) -> None:
+        opts = SubscribeOptions(qos=QOS)
+        rc, mid = self._client.subscribe([(f, opts) for f in filters])
+        if rc == mqtt.MQTT_ERR_SUCCESS:
+            self._subacks.add(mid)  # otherwise the next on_connect subscribes again
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int,
+                      reason_codes: list[ReasonCode], properties: Properties | None) -> None:
+        try:
+            refused = [str(rc) for rc in reason_codes if rc.is_failure]
+            if refused:
+                # Left unacknowledged on purpose: a service must not report ready without
+                # the subscriptions it needs (an ACL mistake, typically).
+                log.error("%s: subscription refused: %s", self.client_id, ", ".join(refused))
+                self._bump("subscribe_refused")
+                return
+            self._subacks.ack(mid)
+        except Exception:
+            self._callback_error("on_subscribe")
+
+    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int,
+                    reason_code: ReasonCode, properties: Properties | None) -> None:
+        try:
+            if reason_code.is_failure:
+                log.warning("%s: publish %d refused: %s", self.client_id, mid, reason_code)
+                self._bump("publish_refused")
+            self._pubacks.ack(mid)
+        except Exception:
+            self._callback_error("on_publish")
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        try:
+            self.inbox.put(Inbound(msg.topic, msg.payload, bool(msg.retain)))
+            self._bump("received")
+        except Exception:
+            self._callback_error("on_message")
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any,
+                       reason_code: ReasonCode, properties: Properties | None) -> None:
+        try:
+            with self._cond:
+                self.connected = False
+                self._cond.notify_all()
+            self._bump("disconnects")
+            log.info("%s disconnected: %s", self.client_id, reason_code)
+        except Exception:
+            self._callback_error("on_disconnect")
+
+    def _callback_error(self, where: str) -> None:
+        self._bump("dropped_callback_errors")
+        log.exception("%s: error in %s (dropped)", self.client_id, where)
+
+    def _bump(self, name: str) -> None:
+        with self._cond:
+            self.counters[name] = self.counters.get(name, 0) + 1

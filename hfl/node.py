@@ -1,0 +1,167 @@
+"""The thin runner every role shares: MQTT in, verified envelopes to a state machine,
+actions out to MQTT.
+
+Paho's network thread only queues raw messages; one loop thread passes them through the
+`Gate` (chunks, signature, sender-to-topic binding, repeats), feeds the machine and
+carries out what it returns. A role adds handlers for its own actions (training,
+exporting a model version). Nothing a peer sends can raise out of the loop: every bad
+message becomes a counted rejection with a logged reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from hfl import envelope
+from hfl.actions import Action, Note, Send
+from hfl.envelope import Envelope
+from hfl.errors import Rejected
+from hfl.gate import Gate
+from hfl.identity import Identity, Roster
+from hfl.messages import Kind, StatusMeta
+from hfl.mqtt import BrokerSettings, Inbound, Session
+from hfl.topics import Route, Topics
+
+log = logging.getLogger("hfl.node")
+
+
+class Machine(Protocol):
+    def handle(self, env: Envelope, route: Route, now: float) -> list[Action]: ...
+    def tick(self, now: float) -> list[Action]: ...
+
+
+class Node:
+    def __init__(
+        self,
+        identity: Identity,
+        roster: Roster,
+        settings: BrokerSettings,
+        topics: Topics,
+        subscriptions: list[str],
+        *,
+        max_payload: int = 256 * 1024,
+        max_message: int = envelope.DEFAULT_MAX_MESSAGE,
+        group: str | None = None,
+    ) -> None:
+        self.identity = identity
+        self.roster = roster
+        self.topics = topics
+        self.group = group
+        self.gate = Gate(roster, topics, max_message=max_message)
+        self.inbox: queue.Queue[Inbound] = queue.Queue()
+        self.counters: Counter[str] = Counter()
+        self._status_topic = topics.status(identity.role.value, identity.id)
+        will = (self._status_topic, self._status_payload("offline"), True)
+        self.session = Session(identity.id, settings, inbox=self.inbox,
+                               subscriptions=subscriptions, will=will, max_payload=max_payload)
+        self.handlers: dict[type, Callable[[Any], list[Action] | None]] = {
+            Send: self.send,
+            Note: self._log_note,
+        }
+        self.on_note: Callable[[Note], None] | None = None
+        self.stop_event = threading.Event()
+
+    # ------------------------------------------------------------------ outbound
+
+    def _status_payload(self, state: str) -> bytes:
+        meta = StatusMeta(state=state, group=self.group).model_dump(mode="json")  # type: ignore[arg-type]
+        return envelope.encode(type=Kind.STATUS.value, topic=self._status_topic, job="",
+                               round=0, stage=state, sender=self.identity.id,
+                               key=self.identity.key, meta=meta)
+
+    def send(self, action: Send) -> None:
+        data = envelope.encode(type=action.kind.value, topic=action.topic, job=action.job,
+                               round=action.round, stage=action.stage, sender=self.identity.id,
+                               key=self.identity.key, tensors=action.tensors, meta=action.meta)
+        self.session.publish(action.topic, data, retain=action.retain)
+        self.counters["sent"] += 1
+        self.counters["bytes_sent"] += len(data)
+
+    def _log_note(self, note: Note) -> None:
+        log.debug("%s %s", note.event, note.fields)
+        if self.on_note is not None:
+            self.on_note(note)
+
+    # ------------------------------------------------------------------ inbound
+
+    @property
+    def rejections(self) -> Counter[str]:
+        return self.gate.rejections
+
+    # ------------------------------------------------------------------ loop
+
+    def start(self, timeout: float = 30.0) -> None:
+        self.session.start()
+        if not self.session.wait_ready(timeout):
+            s = self.session.settings
+            raise ConnectionError(f"{self.identity.id}: broker {s.host}:{s.port} not reachable "
+                                  f"within {timeout:.0f} s")
+        self.session.publish(self._status_topic, self._status_payload("online"), retain=True)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Leave cleanly: say offline (the Last Will is only for unclean exits), flush."""
+        self.stop_event.set()
+        try:
+            self.session.publish(self._status_topic, self._status_payload("offline"),
+                                 retain=True)
+            self.session.flush(timeout)
+        finally:
+            self.session.stop()
+
+    def dispatch(self, actions: list[Action]) -> None:
+        todo = list(actions)
+        while todo:
+            action = todo.pop(0)
+            handler = self.handlers.get(type(action))
+            if handler is None:
+                raise TypeError(f"no handler for {type(action).__name__}")
+            more = handler(action)
+            if more:
+                todo[:0] = more
+
+    def step(self, machine: Machine, timeout: float) -> None:
+        """Handle at most one inbound message, then let time pass in the machine."""
+        try:
+            msg = self.inbox.get(timeout=timeout)
+        except queue.Empty:
+            msg = None
+        now = time.time()
+        if msg is not None:
+            accepted = self.gate.accept(msg.topic, msg.payload, now)
+            if accepted is not None:
+                env, route = accepted
+                try:
+                    self.dispatch(machine.handle(env, route, now))
+                except Rejected as r:
+                    self.gate.reject(r, f"{env.type} from {env.sender}")
+                except Exception:  # a bug of ours must not take the service down
+                    self.counters["internal_errors"] += 1
+                    log.exception("handling %s from %s", env.type, env.sender)
+        self.dispatch(machine.tick(now))
+        self.gate.expire(now)
+
+    def run(self, machine: Machine, tick: float = 0.2) -> None:
+        """Serve until `stop_event` is set."""
+        while not self.stop_event.is_set():
+            self.step(machine, tick)
+
+
+def run_in_thread(node: Node, machine: Machine, name: str) -> threading.Thread:
+    """Start `node` and serve `machine` in a daemon thread (the in-process fleet)."""
+
+    def serve() -> None:
+        try:
+            node.run(machine)
+        except Exception:
+            log.exception("%s stopped on an error", name)
+
+    t = threading.Thread(target=serve, name=name, daemon=True)
+    t.start()
+    return t
+

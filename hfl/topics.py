@@ -1,0 +1,133 @@
+"""The MQTT topic tree (DESIGN.md §3): the only place that spells a topic.
+
+Identifiers that become topic levels are restricted to a safe alphabet, so no id can
+inject a level separator or a wildcard.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from hfl.errors import Rejected
+
+DEFAULT_PREFIX = "hfl/v1"
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def check_id(value: str, what: str = "id") -> str:
+    """Return `value` if it is a valid topic level for an identifier, else raise ValueError."""
+    if not isinstance(value, str) or not _ID.fullmatch(value):
+        raise ValueError(
+            f"invalid {what} {value!r}: use 1-64 letters, digits, '_', '.', '-' "
+            "(starting with a letter or digit)"
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class Route:
+    """A parsed topic: its kind and the identifiers it names."""
+
+    kind: str
+    app: str = ""
+    job: str = ""
+    model: str = ""
+    agg: str = ""
+    agent: str = ""
+    role: str = ""
+    id: str = ""
+
+
+@dataclass(frozen=True)
+class Topics:
+    prefix: str = DEFAULT_PREFIX
+
+    def __post_init__(self) -> None:
+        levels = self.prefix.split("/")
+        if not self.prefix or any(not lv or lv in "+#" for lv in levels):
+            raise ValueError(f"invalid topic prefix {self.prefix!r}")
+
+    def app_requests(self, app: str) -> str:
+        return f"{self.prefix}/apps/{check_id(app, 'app')}/requests"
+
+    def job(self, job: str) -> str:
+        return f"{self.prefix}/coord/jobs/{check_id(job, 'job')}"
+
+    def model(self, model: str) -> str:
+        return f"{self.prefix}/coord/models/{check_id(model, 'model')}"
+
+    def tasks(self, agg: str) -> str:
+        return f"{self.prefix}/agg/{check_id(agg, 'aggregator')}/tasks"
+
+    def rounds(self, agg: str, job: str) -> str:
+        return f"{self.prefix}/agg/{check_id(agg, 'aggregator')}/rounds/{check_id(job, 'job')}"
+
+    def update(self, agg: str, agent: str) -> str:
+        return f"{self.prefix}/agg/{check_id(agg, 'aggregator')}/updates/{check_id(agent, 'agent')}"
+
+    def partials(self, agg: str) -> str:
+        return f"{self.prefix}/coord/partials/{check_id(agg, 'aggregator')}"
+
+    def status(self, role: str, id: str) -> str:
+        return f"{self.prefix}/status/{check_id(role, 'role')}/{check_id(id, 'id')}"
+
+    # Subscription filters, one list per role.
+
+    def coordinator_filters(self) -> list[str]:
+        return [
+            f"{self.prefix}/apps/+/requests",
+            f"{self.prefix}/coord/partials/+",
+            f"{self.prefix}/status/aggregator/+",
+        ]
+
+    def aggregator_filters(self, agg: str) -> list[str]:
+        return [
+            self.tasks(agg),
+            f"{self.prefix}/agg/{agg}/updates/+",
+            f"{self.prefix}/status/agent/+",
+        ]
+
+    def agent_filters(self, agg: str) -> list[str]:
+        return [f"{self.prefix}/agg/{check_id(agg, 'aggregator')}/rounds/+"]
+
+    def app_filters(self, models: list[str], jobs: list[str] | None = None) -> list[str]:
+        out = [self.model(m) for m in models]
+        out += [self.job(j) for j in jobs] if jobs is not None else [f"{self.prefix}/coord/jobs/+"]
+        return out
+
+    def parse(self, topic: str) -> Route:
+        """Parse a topic of this tree; anything else is `Rejected("unknown-topic")`."""
+        head = self.prefix + "/"
+        if not topic.startswith(head):
+            raise Rejected("unknown-topic", topic[:200])
+        parts = topic[len(head) :].split("/")
+        route = _match(parts)
+        if route is None or any(not _ID.fullmatch(p) for p in _ids(route)):
+            raise Rejected("unknown-topic", topic[:200])
+        return route
+
+
+def _match(p: list[str]) -> Route | None:
+    n = len(p)
+    if n == 3 and p[0] == "apps" and p[2] == "requests":
+        return Route("requests", app=p[1])
+    if n == 3 and p[:2] == ["coord", "jobs"]:
+        return Route("job", job=p[2])
+    if n == 3 and p[:2] == ["coord", "models"]:
+        return Route("model", model=p[2])
+    if n == 3 and p[:2] == ["coord", "partials"]:
+        return Route("partials", agg=p[2])
+    if n == 3 and p[0] == "agg" and p[2] == "tasks":
+        return Route("tasks", agg=p[1])
+    if n == 4 and p[0] == "agg" and p[2] == "rounds":
+        return Route("rounds", agg=p[1], job=p[3])
+    if n == 4 and p[0] == "agg" and p[2] == "updates":
+        return Route("update", agg=p[1], agent=p[3])
+    if n == 3 and p[0] == "status":
+        return Route("status", role=p[1], id=p[2])
+    return None
+
+
+def _ids(r: Route) -> list[str]:
+    return [v for v in (r.app, r.job, r.model, r.agg, r.agent, r.role, r.id) if v]

@@ -1,0 +1,122 @@
+"""An in-memory network for the sans-I/O machines: real envelopes, real signatures, real
+gates, but no sockets and a clock the test moves. Faults (drop, repeat, reorder) are a
+function the test passes in."""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+from paho.mqtt.client import topic_matches_sub
+
+from edge_agent.machine import Train
+from hfl import envelope
+from hfl.actions import Note, Send
+from hfl.gate import Gate
+from hfl.identity import Identity, Roster
+from hfl.messages import Metrics
+from hfl.topics import Topics
+
+Trainer = Callable[[str, Train], "tuple[np.ndarray, Metrics] | None"]
+Fault = Callable[[str, bytes], list[bytes]]  # one message in, what gets delivered out
+
+
+@dataclass
+class Peer:
+    identity: Identity
+    machine: object
+    filters: list[str]
+    gate: Gate
+
+
+@dataclass
+class MemNet:
+    topics: Topics
+    roster: Roster
+    trainer: Trainer | None = None
+    fault: Fault | None = None
+    shuffle: random.Random | None = None
+    now: float = 1000.0
+    peers: dict[str, Peer] = field(default_factory=dict)
+    queue: deque = field(default_factory=deque)
+    retained: dict[str, bytes] = field(default_factory=dict)
+    notes: list[tuple[str, Note]] = field(default_factory=list)
+    sent: list[tuple[str, Send]] = field(default_factory=list)
+    others: list[tuple[str, object]] = field(default_factory=list)  # role actions (NewVersion)
+
+    def add(self, identity: Identity, machine: object, filters: list[str]) -> None:
+        self.peers[identity.id] = Peer(identity, machine, filters, Gate(self.roster, self.topics))
+        for topic, payload in self.retained.items():  # a new subscriber gets retained copies
+            if any(topic_matches_sub(f, topic) for f in filters):
+                self._deliver(self.peers[identity.id], topic, payload)
+
+    def publish(self, sender: str, send: Send) -> bytes:
+        key = self.peers[sender].identity.key
+        data = envelope.encode(type=send.kind.value, topic=send.topic, job=send.job,
+                               round=send.round, stage=send.stage, sender=sender, key=key,
+                               tensors=send.tensors, meta=send.meta, now=self.now)
+        self.inject(send.topic, data, retain=send.retain)
+        self.sent.append((sender, send))
+        return data
+
+    def inject(self, topic: str, data: bytes, retain: bool = False) -> None:
+        if retain:
+            self.retained[topic] = data
+        for payload in (self.fault(topic, data) if self.fault else [data]):
+            self.queue.append((topic, payload))
+
+    def run(self, max_steps: int = 100_000) -> None:
+        """Deliver until the network is quiet."""
+        for _ in range(max_steps):
+            if not self.queue:
+                return
+            if self.shuffle is not None:
+                self.queue.rotate(-self.shuffle.randrange(len(self.queue)))
+            topic, payload = self.queue.popleft()
+            for peer in list(self.peers.values()):
+                if any(topic_matches_sub(f, topic) for f in peer.filters):
+                    self._deliver(peer, topic, payload)
+        raise AssertionError("network never went quiet")
+
+    def advance(self, seconds: float) -> None:
+        """Let time pass: every machine ticks, then the network runs."""
+        self.now += seconds
+        for peer in list(self.peers.values()):
+            self._act(peer, peer.machine.tick(self.now))  # type: ignore[attr-defined]
+        self.run()
+
+    def _deliver(self, peer: Peer, topic: str, payload: bytes) -> None:
+        accepted = peer.gate.accept(topic, payload, self.now)
+        if accepted is None:
+            return
+        env, route = accepted
+        from hfl.errors import Rejected
+
+        try:
+            actions = peer.machine.handle(env, route, self.now)  # type: ignore[attr-defined]
+        except Rejected as r:
+            peer.gate.reject(r, topic)
+            return
+        self._act(peer, actions)
+
+    def _act(self, peer: Peer, actions: list) -> None:
+        for a in actions:
+            if isinstance(a, Send):
+                self.publish(peer.identity.id, a)
+            elif isinstance(a, Note):
+                self.notes.append((peer.identity.id, a))
+            elif isinstance(a, Train):
+                result = self.trainer(peer.identity.id, a) if self.trainer else None
+                if result is not None:
+                    self._act(peer, peer.machine.trained(a.job, a.round, *result))  # type: ignore[attr-defined]
+            else:
+                self.others.append((peer.identity.id, a))
+
+    def rejections(self, peer: str) -> dict[str, int]:
+        return dict(self.peers[peer].gate.rejections)
+
+    def events(self, name: str) -> list[tuple[str, dict]]:
+        return [(p, n.fields) for p, n in self.notes if n.event == name]

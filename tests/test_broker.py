@@ -1,0 +1,69 @@
+"""fleet.broker: the Mosquitto launcher."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from fleet import broker as broker_mod
+from fleet.broker import Broker, find_mosquitto, free_port, mosquitto_config
+
+
+def test_config_raises_queue_limits_and_optional_settings(tmp_path: Path) -> None:
+    conf = mosquitto_config(port=1234, persistence_dir=tmp_path, max_packet_size=65536,
+                            extra="# tls goes here")
+    lines = conf.splitlines()
+    assert "listener 1234 127.0.0.1" in lines
+    assert "max_queued_messages 100000" in lines
+    assert f"max_queued_bytes {1 << 30}" in lines
+    assert "set_tcp_nodelay true" in lines
+    assert "persistence true" in lines
+    assert f"persistence_location {tmp_path}/" in lines
+    assert "max_packet_size 65536" in lines
+    assert lines[-1] == "# tls goes here"
+
+
+def test_config_without_options_has_no_persistence_or_packet_limit() -> None:
+    conf = mosquitto_config(port=1234)
+    assert "persistence false" in conf.splitlines()
+    assert "max_packet_size" not in conf
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+@pytest.mark.broker
+def test_start_stop_frees_the_port(mosquitto: str, tmp_path: Path) -> None:
+    b = Broker(tmp_path, port=free_port())
+    b.start()
+    assert b.running and not port_is_free(b.port)
+    with socket.create_connection((b.host, b.port), timeout=1):
+        pass
+    b.stop()
+    assert not b.running and port_is_free(b.port)
+    assert (tmp_path / "mosquitto.conf").read_text().startswith("per_listener_settings false")
+    assert "running" in b.log_path.read_text()
+
+
+@pytest.mark.broker
+def test_start_failure_reports_the_log(mosquitto: str, tmp_path: Path) -> None:
+    b = Broker(tmp_path, extra="no_such_option 1")
+    with pytest.raises(RuntimeError, match="no_such_option"):
+        b.start()
+    assert not b.running
+
+
+def test_missing_binary_gives_the_install_hint(monkeypatch: pytest.MonkeyPatch,
+                                               tmp_path: Path) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(broker_mod, "FALLBACK_PATHS", (str(tmp_path / "mosquitto"),))
+    with pytest.raises(RuntimeError, match="apt-get install mosquitto"):
+        find_mosquitto()

@@ -1,0 +1,286 @@
+"""The three state machines together over the in-memory network: FedAvg arithmetic,
+HierFAVG blocks, quorum and deadlines, repeats, reordering, stale and malformed input."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from aggregator.machine import AggregatorMachine, round_id
+from coordinator.machine import CoordinatorMachine, NewVersion
+from edge_agent.machine import AgentMachine, Train
+from hfl import envelope
+from hfl.actions import Send
+from hfl.identity import Identity, Roster
+from hfl.messages import Kind, Metrics, ModelRequest, ModelSpec, Role
+from hfl.topics import Topics
+from tests.memnet import MemNet
+
+P = 6
+GROUPS = {"site-a": ["a1", "a2", "a3"], "site-b": ["b1", "b2", "b3"]}
+# Each agent moves the model by a constant of its own and weighs by its sample count.
+STEP = {"a1": 1.0, "a2": 2.0, "a3": 3.0, "b1": -1.0, "b2": 0.5, "b3": 4.0}
+SAMPLES = {"a1": 10, "a2": 20, "a3": 30, "b1": 5, "b2": 5, "b3": 50}
+
+
+def spec(**kw) -> ModelSpec:
+    base = dict(name="m", arch="logreg", input_shape=(1, 2, 3), num_classes=2, dataset="d",
+                aggregators=sorted(GROUPS), rounds=2, kappa1=1, min_agents=2, deadline_s=10,
+                max_retries=1)
+    return ModelSpec(**{**base, **kw})
+
+
+def constant_trainer(silent: set[str] = frozenset()):
+    def train(agent: str, t: Train):
+        if agent in silent:
+            return None
+        delta = np.full(P, STEP[agent], dtype=np.float32)
+        return delta, Metrics(samples=SAMPLES[agent], train_loss=STEP[agent], eval_samples=1,
+                              eval_loss=1.0, eval_accuracy=0.5)
+    return train
+
+
+def build(trainer=None, groups=GROUPS, **netkw) -> MemNet:
+    topics = Topics()
+    roster = Roster()
+    ids: dict[str, Identity] = {}
+
+    def enrol(id_, role, group=None):
+        ids[id_] = Identity.generate(id_, role)
+        roster.enroll(ids[id_], group)
+
+    enrol("coord", Role.COORDINATOR)
+    enrol("app", Role.APP)
+    for agg, agents in groups.items():
+        enrol(agg, Role.AGGREGATOR)
+        for a in agents:
+            enrol(a, Role.AGENT, agg)
+    net = MemNet(topics, roster, trainer=trainer or constant_trainer(), **netkw)
+    net.add(ids["coord"], CoordinatorMachine(lambda: roster.by_role(Role.AGGREGATOR),
+                                             lambda s: np.zeros(P, np.float32), topics),
+            topics.coordinator_filters())
+    net.add(ids["app"], _Sink(), topics.app_filters(["m"]))
+    for agg, agents in groups.items():
+        net.add(ids[agg], AggregatorMachine(agg, roster.group(agg), topics),
+                topics.aggregator_filters(agg))
+        for a in agents:
+            net.add(ids[a], AgentMachine(a, agg, {"d"}, topics), topics.agent_filters(agg))
+    return net
+
+
+class _Sink:
+    def handle(self, env, route, now):
+        return []
+
+    def tick(self, now):
+        return []
+
+
+def request(net: MemNet, *specs: ModelSpec, rid: str = "r1") -> None:
+    req = ModelRequest(request_id=rid, models=list(specs))
+    net.publish("app", Send(Kind.REQUEST, net.topics.app_requests("app"), "", 0, "request",
+                            req.model_dump(mode="json")))
+    net.run()
+
+
+def versions(net: MemNet, job: str = "r1-m") -> list[NewVersion]:
+    return [a for _, a in net.others if isinstance(a, NewVersion) and a.job == job]
+
+
+def job_states(net: MemNet, job: str = "r1-m") -> list[str]:
+    return [s.stage for _, s in net.sent if s.kind is Kind.JOB and s.job == job]
+
+
+def fedavg(agents: list[str]) -> float:
+    """The expected sample-weighted mean step, computed from the test's own tables."""
+    return sum(SAMPLES[a] * STEP[a] for a in agents) / sum(SAMPLES[a] for a in agents)
+
+
+def test_two_rounds_of_hierarchical_fedavg_match_the_weighted_mean() -> None:
+    net = build()
+    request(net, spec())
+    vs = versions(net)
+    assert [v.version for v in vs] == [1, 2]
+    everyone = [a for g in GROUPS.values() for a in g]
+    np.testing.assert_allclose(vs[0].params, fedavg(everyone), rtol=1e-6)
+    np.testing.assert_allclose(vs[1].params, 2 * fedavg(everyone), rtol=1e-6)
+    assert vs[-1].agents == 6
+    assert job_states(net)[-1] == "done"
+    assert all(not net.rejections(p) for p in net.peers)
+
+
+def test_kappa1_edge_rounds_then_sample_weighted_cloud_average() -> None:
+    net = build()
+    request(net, spec(kappa1=3, rounds=1))
+    (v,) = versions(net)
+    # Each site moves 3 times by its own mean; the cloud weighs each site by its samples.
+    wa = sum(SAMPLES[a] for a in GROUPS["site-a"])
+    wb = sum(SAMPLES[a] for a in GROUPS["site-b"])
+    expect = (wa * 3 * fedavg(GROUPS["site-a"]) + wb * 3 * fedavg(GROUPS["site-b"])) / (wa + wb)
+    np.testing.assert_allclose(v.params, expect, rtol=1e-5)
+    assert len(net.events("round_closed")) == 6
+
+
+def test_every_message_delivered_twice_counts_once() -> None:
+    net = build(fault=lambda topic, data: [data, data])
+    request(net, spec())
+    vs = versions(net)
+    np.testing.assert_allclose(vs[-1].params, 2 * fedavg([a for g in GROUPS.values() for a in g]),
+                               rtol=1e-6)
+    assert sum(p.gate.counters["duplicates"] for p in net.peers.values()) > 0
+
+
+def test_reordered_delivery_gives_the_same_model() -> None:
+    net = build(shuffle=random.Random(7))
+    request(net, spec())
+    np.testing.assert_allclose(versions(net)[-1].params,
+                               2 * fedavg([a for g in GROUPS.values() for a in g]), rtol=1e-6)
+
+
+def test_silent_agent_round_closes_at_deadline_with_the_survivors() -> None:
+    net = build(trainer=constant_trainer(silent={"a3"}))
+    request(net, spec(rounds=1))
+    assert not versions(net)  # site-a still waits for a3
+    net.advance(11)  # past the edge deadline: 2 of 3 meet the quorum of 2
+    (v,) = versions(net)
+    np.testing.assert_allclose(v.params, fedavg(["a1", "a2", "b1", "b2", "b3"]), rtol=1e-6)
+    assert v.agents == 5
+
+
+def test_below_quorum_retries_then_the_other_site_carries_the_block() -> None:
+    net = build(trainer=constant_trainer(silent={"a2", "a3"}))
+    request(net, spec(rounds=1, max_retries=1))
+    net.advance(11)  # attempt 0 of site-a fails the quorum → retry
+    assert len(net.events("round_retry")) == 1
+    net.advance(11)  # attempt 1 fails too → block failed, partial of weight 0
+    assert [f["reason"] for _, f in net.events("block_failed")] == [
+        "quorum not reached (1 < 2)"]
+    (v,) = versions(net)
+    np.testing.assert_allclose(v.params, fedavg(GROUPS["site-b"]), rtol=1e-6)
+
+
+def test_update_for_a_closed_round_is_rejected_as_stale() -> None:
+    net = build()
+    request(net, spec(rounds=1))
+    # Replay agent a1's first update: its round is closed now.
+    first = next(s for p, s in net.sent if p == "a1" and s.kind is Kind.UPDATE)
+    net.publish("a1", first)
+    net.run()
+    assert net.rejections("site-a") == {"stale-round": 1}
+
+
+def test_malformed_update_is_rejected_and_the_round_still_completes() -> None:
+    net = build(trainer=constant_trainer(silent={"a1"}))
+    request(net, spec(rounds=1))
+    rnd = round_id(spec(), 0, 0, 0)
+    bad = Send(Kind.UPDATE, net.topics.update("site-a", "a1"), "r1-m", rnd, "update",
+               {"metrics": {"samples": 3}}, {"delta": np.ones(P + 1, np.float32)})
+    net.publish("a1", bad)
+    net.run()
+    assert net.rejections("site-a") == {"bad-shape": 1}
+    bad_meta = Send(Kind.UPDATE, net.topics.update("site-a", "a1"), "r1-m", rnd, "update",
+                    {"metrics": {"samples": -1}}, {"delta": np.ones(P, np.float32)})
+    net.publish("a1", bad_meta)
+    net.run()
+    assert net.rejections("site-a")["bad-meta"] == 1
+    net.advance(11)
+    assert len(versions(net)) == 1
+
+
+def test_agent_cannot_speak_for_another_agent_or_another_site() -> None:
+    net = build()
+    request(net, spec(rounds=1, min_agents=3))
+    topic_of_a2 = net.topics.update("site-a", "a2")
+    forged = Send(Kind.UPDATE, topic_of_a2, "r1-m", 0, "update", {}, {})
+    net.publish("a1", forged)  # a1 signs, but on a2's topic
+    net.publish("b1", Send(Kind.UPDATE, net.topics.update("site-a", "b1"), "r1-m", 0,
+                           "update", {}, {}))  # b1 belongs to site-b
+    net.run()
+    assert net.rejections("site-a") == {"wrong-sender": 1, "wrong-group": 1}
+
+
+def test_unenrolled_or_tampered_sender_is_rejected_by_the_gate() -> None:
+    net = build()
+    stranger = Identity.generate("a1", Role.AGENT)  # same id, not the enrolled key
+    topic = net.topics.update("site-a", "a1")
+    data = envelope.encode(type="update", topic=topic, job="j", round=0, stage="update",
+                           sender="a1", key=stranger.key)
+    net.inject(topic, data)
+    data = envelope.encode(type="update", topic=topic, job="j", round=0, stage="update",
+                           sender="nobody", key=stranger.key)
+    net.inject(topic, data)
+    net.run()
+    assert net.rejections("site-a") == {"bad-signature": 1, "unknown-sender": 1}
+
+
+def test_retained_round_redelivered_does_not_train_twice() -> None:
+    trained: list[tuple[str, int]] = []
+    base = constant_trainer()
+
+    def counting(agent, t):
+        trained.append((agent, t.round))
+        return base(agent, t)
+
+    net = build(trainer=counting)
+    request(net, spec(rounds=1, min_agents=3))
+    n = len(trained)
+    # A reconnecting agent gets the retained round announcements again.
+    for topic, data in list(net.retained.items()):
+        if "/rounds/" in topic:
+            net.peers["a1"].gate._seen.clear()  # as after a restart
+            net._deliver(net.peers["a1"], topic, data)
+    assert len(trained) == n
+
+
+def test_request_naming_an_unknown_aggregator_fails_the_job_clearly() -> None:
+    net = build()
+    request(net, spec(aggregators=["site-a", "site-x"]))
+    (status,) = [s for _, s in net.sent if s.kind is Kind.JOB]
+    assert status.meta["state"] == "failed"
+    assert "site-x" in status.meta["reason"]
+    assert not [s for _, s in net.sent if s.kind is Kind.TASK]
+
+
+def test_invalid_request_is_rejected_with_the_field_named() -> None:
+    net = build()
+    net.publish("app", Send(Kind.REQUEST, net.topics.app_requests("app"), "", 0, "request",
+                            {"request_id": "r2", "models": [{"name": "x"}]}))
+    net.run()
+    assert net.rejections("coord") == {"bad-request": 1}
+
+
+def test_two_models_in_one_request_become_two_jobs_on_their_aggregators() -> None:
+    net = build()
+    request(net, spec(name="m", aggregators=["site-a"], rounds=1),
+            spec(name="n", aggregators=["site-b"], rounds=1))
+    tasks = {(s.job, s.topic) for _, s in net.sent if s.kind is Kind.TASK}
+    assert tasks == {("r1-m", net.topics.tasks("site-a")), ("r1-n", net.topics.tasks("site-b"))}
+    np.testing.assert_allclose(versions(net, "r1-m")[0].params, fedavg(GROUPS["site-a"]), rtol=1e-6)
+    np.testing.assert_allclose(versions(net, "r1-n")[0].params, fedavg(GROUPS["site-b"]), rtol=1e-6)
+
+
+def test_patience_stops_a_job_whose_eval_loss_stopped_improving() -> None:
+    net = build()  # every agent reports the same eval loss each round: no improvement
+    request(net, spec(rounds=10, patience=2))
+    assert [v.version for v in versions(net)] == [1, 2, 3]
+    final = [s for _, s in net.sent if s.kind is Kind.JOB][-1]
+    assert final.meta["state"] == "stopped"
+
+
+@pytest.mark.parametrize("stage", ["open", "closed"])
+def test_agent_ignores_rounds_of_other_groups(stage: str) -> None:
+    topics = Topics()
+    m = AgentMachine("a1", "site-a", {"d"}, topics)
+    from hfl.topics import Route
+
+    with pytest.raises(Exception) as e:
+        m.handle(_FakeEnv("round", "j", 0, stage), Route("rounds", agg="site-b", job="j"), 0.0)
+    assert getattr(e.value, "reason", "") == "wrong-group"
+
+
+class _FakeEnv:
+    def __init__(self, type_, job, round_, stage):
+        self.type, self.job, self.round, self.stage = type_, job, round_, stage
+        self.meta, self.tensors = {}, {}

@@ -1,0 +1,156 @@
+"""hfl.mqtt.Session against a real Mosquitto started on a free port."""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from fleet.broker import Broker
+from hfl.chunks import Reassembler
+from hfl.mqtt import BrokerSettings, Inbound, Session
+
+pytestmark = pytest.mark.broker
+
+TIMEOUT = 5.0
+
+
+def settings_for(b: Broker) -> BrokerSettings:
+    return BrokerSettings(host=b.host, port=b.port, keepalive=5)
+
+
+@contextmanager
+def session(b: Broker, client_id: str, subscriptions: Sequence[str] = (),
+            **kw: object) -> Iterator[tuple[Session, queue.Queue[Inbound]]]:
+    inbox: queue.Queue[Inbound] = queue.Queue()
+    s = Session(client_id, settings_for(b), inbox=inbox, subscriptions=subscriptions,
+                **kw)  # type: ignore[arg-type]
+    s.start()
+    try:
+        assert s.wait_ready(TIMEOUT), f"{client_id} not ready"
+        yield s, inbox
+    finally:
+        s.stop()
+
+
+def collect(inbox: queue.Queue[Inbound], n: int, timeout: float = TIMEOUT) -> list[Inbound]:
+    out: list[Inbound] = []
+    deadline = time.monotonic() + timeout
+    while len(out) < n:
+        try:
+            out.append(inbox.get(timeout=max(0.0, deadline - time.monotonic())))
+        except queue.Empty:
+            break
+    return out
+
+
+def receive_whole(inbox: queue.Queue[Inbound], timeout: float = TIMEOUT) -> bytes:
+    r = Reassembler(max_message=64 << 20, max_pending_bytes=256 << 20)
+    deadline = time.monotonic() + timeout
+    while True:
+        msg = inbox.get(timeout=max(0.001, deadline - time.monotonic()))
+        if (whole := r.feed(msg.topic, msg.payload, time.monotonic())) is not None:
+            return bytes(whole)
+
+
+def test_large_payload_is_chunked_and_reassembled(broker: Broker) -> None:
+    payload = os.urandom(3 * 1024 * 1024)
+    with session(broker, "sub", ["t/big"]) as (_, inbox), session(broker, "pub") as (pub, _):
+        assert pub.chunk_limit == 256 * 1024  # Mosquitto announces no limit by default
+        pub.publish("t/big", payload)
+        assert pub.flush(TIMEOUT)
+        assert receive_whole(inbox) == payload
+        assert pub.counters["published"] == 13  # 3 MiB in 256 KiB frames, header included
+
+
+def test_chunk_limit_follows_the_broker_packet_limit(mosquitto: str, tmp_path: Path) -> None:
+    payload = os.urandom(1024 * 1024)
+    with Broker(tmp_path, max_packet_size=65536) as b, \
+            session(b, "sub", ["t/big"]) as (_, inbox), session(b, "pub") as (pub, _):
+        assert pub.chunk_limit < 65536
+        pub.publish("t/big", payload)
+        assert pub.flush(TIMEOUT)
+        assert receive_whole(inbox) == payload
+        assert pub.counters["disconnects"] == 0  # nothing oversized was sent
+
+
+def test_subscribe_after_connect(broker: Broker) -> None:
+    with session(broker, "sub") as (sub, inbox), session(broker, "pub") as (pub, _):
+        sub.subscribe("late/#")
+        assert sub.wait_ready(TIMEOUT)
+        pub.publish("late/x", b"hello")
+        assert [(m.topic, m.payload) for m in collect(inbox, 1)] == [("late/x", b"hello")]
+
+
+def test_persistent_session_gets_what_was_published_while_away(broker: Broker) -> None:
+    with session(broker, "agent-1", ["q/tasks"]):
+        pass  # subscribed, then disconnected cleanly: the broker keeps the session
+    with session(broker, "pub") as (pub, _):
+        for i in range(5):
+            pub.publish("q/tasks", b"task %d" % i)
+        assert pub.flush(TIMEOUT)
+    with session(broker, "agent-1", ["q/tasks"]) as (_, inbox):
+        got = collect(inbox, 5)
+    assert [m.payload for m in got] == [b"task %d" % i for i in range(5)]
+
+
+DOOMED = """
+import queue, sys, time
+from hfl.mqtt import BrokerSettings, Session
+s = Session("doomed", BrokerSettings(port=int(sys.argv[1])), inbox=queue.Queue(),
+            will=("status/doomed", b"offline", True))
+s.start()
+assert s.wait_ready(5)
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+def test_last_will_fires_on_a_crash_and_is_retained(broker: Broker) -> None:
+    with session(broker, "watcher", ["status/#"]) as (_, inbox):
+        proc = subprocess.Popen([sys.executable, "-c", DOOMED, str(broker.port)],
+                                stdout=subprocess.PIPE, cwd=Path(__file__).parents[1])
+        try:
+            assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+            os.kill(proc.pid, signal.SIGKILL)  # no DISCONNECT: the socket just closes
+        finally:
+            proc.kill()
+            proc.wait()
+        (live,) = collect(inbox, 1)
+        assert (live.topic, live.payload, live.retain) == ("status/doomed", b"offline", False)
+    with session(broker, "late", ["status/#"]) as (_, inbox):
+        (kept,) = collect(inbox, 1)
+        assert (kept.topic, kept.payload, kept.retain) == ("status/doomed", b"offline", True)
+
+
+def test_last_will_does_not_fire_on_a_clean_stop(broker: Broker) -> None:
+    with session(broker, "watcher", ["status/#"]) as (_, inbox):
+        with session(broker, "polite", will=("status/polite", b"offline", True)):
+            pass
+        assert collect(inbox, 1, timeout=1.0) == []
+    with session(broker, "late", ["status/#"]) as (_, inbox):
+        assert collect(inbox, 1, timeout=0.5) == []
+
+
+@pytest.mark.parametrize("persistence", [False, True])
+def test_resubscribes_after_a_broker_restart(mosquitto: str, tmp_path: Path,
+                                             persistence: bool) -> None:
+    with Broker(tmp_path, persistence=persistence) as b, \
+            session(b, "agg-1", ["r/#"]) as (sub, inbox), session(b, "pub") as (pub, _):
+        b.restart()  # without persistence the broker forgets every subscription
+        deadline = time.monotonic() + 8
+        while min(sub.counters["connects"], pub.counters["connects"]) < 2:
+            assert time.monotonic() < deadline, "no reconnect"
+            time.sleep(0.05)
+        assert sub.wait_ready(TIMEOUT) and pub.wait_ready(TIMEOUT)
+        pub.publish("r/1", b"after restart")
+        assert pub.flush(TIMEOUT)
+        assert [m.payload for m in collect(inbox, 1)] == [b"after restart"]
