@@ -18,7 +18,7 @@ from coordinator.cli import app as coordinator_app
 from edge_agent.cli import app as agent_app
 from fleet import keys
 from fleet.follow import RoundRow
-from hfl.cli import VerboseOption, setup_logging
+from hfl.cli import VerboseOption, fail, setup_logging
 
 app = typer.Typer(
     help="hfl: hierarchical federated learning for edge fleets over MQTT.\n\n"
@@ -77,7 +77,7 @@ def run_and_report(cfg, out: Path, report: Path | None, title: str, verbose: boo
 
             outcome, fleet, secs = run(cfg, out, on_row=on_row)
     except (RuntimeError, ValueError) as e:  # no broker binary, bad data path, ...
-        raise typer.TyperException(str(e)) from None
+        fail(str(e))
     doc = summary(outcome, fleet, secs)
     console.print(rounds_table(outcome.rows))
     if outcome.rows:
@@ -91,7 +91,7 @@ def run_and_report(cfg, out: Path, report: Path | None, title: str, verbose: boo
         write_json(report, doc)
         console.print(f"report: {report}")
     if not outcome.rows or any(s["state"] == "failed" for s in doc["jobs"].values()):
-        raise typer.TyperException("the job did not complete")
+        fail("the job did not complete")
     console.print(f"[bold green]final accuracy {outcome.rows[-1].accuracy:.3f}[/]")
 
 
@@ -128,7 +128,7 @@ def simulate(
     try:
         cfg = load_sim_config(config)
     except ValueError as e:
-        raise typer.TyperException(str(e)) from None
+        fail(str(e))
     run_and_report(cfg, out, report, f"hfl simulate {config.name}", verbose)
 
 

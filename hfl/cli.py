@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 
@@ -19,6 +19,12 @@ ConfigOption = Annotated[
     Path, typer.Option("--config", "-c", help="The service's TOML config file.", show_default=True)
 ]
 VerboseOption = Annotated[bool, typer.Option("--verbose", "-v", help="Log debug detail.")]
+
+
+def fail(message: str) -> NoReturn:
+    """Stop the command with a message that says what is wrong and exit code 1."""
+    typer.echo(f"Error: {message}", err=True)
+    raise typer.Exit(1)
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -47,13 +53,13 @@ def open_config(path: Path, role: Role, section: str | None = None) -> tuple[Con
         identity = Identity.load(cfg.identity.key, cfg.identity.id, role)
         roster = Roster.load(cfg.identity.roster)
     except (ValueError, FileNotFoundError) as e:
-        raise typer.TyperException(str(e)) from None
+        fail(str(e))
     member = roster.get(identity.id)
     if member is None or member.role is not role:
-        raise typer.TyperException(
+        fail(
             f"{identity.id} is not enrolled as {role.value} in {cfg.identity.roster} "
             "(hfl keys enroll)")
     if member.public_key.public_bytes_raw() != identity.public_key.public_bytes_raw():
-        raise typer.TyperException(
+        fail(
             f"the key {cfg.identity.key} does not match {identity.id}'s key in the roster")
     return cfg, identity, roster
