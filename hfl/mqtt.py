@@ -177,10 +177,18 @@ class Session:
             self._send_subscribe([topic_filter])
 
     def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
-        """QoS 1; split into chunks that fit `chunk_limit` and the broker's packet limit."""
-        limit = self.chunk_limit
+        """QoS 1; split into chunks that fit `chunk_limit` and the broker's packet limit.
+
+        A retained message goes whole whenever the broker's limit allows it: the broker
+        keeps only the last message on a topic, so a late subscriber could not reassemble
+        a chunked one.
+        """
+        broker_room = None
         if self._broker_max is not None:
-            limit = min(limit, self._broker_max - _PUBLISH_FIXED - len(topic.encode()))
+            broker_room = self._broker_max - _PUBLISH_FIXED - len(topic.encode())
+        limit = self.chunk_limit if broker_room is None else min(self.chunk_limit, broker_room)
+        if retain:
+            limit = max(limit, len(payload) if broker_room is None else broker_room)
         frames = chunks.split(payload, limit)
         if retain and len(frames) > 1 and not self._warned_retain:
             self._warned_retain = True

@@ -71,6 +71,16 @@ def test_large_payload_is_chunked_and_reassembled(broker: Broker) -> None:
         assert pub.counters["published"] == 13  # 3 MiB in 256 KiB frames, header included
 
 
+def test_large_retained_message_reaches_a_late_subscriber_whole(broker: Broker) -> None:
+    payload = b"HFL1" + os.urandom(1024 * 1024)
+    with session(broker, "pub") as (pub, _):
+        pub.publish("t/retained", payload, retain=True)
+        assert pub.flush(TIMEOUT)
+    with session(broker, "late", ["t/retained"]) as (_, inbox):
+        (msg,) = collect(inbox, 1)
+    assert msg.retain and msg.payload == payload
+
+
 def test_chunk_limit_follows_the_broker_packet_limit(mosquitto: str, tmp_path: Path) -> None:
     payload = os.urandom(1024 * 1024)
     with Broker(tmp_path, max_packet_size=65536) as b, \

@@ -1,0 +1,99 @@
+"""Foundation benchmarks: each figure beside a baseline measured in the same run.
+
+    make bench            # or: .venv/bin/python bench/run.py
+
+1. Streaming aggregation: `WeightedSum.add` (scale + add into preallocated buffers)
+   against a bare `numpy.add` of the same vectors, as a bandwidth ratio (target ≥ 0.5).
+2. Aggregation memory: peak traced memory of summing N = 10 vs N = 1000 updates (O(P)).
+3. Envelope decode: our zero-copy body parse against `safetensors.numpy.load` (copies),
+   and the full verified decode (SHA-256 + Ed25519) per MB.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+import tracemalloc
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from safetensors.numpy import load as st_load
+
+from hfl import envelope, tensors
+from hfl.aggregate import WeightedSum
+from hfl.messages import Metrics
+
+SIZES = [100_000, 1_663_370, 10_000_000]
+M = Metrics(samples=10)
+
+
+def best(fn, repeat: int = 7) -> float:
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def bench_sum() -> None:
+    print("## streaming aggregation (10 updates per run, best of 7)")
+    print(f"{'P':>10} {'numpy.add GB/s':>15} {'WeightedSum GB/s':>17} {'ratio':>6}")
+    for p in SIZES:
+        xs = [np.random.default_rng(i).random(p, dtype=np.float32) for i in range(10)]
+        acc = np.zeros(p, np.float32)
+        ws = WeightedSum(p)
+
+        def baseline() -> None:
+            for x in xs:
+                np.add(acc, x, out=acc)
+
+        def ours() -> None:
+            for x in xs:
+                ws.add(x, 10.0, M)
+
+        nbytes = 10 * p * 4
+        b, o = nbytes / best(baseline) / 1e9, nbytes / best(ours) / 1e9
+        print(f"{p:>10} {b:>15.2f} {o:>17.2f} {o / b:>6.2f}")
+
+
+def bench_memory() -> None:
+    print("\n## aggregation peak memory (tracemalloc), P = 1,663,370")
+    p = 1_663_370
+    x = np.ones(p, np.float32)
+    peaks = {}
+    for n in (10, 1000):
+        tracemalloc.start()
+        ws = WeightedSum(p)
+        for _ in range(n):
+            ws.add(x, 1.0, M)
+        peaks[n] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    print(f"N=10: {peaks[10] / 2**20:.1f} MiB, N=1000: {peaks[1000] / 2**20:.1f} MiB, "
+          f"ratio {peaks[1000] / peaks[10]:.3f}")
+
+
+def bench_decode() -> None:
+    print("\n## envelope decode (best of 7)")
+    key = Ed25519PrivateKey.generate()
+    pub = key.public_key()
+    print(f"{'P':>10} {'MB':>6} {'tensors.load ms':>16} {'safetensors.load ms':>20} "
+          f"{'verified decode ms':>19}")
+    for p in SIZES:
+        body = {"delta": np.ones(p, np.float32)}
+        raw = tensors.dump(body)
+        data = envelope.encode(type="update", topic="t", job="j", round=0, stage="update",
+                               sender="a", key=key, tensors=body)
+        ours = best(lambda raw=raw: tensors.load(raw)) * 1e3
+        theirs = best(lambda raw=raw: st_load(raw)) * 1e3
+        full = best(lambda data=data: envelope.decode(
+            data, topic="t", public_key=lambda s: pub, known_types={"update"})) * 1e3
+        print(f"{p:>10} {len(data) / 1e6:>6.1f} {ours:>16.3f} {theirs:>20.3f} {full:>19.2f}")
+
+
+if __name__ == "__main__":
+    print(f"# hfl foundation benchmarks on {platform.node()} ({platform.machine()}, "
+          f"{platform.processor() or 'cpu'}), numpy {np.__version__}\n")
+    bench_sum()
+    bench_memory()
+    bench_decode()
