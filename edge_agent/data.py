@@ -135,9 +135,10 @@ def load_npz(path: str | Path) -> Dataset:
 
 
 def split(ds: Dataset, test_fraction: float, seed: int) -> tuple[Dataset, Dataset]:
-    """A random (train, test) split; `test_fraction` of the samples (rounded) go to test."""
-    if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    """A random (train, test) split; `test_fraction` of the samples (rounded) go to test.
+    A fraction of 0 keeps everything for training (the test set is empty)."""
+    if not 0.0 <= test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
     perm = np.random.default_rng(seed).permutation(len(ds))
     n_test = int(round(len(ds) * test_fraction))
     return ds.subset(np.sort(perm[n_test:])), ds.subset(np.sort(perm[:n_test]))

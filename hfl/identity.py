@@ -154,7 +154,7 @@ class Roster:
                 Member(r["id"], Role(r["role"]), public_from_b64(r["ed25519"]), r.get("group"))
                 for r in doc["members"]
             ])
-        except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as e:
+        except (KeyError, TypeError, AttributeError, ValueError) as e:
             raise ValueError(f"malformed roster: {e}") from None
 
     def save(self, path: Path) -> None:

@@ -81,3 +81,27 @@ def test_demo_writes_the_report(mosquitto: str, tmp_path: Path) -> None:
     assert all(r["agents"] == 6 for r in doc["rounds"])
     assert Path(doc["onnx"]).is_file() and Path(doc["safetensors"]).is_file()
     assert (tmp_path / "out" / "accuracy.png").stat().st_size > 1000
+
+
+def test_simulate_runs_a_config(mosquitto: str, tmp_path: Path) -> None:
+    cfg = tmp_path / "sim.toml"
+    cfg.write_text('seed = 2\n[fleet]\naggregators = 2\nagents = 4\n'
+                   '[data]\nsource = "digits"\npartition = "iid"\n'
+                   '[model]\narch = "logreg"\ninput_shape = [1, 8, 8]\nnum_classes = 10\n'
+                   'rounds = 2\nlr = 0.1\nclient_fraction = 0.5\nmin_agents = 1\n')
+    report = tmp_path / "r.json"
+    res = runner.invoke(app, ["simulate", str(cfg), "--out", str(tmp_path / "o"),
+                              "--report", str(report)])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(report.read_text())
+    assert [r["round"] for r in doc["rounds"]] == [1, 2]
+    assert all(r["agents"] == 2 for r in doc["rounds"])  # C = 0.5 of 2 agents on each site
+    assert doc["rounds"][-1]["accuracy"] > 0.5
+
+
+def test_simulate_config_error_names_the_field(tmp_path: Path) -> None:
+    cfg = tmp_path / "sim.toml"
+    cfg.write_text('[model]\narch = "resnet"\ninput_shape = [1, 8, 8]\nnum_classes = 10\n')
+    res = runner.invoke(app, ["simulate", str(cfg)])
+    assert res.exit_code == 1
+    assert "arch" in res.output

@@ -1,0 +1,91 @@
+"""Topics, roster and service config: the small pure pieces every role stands on."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from hfl.config import load_config
+from hfl.errors import Rejected
+from hfl.identity import Identity, Roster
+from hfl.messages import Role
+from hfl.topics import Topics
+
+
+def test_every_topic_parses_back_to_what_built_it() -> None:
+    t = Topics("fleet/x")
+    assert t.parse(t.update("site-a", "agent-7")).agent == "agent-7"
+    assert t.parse(t.update("site-a", "agent-7")).agg == "site-a"
+    assert t.parse(t.rounds("site-a", "r1-m")).job == "r1-m"
+    assert t.parse(t.model("digits")).model == "digits"
+    assert t.parse(t.status("agent", "a1")).role == "agent"
+    assert t.parse(t.app_requests("app1")).app == "app1"
+
+
+@pytest.mark.parametrize("bad", ["a/b", "+", "#", "", "-lead", "x" * 65, "sp ace"])
+def test_ids_that_could_break_the_topic_tree_are_refused(bad: str) -> None:
+    with pytest.raises(ValueError):
+        Topics().update("site-a", bad)
+
+
+@pytest.mark.parametrize("topic", ["hfl/v1/agg/a/updates", "hfl/v1/agg/a/updates/b/c",
+                                   "other/v1/coord/jobs/j", "hfl/v1/coord/jobs/+",
+                                   "hfl/v1/nothing/here"])
+def test_unknown_topics_are_rejected(topic: str) -> None:
+    with pytest.raises(Rejected) as e:
+        Topics().parse(topic)
+    assert e.value.reason == "unknown-topic"
+
+
+def test_roster_round_trip_and_key_files(tmp_path: Path) -> None:
+    agent = Identity.generate("a1", Role.AGENT)
+    path = agent.save(tmp_path)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    loaded = Identity.load(path, "a1", Role.AGENT)
+    assert loaded.public_b64 == agent.public_b64
+    r = Roster()
+    r.enroll(agent, "site-a")
+    r.save(tmp_path / "roster.json")
+    back = Roster.load(tmp_path / "roster.json")
+    assert back.group("site-a") == ["a1"]
+    assert back.public_key("a1").public_bytes_raw() == agent.public_key.public_bytes_raw()
+
+
+def test_agent_without_aggregator_cannot_enrol() -> None:
+    with pytest.raises(ValueError, match="aggregator"):
+        Roster().enroll(Identity.generate("a1", Role.AGENT))
+
+
+@pytest.mark.parametrize("text", ["{", "[]", '{"version": 2, "members": []}',
+                                  '{"version": 1, "members": [{"id": "a"}]}',
+                                  '{"version": 1, "members": [{"id": "a", "role": "agent", '
+                                  '"group": "g", "ed25519": "!!"}]}'])
+def test_malformed_roster_is_a_clear_error(text: str) -> None:
+    with pytest.raises(ValueError, match="roster|base64|Ed25519"):
+        Roster.from_json(text)
+
+
+def test_config_paths_are_relative_to_the_file(tmp_path: Path) -> None:
+    cfg_file = tmp_path / "etc" / "agent.toml"
+    cfg_file.parent.mkdir()
+    cfg_file.write_text('[identity]\nid = "a1"\nkey = "keys/a1.key"\nroster = "/r.json"\n'
+                        '[agent]\naggregator = "site-a"\n[agent.datasets.d]\nsource = "digits"\n')
+    cfg = load_config(cfg_file)
+    assert cfg.identity.key == tmp_path / "etc" / "keys" / "a1.key"
+    assert cfg.identity.roster == Path("/r.json")
+    assert cfg.agent is not None and cfg.agent.datasets["d"].source == "digits"
+
+
+@pytest.mark.parametrize("body,field", [
+    ('[identity]\nid = "a/1"\nkey = "k"\nroster = "r"\n', "identity.id"),
+    ('[identity]\nid = "a1"\nkey = "k"\nroster = "r"\nbogus = 1\n', "identity.bogus"),
+    ('[identity]\nid = "a1"\nkey = "k"\n', "identity.roster"),
+])
+def test_config_errors_name_the_field(tmp_path: Path, body: str, field: str) -> None:
+    p = tmp_path / "c.toml"
+    p.write_text(body)
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        load_config(p)
