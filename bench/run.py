@@ -44,11 +44,11 @@ def bench_sum() -> None:
         acc = np.zeros(p, np.float32)
         ws = WeightedSum(p)
 
-        def baseline() -> None:
+        def baseline(xs: list = xs, acc: np.ndarray = acc) -> None:
             for x in xs:
                 np.add(acc, x, out=acc)
 
-        def ours() -> None:
+        def ours(xs: list = xs, ws: WeightedSum = ws) -> None:
             for x in xs:
                 ws.add(x, 10.0, M)
 
