@@ -15,6 +15,7 @@ from paho.mqtt.client import topic_matches_sub
 from edge_agent.machine import Train
 from hfl import envelope
 from hfl.actions import Note, Send
+from hfl.errors import Rejected
 from hfl.gate import Gate
 from hfl.identity import Identity, Roster
 from hfl.messages import Metrics
@@ -93,8 +94,6 @@ class MemNet:
         if accepted is None:
             return
         env, route = accepted
-        from hfl.errors import Rejected
-
         try:
             actions = peer.machine.handle(env, route, self.now)  # type: ignore[attr-defined]
         except Rejected as r:

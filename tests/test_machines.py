@@ -13,9 +13,10 @@ from coordinator.machine import CoordinatorMachine, NewVersion
 from edge_agent.machine import AgentMachine, Train
 from hfl import envelope
 from hfl.actions import Send
+from hfl.errors import Rejected
 from hfl.identity import Identity, Roster
 from hfl.messages import Kind, Metrics, ModelRequest, ModelSpec, Role
-from hfl.topics import Topics
+from hfl.topics import Route, Topics
 from tests.memnet import MemNet
 
 P = 6
@@ -273,11 +274,9 @@ def test_patience_stops_a_job_whose_eval_loss_stopped_improving() -> None:
 def test_agent_ignores_rounds_of_other_groups(stage: str) -> None:
     topics = Topics()
     m = AgentMachine("a1", "site-a", {"d"}, topics)
-    from hfl.topics import Route
-
-    with pytest.raises(Exception) as e:
+    with pytest.raises(Rejected) as e:
         m.handle(_FakeEnv("round", "j", 0, stage), Route("rounds", agg="site-b", job="j"), 0.0)
-    assert getattr(e.value, "reason", "") == "wrong-group"
+    assert e.value.reason == "wrong-group"
 
 
 class _FakeEnv:
