@@ -144,7 +144,7 @@ def run(cfg: SimConfig, workdir: Path, on_row=None) -> tuple[Outcome, InProcessF
             fleet.start()
             app = fleet.app(APP, models=[MODEL_NAME])
             app.start()
-            req = ModelRequest(request_id=f"sim{int(time.time())}",
+            req = ModelRequest(request_id=f"sim-seed{cfg.seed}",  # reproducible runs
                                models=[cfg.spec(sorted(groups))])
             outcome = follow(app, app.request(req), held_out, cfg.timeout, on_row=on_row)
         finally:

@@ -87,8 +87,9 @@ def test_simulate_runs_a_config(mosquitto: str, tmp_path: Path) -> None:
     cfg = tmp_path / "sim.toml"
     cfg.write_text('seed = 2\n[fleet]\naggregators = 2\nagents = 4\n'
                    '[data]\nsource = "digits"\npartition = "iid"\n'
-                   '[model]\narch = "logreg"\ninput_shape = [1, 8, 8]\nnum_classes = 10\n'
-                   'rounds = 2\nlr = 0.1\nclient_fraction = 0.5\nmin_agents = 1\n')
+                   '[model]\narch = "mlp"\ninput_shape = [1, 8, 8]\nnum_classes = 10\n'
+                   'rounds = 2\nepochs = 2\nlr = 0.1\nmomentum = 0.9\nclient_fraction = 0.5\n'
+                   'min_agents = 1\n')
     report = tmp_path / "r.json"
     res = runner.invoke(app, ["simulate", str(cfg), "--out", str(tmp_path / "o"),
                               "--report", str(report)])
@@ -96,7 +97,7 @@ def test_simulate_runs_a_config(mosquitto: str, tmp_path: Path) -> None:
     doc = json.loads(report.read_text())
     assert [r["round"] for r in doc["rounds"]] == [1, 2]
     assert all(r["agents"] == 2 for r in doc["rounds"])  # C = 0.5 of 2 agents on each site
-    assert doc["rounds"][-1]["accuracy"] > 0.5
+    assert doc["rounds"][-1]["accuracy"] > 0.6  # 10 classes: chance is 0.1
 
 
 def test_simulate_config_error_names_the_field(tmp_path: Path) -> None:
