@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,7 +14,6 @@ from aggregator.runner import aggregator_node
 from coordinator.registry import Registry, VersionRecord
 from coordinator.runner import coordinator_node
 from edge_agent.runner import LocalData, agent_node
-from hfl.actions import Note
 from hfl.app import App
 from hfl.identity import Identity, Roster
 from hfl.messages import Role
@@ -47,7 +45,6 @@ class InProcessFleet:
     topics: Topics = field(default_factory=Topics)
     device: str = "cpu"
     max_payload: int = 256 * 1024
-    on_note: Callable[[str, Note], None] | None = None
     identities: dict[str, Identity] = field(default_factory=dict)
     roster: Roster = field(default_factory=Roster)
     nodes: dict[str, Node] = field(default_factory=dict)
@@ -90,8 +87,6 @@ class InProcessFleet:
                 self._serve(agent, node, machine, timeout)
 
     def _serve(self, name: str, node: Node, machine: object, timeout: float) -> None:
-        if self.on_note is not None:
-            node.on_note = lambda note, n=name: self.on_note(n, note)  # type: ignore[misc]
         node.start(timeout)
         self.nodes[name] = node
         self._threads.append(run_in_thread(node, machine, name))  # type: ignore[arg-type]

@@ -183,12 +183,13 @@ class Session:
         keeps only the last message on a topic, so a late subscriber could not reassemble
         a chunked one.
         """
-        broker_room = None
+        room = None  # the largest payload the broker takes on this topic, if it says
         if self._broker_max is not None:
-            broker_room = self._broker_max - _PUBLISH_FIXED - len(topic.encode())
-        limit = self.chunk_limit if broker_room is None else min(self.chunk_limit, broker_room)
+            room = self._broker_max - _PUBLISH_FIXED - len(topic.encode())
         if retain:
-            limit = max(limit, len(payload) if broker_room is None else broker_room)
+            limit = max(len(payload), self.chunk_limit) if room is None else room
+        else:
+            limit = self.chunk_limit if room is None else min(self.chunk_limit, room)
         frames = chunks.split(payload, limit)
         if retain and len(frames) > 1 and not self._warned_retain:
             self._warned_retain = True

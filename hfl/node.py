@@ -31,6 +31,13 @@ from hfl.topics import Route, Topics
 log = logging.getLogger("hfl.node")
 
 
+def encode_send(action: Send, identity: Identity, now: float | None = None) -> bytes:
+    """The signed envelope for a machine's `Send`."""
+    return envelope.encode(type=action.kind.value, topic=action.topic, job=action.job,
+                           round=action.round, stage=action.stage, sender=identity.id,
+                           key=identity.key, tensors=action.tensors, meta=action.meta, now=now)
+
+
 class Machine(Protocol):
     def handle(self, env: Envelope, route: Route, now: float) -> list[Action]: ...
     def tick(self, now: float) -> list[Action]: ...
@@ -64,7 +71,6 @@ class Node:
             Send: self.send,
             Note: self._log_note,
         }
-        self.on_note: Callable[[Note], None] | None = None
         self.stop_event = threading.Event()
 
     # ------------------------------------------------------------------ outbound
@@ -76,17 +82,13 @@ class Node:
                                key=self.identity.key, meta=meta)
 
     def send(self, action: Send) -> None:
-        data = envelope.encode(type=action.kind.value, topic=action.topic, job=action.job,
-                               round=action.round, stage=action.stage, sender=self.identity.id,
-                               key=self.identity.key, tensors=action.tensors, meta=action.meta)
+        data = encode_send(action, self.identity)
         self.session.publish(action.topic, data, retain=action.retain)
         self.counters["sent"] += 1
         self.counters["bytes_sent"] += len(data)
 
     def _log_note(self, note: Note) -> None:
         log.debug("%s %s", note.event, note.fields)
-        if self.on_note is not None:
-            self.on_note(note)
 
     # ------------------------------------------------------------------ inbound
 

@@ -13,12 +13,12 @@ import numpy as np
 from paho.mqtt.client import topic_matches_sub
 
 from edge_agent.machine import Train
-from hfl import envelope
 from hfl.actions import Note, Send
 from hfl.errors import Rejected
 from hfl.gate import Gate
 from hfl.identity import Identity, Roster
 from hfl.messages import Metrics
+from hfl.node import encode_send
 from hfl.topics import Topics
 
 Trainer = Callable[[str, Train], "tuple[np.ndarray, Metrics] | None"]
@@ -55,10 +55,7 @@ class MemNet:
                 self._deliver(self.peers[identity.id], topic, payload)
 
     def publish(self, sender: str, send: Send) -> bytes:
-        key = self.peers[sender].identity.key
-        data = envelope.encode(type=send.kind.value, topic=send.topic, job=send.job,
-                               round=send.round, stage=send.stage, sender=sender, key=key,
-                               tensors=send.tensors, meta=send.meta, now=self.now)
+        data = encode_send(send, self.peers[sender].identity, now=self.now)
         self.inject(send.topic, data, retain=send.retain)
         self.sent.append((sender, send))
         return data

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import queue
 import time
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 
 from fleet.broker import Broker
 from fleet.follow import follow
@@ -14,7 +16,7 @@ from fleet.simulate import demo_config, fleet_data
 from hfl import envelope
 from hfl.identity import Identity
 from hfl.messages import ModelRequest, ModelSpec, Role
-from hfl.mqtt import BrokerSettings
+from hfl.mqtt import BrokerSettings, Session
 
 
 def start_fleet(broker: Broker, tmp_path: Path, rounds: int = 8):
@@ -43,8 +45,6 @@ def test_two_sites_of_three_agents_learn_digits_over_mqtt(broker: Broker, tmp_pa
     assert all(r.agents == 6 for r in out.rows)
     # The ONNX file in the registry is the one the app scored: same predictions.
     last = fleet.versions[-1]
-    import onnxruntime as ort
-
     sess = ort.InferenceSession(last.onnx.read_bytes(), providers=["CPUExecutionProvider"])
     x = held_out.x[:32]
     np.testing.assert_allclose(sess.run(["logits"], {"input": x})[0],
@@ -82,9 +82,7 @@ def test_forged_update_is_rejected_and_counted(broker: Broker, tmp_path: Path) -
     forged = envelope.encode(type="update", topic=topic, job="j", round=0, stage="update",
                              sender="agent-1", key=mallory.key,
                              tensors={"delta": np.ones(10, np.float32)})
-    import queue
 
-    from hfl.mqtt import Session
 
     s = Session("mallory", fleet.settings, inbox=queue.Queue())
     try:
