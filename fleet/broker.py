@@ -1,7 +1,8 @@
 """Launch a real Mosquitto for the demo, the simulator and the tests.
 
-One broker per run directory, on a port of its own (never the system broker's 1883).
-TLS and ACLs come through `extra` config lines, so this stays the one launcher.
+One broker per run directory, on a port of its own (never the system broker's 1883):
+plain TCP, or TLS with client certificates from the fleet CA and the roster's ACL
+(`BrokerTls`). `hfl pki broker-config` writes a production config with the same function.
 """
 
 from __future__ import annotations
@@ -10,17 +11,79 @@ import contextlib
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+
+from fleet.acl import acl, listener_tls
+from hfl.identity import write_private
+from hfl.pki import BROKER, Pki, uncovered_hosts
+from hfl.topics import Topics
 
 FALLBACK_PATHS = ("/usr/sbin/mosquitto",)
 INSTALL_HINT = "install it with `sudo apt-get install mosquitto` (or run `make demo`, which does)"
 START_TIMEOUT = 5.0
 STOP_TIMEOUT = 5.0
+RELOAD_TIMEOUT = 5.0
+RELOADING = "Reloading config."  # what Mosquitto logs on SIGHUP
+LOCAL_HOSTS = ("127.0.0.1", "localhost")
+
+
+@dataclass(frozen=True)
+class BrokerTls:
+    """The broker's security files: its certificate and key, the fleet CA that client
+    certificates must chain to, the ACL and the CRL."""
+
+    ca: Path
+    cert: Path
+    key: Path
+    acl_file: Path
+    crl: Path | None = None
+
+    @classmethod
+    def from_pki(cls, pki: Pki, name: str, dir: Path, topics: Topics,
+                 hosts: Sequence[str] = LOCAL_HOSTS) -> BrokerTls:
+        """Write ca.crt, crl.pem, acl, {name}.crt and {name}.tls.key (0600) into `dir`,
+        issuing the broker's certificate for `hosts` when it has none. Run it again after
+        `Pki.revoke`, then `Broker.reload()`, to apply a revocation."""
+        current = {i.id: i for i in pki.issued()}.get(name)
+        if current is None or current.revoked:
+            pki.issue_broker(name, hosts)
+        elif current.role != BROKER:
+            raise ValueError(f"{name} is issued as a {current.role}, not a broker: pick another "
+                             "broker name")
+        files = pki.device(name)
+        missing = uncovered_hosts(pki.cert(name), hosts)
+        if missing:
+            raise ValueError(f"the certificate of broker {name} does not cover "
+                             f"{', '.join(missing)}: re-issue it with hfl pki issue {pki.root} "
+                             f"{name} --role broker --force --host ... (every host)")
+        dir = Path(dir)
+        dir.mkdir(parents=True, exist_ok=True)
+        crl = dir / "crl.pem"
+        tls = cls(dir / "ca.crt", dir / f"{name}.crt", dir / f"{name}.tls.key", dir / "acl", crl)
+        _copy(pki.ca_path, tls.ca)
+        _copy(files.cert, tls.cert)
+        write_private(tls.key, files.tls_key.read_bytes())
+        tls.acl_file.write_text(acl(pki.roster(), topics))
+        _copy(pki.crl_path, crl)
+        return tls
+
+    def under(self, dir: Path) -> BrokerTls:
+        """The same files installed in `dir` (where Ansible puts them on the broker host)."""
+        dir = Path(dir)
+        return BrokerTls(dir / self.ca.name, dir / self.cert.name, dir / self.key.name,
+                         dir / self.acl_file.name, dir / self.crl.name if self.crl else None)
+
+
+def _copy(src: Path, dst: Path) -> None:
+    dst.write_bytes(src.read_bytes())
 
 
 def find_mosquitto() -> str:
@@ -44,12 +107,17 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def mosquitto_config(*, port: int, host: str = "127.0.0.1", persistence_dir: Path | None = None,
                      max_packet_size: int | None = None, user: str | None = None,
-                     extra: str = "") -> str:
-    """A mosquitto.conf for one listener; `extra` lines (TLS, ACL) go at the end."""
+                     tls: BrokerTls | None = None, extra: str = "") -> str:
+    """A mosquitto.conf for one listener: TLS with client certificates and the ACL when `tls`
+    is given, else plain and anonymous. `extra` lines go at the end."""
+    if tls is None:
+        listener = [f"listener {port} {host}", "allow_anonymous true"]
+    else:
+        listener = listener_tls(port, host, tls.ca, tls.cert, tls.key, tls.acl_file,
+                                tls.crl).splitlines()
     lines = [
         "per_listener_settings false",
-        f"listener {port} {host}",
-        "allow_anonymous true",
+        *listener,
         # Mosquitto's default of 1000 queued messages per client silently dropped 35-64 % of
         # 10,000 small QoS 1 messages to a slow subscriber: a round must lose nothing.
         "max_queued_messages 100000",
@@ -77,13 +145,14 @@ class Broker:
 
     def __init__(self, run_dir: Path | None = None, *, port: int | None = None,
                  persistence: bool = False, max_packet_size: int | None = None,
-                 extra: str = "") -> None:
+                 tls: BrokerTls | None = None, extra: str = "") -> None:
         self._tmp = None if run_dir is not None else tempfile.TemporaryDirectory(prefix="hfl-mq-")
         self.run_dir = Path(run_dir if run_dir is not None else self._tmp.name)  # type: ignore[union-attr]
         self.host = "127.0.0.1"
         self.port = port or free_port(self.host)
         self.persistence = persistence
         self.max_packet_size = max_packet_size
+        self.tls = tls
         self.extra = extra
         self.log_path = self.run_dir / "mosquitto.log"
         self.conf_path = self.run_dir / "mosquitto.conf"
@@ -104,7 +173,7 @@ class Broker:
         self.conf_path.write_text(mosquitto_config(
             port=self.port, host=self.host, persistence_dir=data_dir,
             max_packet_size=self.max_packet_size, user=pwd.getpwuid(os.geteuid()).pw_name,
-            extra=self.extra))
+            tls=self.tls, extra=self.extra))
         with open(self.log_path, "ab") as log:
             self._proc = subprocess.Popen([find_mosquitto(), "-c", str(self.conf_path)],
                                           stdin=subprocess.DEVNULL, stdout=log, stderr=log)
@@ -137,6 +206,26 @@ class Broker:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+    def reload(self) -> None:
+        """SIGHUP: Mosquitto re-reads the ACL file, the CRL and its own certificate (connected
+        clients get the new ACL at once). Returns once the broker has begun reloading: it
+        handles no client in between, so whatever the caller does next sees the new files."""
+        if not self.running:
+            raise RuntimeError("the broker is not running")
+        assert self._proc is not None
+        offset = self.log_path.stat().st_size
+        self._proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + RELOAD_TIMEOUT
+        while True:
+            with open(self.log_path, "rb") as f:
+                f.seek(offset)
+                if RELOADING.encode() in f.read():
+                    return
+            if time.monotonic() > deadline or not self.running:
+                raise RuntimeError(f"mosquitto did not reload within {RELOAD_TIMEOUT:.0f} s:\n"
+                                   f"{self.log_tail()}")
+            time.sleep(0.01)
 
     def restart(self) -> None:
         """Stop and start on the same port (sessions survive when `persistence`)."""

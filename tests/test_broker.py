@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import stat
 from pathlib import Path
 
 import pytest
 
 from fleet import broker as broker_mod
-from fleet.broker import Broker, find_mosquitto, free_port, mosquitto_config
+from fleet.acl import acl
+from fleet.broker import Broker, BrokerTls, find_mosquitto, free_port, mosquitto_config
+from hfl.pki import Pki
+from hfl.topics import Topics
 
 
 def test_config_raises_queue_limits_and_optional_settings(tmp_path: Path) -> None:
@@ -31,6 +36,23 @@ def test_config_without_options_has_no_persistence_or_packet_limit() -> None:
     assert "max_packet_size" not in conf
 
 
+def test_tls_config_replaces_the_anonymous_listener(tmp_path: Path) -> None:
+    pki = Pki.init(tmp_path / "pki")
+    pki.issue("site-a", "aggregator")
+    tls = BrokerTls.from_pki(pki, "broker", tmp_path / "b", Topics(), hosts=["broker.lan"])
+    assert stat.S_IMODE(os.stat(tls.key).st_mode) == 0o600
+    assert tls.acl_file.read_text() == acl(pki.roster(), Topics())
+    assert tls.ca.read_bytes() == pki.ca_path.read_bytes()
+    conf = mosquitto_config(port=8883, host="0.0.0.0", tls=tls.under(Path("/etc/hfl")))
+    lines = conf.splitlines()
+    assert "allow_anonymous true" not in lines and "allow_anonymous false" in lines
+    assert lines.index("listener 8883 0.0.0.0") < lines.index("cafile /etc/hfl/ca.crt")
+    assert "crlfile /etc/hfl/crl.pem" in lines and "acl_file /etc/hfl/acl" in lines
+    assert "max_queued_messages 100000" in lines
+    with pytest.raises(ValueError, match="does not cover 10.9.9.9.*--force"):
+        BrokerTls.from_pki(pki, "broker", tmp_path / "b", Topics(), hosts=["10.9.9.9"])
+
+
 def port_is_free(port: int) -> bool:
     with socket.socket() as s:
         try:
@@ -51,6 +73,16 @@ def test_start_stop_frees_the_port(mosquitto: str, tmp_path: Path) -> None:
     assert not b.running and port_is_free(b.port)
     assert (tmp_path / "mosquitto.conf").read_text().startswith("per_listener_settings false")
     assert "running" in b.log_path.read_text()
+
+
+@pytest.mark.broker
+def test_reload_waits_for_the_broker_to_reread_its_config(mosquitto: str, tmp_path: Path) -> None:
+    with Broker(tmp_path) as b:
+        b.reload()
+        b.reload()
+        assert b.running and b.log_path.read_text().count("Reloading config.") == 2
+    with pytest.raises(RuntimeError, match="not running"):
+        b.reload()
 
 
 @pytest.mark.broker

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from pathlib import Path
@@ -42,16 +43,26 @@ def test_unknown_topics_are_rejected(topic: str) -> None:
 
 def test_roster_round_trip_and_key_files(tmp_path: Path) -> None:
     agent = Identity.generate("a1", Role.AGENT)
-    path = agent.save(tmp_path)
-    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
-    loaded = Identity.load(path, "a1", Role.AGENT)
-    assert loaded.public_b64 == agent.public_b64
-    r = Roster()
+    agent.save(tmp_path)
+    for path in Identity.paths(tmp_path, "a1"):
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    loaded = Identity.load(tmp_path, "a1", Role.AGENT)
+    assert loaded.public_key.public_bytes_raw() == agent.public_key.public_bytes_raw()
+    assert loaded.seal_public.public_bytes_raw() == agent.seal_public.public_bytes_raw()
+    r = Roster(serial=7)
     r.enroll(agent, "site-a")
-    r.save(tmp_path / "roster.json")
-    back = Roster.load(tmp_path / "roster.json")
-    assert back.group("site-a") == ["a1"]
+    back = Roster.from_doc(json.loads(json.dumps(r.to_doc())))
+    assert back.serial == 7 and back.group("site-a") == ["a1"]
     assert back.public_key("a1").public_bytes_raw() == agent.public_key.public_bytes_raw()
+    assert back.seal_key("a1").public_bytes_raw() == agent.seal_public.public_bytes_raw()
+
+
+def test_a_swapped_key_file_is_refused(tmp_path: Path) -> None:
+    Identity.generate("a1", Role.AGENT).save(tmp_path)
+    sign, seal = Identity.paths(tmp_path, "a1")
+    sign.write_bytes(seal.read_bytes())  # an X25519 key where the Ed25519 one belongs
+    with pytest.raises(ValueError, match="Ed25519"):
+        Identity.load(tmp_path, "a1", Role.AGENT)
 
 
 def test_agent_without_aggregator_cannot_enrol() -> None:
@@ -59,30 +70,42 @@ def test_agent_without_aggregator_cannot_enrol() -> None:
         Roster().enroll(Identity.generate("a1", Role.AGENT))
 
 
-@pytest.mark.parametrize("text", ["{", "[]", '{"version": 2, "members": []}',
-                                  '{"version": 1, "members": [{"id": "a"}]}',
-                                  '{"version": 1, "members": [{"id": "a", "role": "agent", '
-                                  '"group": "g", "ed25519": "!!"}]}'])
-def test_malformed_roster_is_a_clear_error(text: str) -> None:
-    with pytest.raises(ValueError, match="roster|base64|Ed25519"):
-        Roster.from_json(text)
+_KEY = "A" * 43 + "="  # 32 zero bytes in base64
+
+
+@pytest.mark.parametrize("doc", [[], {"version": 1, "serial": 1, "members": []},
+                                 {"version": 2, "serial": 0, "members": []},
+                                 {"version": 2, "serial": True, "members": []},
+                                 {"version": 2, "serial": 1, "members": [{"id": "a"}]},
+                                 {"version": 2, "serial": 1, "members": [
+                                     {"id": "a", "role": "agent", "group": "g",
+                                      "ed25519": "!!", "x25519": _KEY}]},
+                                 {"version": 2, "serial": 1, "members": [
+                                     {"id": "a", "role": "agent", "group": "g",
+                                      "ed25519": _KEY, "x25519": _KEY[:-4]}]}])
+def test_malformed_roster_is_a_clear_error(doc) -> None:
+    with pytest.raises(ValueError, match="malformed roster"):
+        Roster.from_doc(doc)
 
 
 def test_config_paths_are_relative_to_the_file(tmp_path: Path) -> None:
     cfg_file = tmp_path / "etc" / "agent.toml"
     cfg_file.parent.mkdir()
-    cfg_file.write_text('[identity]\nid = "a1"\nkey = "keys/a1.key"\nroster = "/r.json"\n'
+    cfg_file.write_text('[identity]\nid = "a1"\ndir = "pki"\n[broker]\nhost = "b.lan"\n'
                         '[agent]\naggregator = "site-a"\n[agent.datasets.d]\nsource = "digits"\n')
     cfg = load_config(cfg_file)
-    assert cfg.identity.key == tmp_path / "etc" / "keys" / "a1.key"
-    assert cfg.identity.roster == Path("/r.json")
+    assert cfg.identity.dir == tmp_path / "etc" / "pki"
     assert cfg.agent is not None and cfg.agent.datasets["d"].source == "digits"
+    s = cfg.broker_settings()  # TLS by default, with the device's files
+    assert (s.host, s.port) == ("b.lan", 8883)
+    assert s.ca == str(tmp_path / "etc" / "pki" / "ca.crt")
+    assert s.cert == str(tmp_path / "etc" / "pki" / "a1.crt")
 
 
 @pytest.mark.parametrize("body,field", [
-    ('[identity]\nid = "a/1"\nkey = "k"\nroster = "r"\n', "identity.id"),
-    ('[identity]\nid = "a1"\nkey = "k"\nroster = "r"\nbogus = 1\n', "identity.bogus"),
-    ('[identity]\nid = "a1"\nkey = "k"\n', "identity.roster"),
+    ('[identity]\nid = "a/1"\ndir = "k"\n', "identity.id"),
+    ('[identity]\nid = "a1"\ndir = "k"\nbogus = 1\n', "identity.bogus"),
+    ('[identity]\nid = "a1"\n', "identity.dir"),
 ])
 def test_config_errors_name_the_field(tmp_path: Path, body: str, field: str) -> None:
     p = tmp_path / "c.toml"
