@@ -17,9 +17,9 @@ app = typer.Typer(help="The aggregation layer: run edge rounds for a site's agen
 def run(config: ConfigOption, verbose: VerboseOption = False) -> None:
     """Serve as an aggregator for the agents the roster enrols under our id."""
     setup_logging(verbose)
-    cfg, identity, roster = open_config(config, Role.AGGREGATOR)
-    node, machine = aggregator_node(identity, roster, cfg.broker.settings(), cfg.topics,
-                                    max_payload=cfg.max_payload)
+    cfg, identity, roster, feed = open_config(config, Role.AGGREGATOR)
+    node, machine = aggregator_node(identity, roster, cfg.broker_settings(), cfg.topics,
+                                    max_payload=cfg.max_payload, feed=feed)
     raise typer.Exit(serve(node, machine))
 
 

@@ -4,21 +4,26 @@ Events in: a verified task from the coordinator, agents' updates and status, and
 Actions out: round announcements (retained) to the group, the partial to the coordinator.
 
 A task asks for one block of κ1 edge rounds starting from the global model. Each edge
-round selects agents, collects their deltas into a streaming weighted sum until every
-selected agent answered or the deadline passed, and moves the edge model by the mean
-delta. After κ1 rounds the partial is `W·(edge model − global model)` with weight W, the
-samples of the last round: with κ1 = 1 that is exactly Σ n_i·Δ_i.
+round selects agents and sends them the model, sealed for them. With secure aggregation
+(the default) the round runs the SecAgg+ stages (`aggregator.secure`) and yields only the
+group's sum; without it, the agents' sealed deltas go into a streaming weighted sum. Either
+way the round ends when every selected agent answered or the deadline passed, and moves the
+edge model by the mean delta. After κ1 rounds the partial is `W·(edge model − global model)`
+with weight W, the samples of the last round (with κ1 = 1 exactly Σ n_i·Δ_i), sealed for
+the coordinator.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from aggregator.secure import Abort, Done, SecureRound
 from hfl.actions import Action, Note, Send
 from hfl.aggregate import WeightedSum
 from hfl.errors import Rejected
@@ -26,6 +31,7 @@ from hfl.messages import (
     Kind,
     Metrics,
     ModelSpec,
+    Origin,
     PartialMeta,
     RoundMeta,
     StatusMeta,
@@ -63,12 +69,16 @@ class EdgeJob:
     block: int
     global_params: np.ndarray
     params: np.ndarray
+    coordinator: str
+    origin: Origin
     edge_round: int = 0
     attempt: int = 0
     selected: list[str] = field(default_factory=list)
-    acc: WeightedSum | None = None
+    acc: WeightedSum | None = None  # plain rounds
+    secure: SecureRound | None = None  # secure rounds
     senders: set[str] = field(default_factory=set)
     deadline: float = 0.0
+    dropped: int = 0  # agents whose masks were recovered in this block
     partial: Send | None = None  # the block's result, kept to answer a repeated task
 
     @property
@@ -77,13 +87,13 @@ class EdgeJob:
 
     @property
     def collecting(self) -> bool:
-        return self.acc is not None
+        return self.acc is not None or self.secure is not None
 
 
 class AggregatorMachine:
-    def __init__(self, agg_id: str, group: list[str], topics: Topics) -> None:
+    def __init__(self, agg_id: str, group: Callable[[], list[str]], topics: Topics) -> None:
         self.id = agg_id
-        self.group = set(group)
+        self.group = group  # the agents enrolled under us now (a re-issued roster may change it)
         self.topics = topics
         self.online: set[str] = set()
         self.jobs: dict[str, EdgeJob] = {}
@@ -103,17 +113,18 @@ class AggregatorMachine:
     def tick(self, now: float) -> list[Action]:
         out: list[Action] = []
         for ej in list(self.jobs.values()):
-            if ej.collecting and now >= ej.deadline:
-                assert ej.acc is not None
+            if ej.secure is not None:
+                out += ej.secure.tick(now) + self._settle(ej, now)
+            elif ej.acc is not None and now >= ej.deadline:
                 if ej.acc.count >= ej.spec.min_agents:
-                    out += self._close(ej, now)
+                    out += self._close_plain(ej, now)
                 else:
-                    out += self._retry(ej, now)
+                    out += self._retry(ej, now, f"{ej.acc.count} < {ej.spec.min_agents}")
         return out
 
     def _status(self, env: Envelope) -> list[Action]:
         meta = parse_meta(StatusMeta, env.meta)
-        if env.sender in self.group:
+        if env.sender in self.group():
             (self.online.add if meta.state == "online" else self.online.discard)(env.sender)
         return []
 
@@ -135,6 +146,8 @@ class AggregatorMachine:
             block=env.round,
             global_params=params.copy(),
             params=params.copy(),
+            coordinator=env.sender,
+            origin=meta.origin,
         )
         self.jobs[env.job] = ej
         return self._open(ej, now)
@@ -143,9 +156,13 @@ class AggregatorMachine:
         ej = self.jobs.get(env.job)
         if ej is None or not ej.collecting or env.round != ej.round:
             raise Rejected("stale-round", f"update for {env.job}/{env.round}")
-        assert ej.acc is not None
         if env.sender not in ej.selected:
             raise Rejected("not-selected", env.sender)
+        if ej.secure is not None:
+            return ej.secure.handle(env, now) + self._settle(ej, now)
+        assert ej.acc is not None
+        if env.stage != "update":
+            raise Rejected("stale-stage", f"{env.stage} in a plain round")
         if env.sender in ej.senders:
             return [Note("duplicate", {"job": ej.job, "round": ej.round, "agent": env.sender})]
         meta = parse_meta(UpdateMeta, env.meta)
@@ -155,79 +172,98 @@ class AggregatorMachine:
         ej.acc.add(delta, meta.metrics.samples, meta.metrics)
         ej.senders.add(env.sender)
         if len(ej.senders) == len(ej.selected):
-            return self._close(ej, now)
+            return self._close_plain(ej, now)
+        return []
+
+    def _settle(self, ej: EdgeJob, now: float) -> list[Action]:
+        """Act on a secure round's outcome once it has one."""
+        outcome = ej.secure.outcome if ej.secure else None
+        if isinstance(outcome, Abort):
+            ej.secure = None
+            return self._retry(ej, now, outcome.reason)
+        if isinstance(outcome, Done):
+            ej.secure = None
+            ej.dropped += len(outcome.dropped)
+            return self._close(ej, outcome.mean, outcome.metrics, outcome.agents, now,
+                               dropped=outcome.dropped)
         return []
 
     # ------------------------------------------------------------------ transitions
 
     def _open(self, ej: EdgeJob, now: float) -> list[Action]:
-        online = sorted(self.online & self.group)
+        group = set(self.group())
+        online = sorted(self.online & group)
         # Status may lag the agents' connections: fall back to the whole enrolled group.
-        candidates = online if len(online) >= ej.spec.min_agents else sorted(self.group)
+        candidates = online if len(online) >= ej.spec.min_agents else sorted(group)
         if not candidates:
             return self._fail_block(ej, "no agents enrolled in this group")
         ej.selected = select(candidates, ej.spec, ej.job, ej.round)
-        ej.acc = WeightedSum(ej.num_params)
         ej.senders = set()
         ej.deadline = now + ej.spec.deadline_s
+        topic = self.topics.rounds(self.id, ej.job)
+        if ej.spec.secagg.enabled:
+            try:
+                ej.secure = SecureRound(ej.job, ej.round, ej.selected, ej.num_params, ej.spec,
+                                        topic, now)
+            except ValueError as e:  # e.g. a group too small to hide anyone's update
+                return self._fail_block(ej, f"secure aggregation impossible: {e}")
+        else:
+            ej.acc = WeightedSum(ej.num_params)
         meta = RoundMeta(
             spec=ej.spec,
             num_params=ej.num_params,
             block=ej.block,
+            edge_round=ej.edge_round,
             selected=ej.selected,
             deadline=ej.deadline,
+            origin=ej.origin if ej.edge_round == 0 else None,
         )
-        send = Send(
-            Kind.ROUND,
-            self.topics.rounds(self.id, ej.job),
-            ej.job,
-            ej.round,
-            "open",
-            meta.model_dump(mode="json"),
-            {"params": ej.params},
-            retain=True,
-        )
+        send = Send(Kind.ROUND, topic, ej.job, ej.round, "open", meta.model_dump(mode="json"),
+                    {"params": ej.params}, retain=True, to=tuple(ej.selected))
         info = {"job": ej.job, "round": ej.round, "block": ej.block, "selected": len(ej.selected)}
         return [send, Note("round_open", info)]
 
-    def _close(self, ej: EdgeJob, now: float) -> list[Action]:
+    def _close_plain(self, ej: EdgeJob, now: float) -> list[Action]:
         acc = ej.acc
         assert acc is not None
         ej.acc = None
-        np.add(ej.params, acc.mean(), out=ej.params)
+        return self._close(ej, acc.mean(), acc.metrics(), acc.count, now)
+
+    def _close(self, ej: EdgeJob, mean: np.ndarray, metrics: Metrics, agents: int, now: float,
+               dropped: list[str] | None = None) -> list[Action]:
+        np.add(ej.params, mean, out=ej.params)
         closed = Send(Kind.ROUND, self.topics.rounds(self.id, ej.job), ej.job, ej.round,
                       "closed", {}, retain=True)
-        metrics = acc.metrics()
-        note = Note("round_closed", {"job": ej.job, "round": ej.round, "agents": acc.count,
-                                     "selected": len(ej.selected), **metrics.model_dump()})
+        note = Note("round_closed", {"job": ej.job, "round": ej.round, "agents": agents,
+                                     "selected": len(ej.selected), "dropped": dropped or [],
+                                     **metrics.model_dump()})
         ej.edge_round += 1
         ej.attempt = 0
         if ej.edge_round < ej.spec.kappa1:
             return [closed, note, *self._open(ej, now)]
-        partial = (ej.params - ej.global_params) * np.float32(acc.weight)
-        return [closed, note, *self._send_partial(ej, partial, acc.weight, acc.count, metrics)]
+        partial = (ej.params - ej.global_params) * np.float32(metrics.samples)
+        return [closed, note, *self._send_partial(ej, partial, metrics.samples, agents, metrics)]
 
-    def _retry(self, ej: EdgeJob, now: float) -> list[Action]:
-        assert ej.acc is not None
-        got = ej.acc.count
-        ej.acc = None
+    def _retry(self, ej: EdgeJob, now: float, why: str) -> list[Action]:
+        ej.acc = ej.secure = None
         if ej.attempt >= ej.spec.max_retries:
-            return self._fail_block(ej, f"quorum not reached ({got} < {ej.spec.min_agents})")
+            return self._fail_block(ej, f"round failed: {why}")
         ej.attempt += 1
-        note = Note("round_retry", {"job": ej.job, "round": ej.round, "got": got,
-                                    "need": ej.spec.min_agents})
+        note = Note("round_retry", {"job": ej.job, "round": ej.round, "why": why})
         return [note, *self._open(ej, now)]
 
     def _fail_block(self, ej: EdgeJob, reason: str) -> list[Action]:
         note = Note("block_failed", {"job": ej.job, "block": ej.block, "reason": reason})
-        return [note, *self._send_partial(ej, None, 0.0, 0, Metrics(samples=0))]
+        return [note, *self._send_partial(ej, None, 0.0, 0, Metrics(samples=0), reason)]
 
     def _send_partial(
-        self, ej: EdgeJob, partial: np.ndarray | None, weight: float, agents: int, m: Metrics
+        self, ej: EdgeJob, partial: np.ndarray | None, weight: float, agents: int, m: Metrics,
+        failure: str = "",
     ) -> list[Action]:
-        meta = PartialMeta(weight=weight, agents=agents, metrics=m)
+        meta = PartialMeta(weight=weight, agents=agents, dropped=ej.dropped, metrics=m,
+                           failure=failure[:500])
         tensors = {"sum": partial} if partial is not None else {}
         ej.partial = Send(Kind.PARTIAL, self.topics.partials(self.id), ej.job, ej.block,
-                          "partial", meta.model_dump(mode="json"), tensors)
+                          "partial", meta.model_dump(mode="json"), tensors, to=(ej.coordinator,))
         info = {"job": ej.job, "block": ej.block, "weight": weight, "agents": agents}
         return [ej.partial, Note("partial_sent", info)]

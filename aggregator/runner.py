@@ -6,6 +6,7 @@ from aggregator.machine import AggregatorMachine
 from hfl.identity import Identity, Roster
 from hfl.mqtt import BrokerSettings
 from hfl.node import Node
+from hfl.roster_feed import RosterFeed
 from hfl.topics import Topics
 
 
@@ -16,9 +17,10 @@ def aggregator_node(
     topics: Topics,
     *,
     max_payload: int = 256 * 1024,
+    feed: RosterFeed | None = None,
 ) -> tuple[Node, AggregatorMachine]:
     """Wire an aggregator for the agents the roster enrols under it."""
     node = Node(identity, roster, settings, topics, topics.aggregator_filters(identity.id),
-                max_payload=max_payload)
-    machine = AggregatorMachine(identity.id, roster.group(identity.id), topics)
+                max_payload=max_payload, feed=feed)
+    machine = AggregatorMachine(identity.id, lambda: roster.group(identity.id), topics)
     return node, machine

@@ -23,11 +23,11 @@ app = typer.Typer(help="The coordinator: turn app requests into jobs, average pa
 def run(config: ConfigOption, verbose: VerboseOption = False) -> None:
     """Serve as the coordinator."""
     setup_logging(verbose)
-    cfg, identity, roster = open_config(config, Role.COORDINATOR, "coordinator")
+    cfg, identity, roster, feed = open_config(config, Role.COORDINATOR, "coordinator")
     assert cfg.coordinator is not None
-    node, machine, registry = coordinator_node(identity, roster, cfg.broker.settings(),
+    node, machine, registry = coordinator_node(identity, roster, cfg.broker_settings(),
                                                cfg.topics, cfg.coordinator.state_dir,
-                                               max_payload=cfg.max_payload)
+                                               max_payload=cfg.max_payload, feed=feed)
     try:
         code = serve(node, machine)
     finally:

@@ -27,6 +27,7 @@ from hfl.messages import (
     Metrics,
     ModelRequest,
     ModelSpec,
+    Origin,
     PartialMeta,
     TaskMeta,
     expect_tensor,
@@ -53,6 +54,7 @@ class NewVersion:
     params: np.ndarray
     metrics: Metrics
     agents: int
+    dropped: int = 0
 
 
 @dataclass
@@ -65,7 +67,9 @@ class Job:
     attempt: int = 0
     acc: WeightedSum | None = None
     reported: set[str] = field(default_factory=set)
+    failures: list[str] = field(default_factory=list)  # this block's, from the aggregators
     agents: int = 0
+    dropped: int = 0
     deadline: float = 0.0
     state: str = "running"
     reason: str = ""
@@ -89,9 +93,11 @@ class CoordinatorMachine:
         aggregators: Callable[[], list[str]],
         init_params: Callable[[ModelSpec], np.ndarray],
         topics: Topics,
+        sign: Callable[[str, int, np.ndarray], Origin],
     ) -> None:
         self.aggregators = aggregators  # the enrolled aggregators (the roster may change)
         self.init_params = init_params
+        self.sign = sign  # our signature on a model version, which agents check
         self.topics = topics
         self.jobs: dict[str, Job] = {}
 
@@ -163,8 +169,10 @@ class CoordinatorMachine:
             total = expect_tensor(env.tensors, "sum", np.float32, (job.num_params,))
             job.acc.add_weighted(total, meta.weight, meta.metrics)
             job.agents += meta.agents
+            job.dropped += meta.dropped
         else:
             job.acc.add_metrics(meta.metrics)
+            job.failures.append(f"{env.sender}: {meta.failure or 'no partial'}")
         job.reported.add(env.sender)
         if job.reported >= set(job.spec.aggregators):
             return self._finish_block(job, now)
@@ -174,13 +182,14 @@ class CoordinatorMachine:
 
     def _start_block(self, job: Job, now: float) -> list[Action]:
         job.acc = WeightedSum(job.num_params)
-        job.reported = set()
-        job.agents = 0
+        job.reported, job.failures = set(), []
+        job.agents = job.dropped = 0
         job.deadline = now + block_timeout(job.spec)
-        meta = TaskMeta(spec=job.spec, num_params=job.num_params).model_dump(mode="json")
+        origin = self.sign(job.job, job.version, job.params)
+        meta = TaskMeta(spec=job.spec, num_params=job.num_params, origin=origin)
         return [
-            Send(Kind.TASK, self.topics.tasks(agg), job.job, job.version, "train", meta,
-                 {"params": job.params})
+            Send(Kind.TASK, self.topics.tasks(agg), job.job, job.version, "train",
+                 meta.model_dump(mode="json"), {"params": job.params}, to=(agg,))
             for agg in job.spec.aggregators
         ]
 
@@ -188,16 +197,18 @@ class CoordinatorMachine:
         acc = job.acc
         assert acc is not None
         if acc.weight <= 0:
-            return self._end(job, "failed", "every aggregator failed the block")
+            why = "; ".join(job.failures) or "no aggregator delivered a partial"
+            return self._end(job, "failed", f"every aggregator failed the block ({why})")
         job.params = job.params + acc.mean()
         job.version += 1
         job.attempt = 0
         metrics = acc.metrics()
-        row = {"version": job.version, "agents": job.agents,
+        row = {"version": job.version, "agents": job.agents, "dropped": job.dropped,
                "aggregators": len(job.reported), **metrics.model_dump()}
         job.history.append(row)
         out: list[Action] = [
-            NewVersion(job.job, job.app, job.spec, job.version, job.params, metrics, job.agents),
+            NewVersion(job.job, job.app, job.spec, job.version, job.params, metrics, job.agents,
+                       job.dropped),
             Note("version", {"job": job.job, **row}),
         ]
         if metrics.eval_samples > 0:

@@ -12,10 +12,11 @@ from coordinator.machine import CoordinatorMachine, NewVersion
 from coordinator.registry import Registry
 from hfl.actions import Send
 from hfl.identity import Identity, Roster
-from hfl.messages import JobMeta, Kind, ModelMeta, ModelSpec, Role
+from hfl.messages import JobMeta, Kind, ModelMeta, ModelSpec, Origin, Role
 from hfl.models import build, init_params, state_dict_arrays, unflatten_into
 from hfl.mqtt import BrokerSettings
 from hfl.node import Node
+from hfl.roster_feed import RosterFeed
 from hfl.topics import Topics
 
 log = logging.getLogger("hfl.coordinator")
@@ -30,10 +31,11 @@ def model_message(v: NewVersion, topics: Topics, onnx: bytes, state: dict) -> Se
     straight into the torch model) plus the ONNX file as a uint8 tensor named `onnx`."""
     meta = ModelMeta(model=v.spec.name, job=v.job, version=v.version, arch=v.spec.arch,
                      input_shape=v.spec.input_shape, num_classes=v.spec.num_classes,
-                     num_params=int(v.params.size), agents=v.agents, metrics=v.metrics)
+                     num_params=int(v.params.size), agents=v.agents, dropped=v.dropped,
+                     metrics=v.metrics)
     tensors = {**state, "onnx": np.frombuffer(onnx, dtype=np.uint8)}
     return Send(Kind.MODEL, topics.model(v.spec.name), v.job, v.version, "model",
-                meta.model_dump(mode="json"), tensors, retain=True)
+                meta.model_dump(mode="json"), tensors, retain=True, to=(v.app,))
 
 
 class Publisher:
@@ -67,10 +69,13 @@ def coordinator_node(
     state_dir: Path,
     *,
     max_payload: int = 256 * 1024,
+    feed: RosterFeed | None = None,
 ) -> tuple[Node, CoordinatorMachine, Registry]:
     node = Node(identity, roster, settings, topics, topics.coordinator_filters(),
-                max_payload=max_payload)
-    machine = CoordinatorMachine(lambda: roster.by_role(Role.AGGREGATOR), initial_params, topics)
+                max_payload=max_payload, feed=feed)
+    machine = CoordinatorMachine(
+        lambda: roster.by_role(Role.AGGREGATOR), initial_params, topics,
+        lambda job, version, params: Origin.sign(identity.id, identity.key, job, version, params))
     registry = Registry(Path(state_dir) / "registry")
     pub = Publisher(node, registry, topics)
     node.handlers[NewVersion] = pub.new_version

@@ -17,12 +17,12 @@ app = typer.Typer(help="The client layer: train on local data, send updates to t
 def run(config: ConfigOption, verbose: VerboseOption = False) -> None:
     """Serve as an agent: train each round the aggregator opens for us."""
     setup_logging(verbose)
-    cfg, identity, roster = open_config(config, Role.AGENT, "agent")
+    cfg, identity, roster, feed = open_config(config, Role.AGENT, "agent")
     assert cfg.agent is not None
     data = {name: load_local(ds) for name, ds in cfg.agent.datasets.items()}
-    node, machine = agent_node(identity, roster, cfg.broker.settings(), cfg.topics,
+    node, machine = agent_node(identity, roster, cfg.broker_settings(), cfg.topics,
                                cfg.agent.aggregator, data, device=cfg.agent.device,
-                               max_payload=cfg.max_payload)
+                               max_payload=cfg.max_payload, feed=feed)
     raise typer.Exit(serve(node, machine))
 
 

@@ -1,8 +1,13 @@
 """The agent's side of an edge round as a sans-I/O state machine.
 
-Events in: round announcements from its aggregator (retained, so they may repeat), the
-result of local training, `now`. Actions out: `Train` (the runner trains on local data)
-and the update for the aggregator. Training happens outside, so the machine stays pure.
+Events in: round announcements and stage messages from its aggregator (the announcement is
+retained, so it may repeat), the result of local training, `now`. Actions out: `Train` (the
+runner trains on local data) and what goes to the aggregator: the sealed delta in a plain
+round, the SecAgg+ stage answers in a secure one (`edge_agent.secure`). Training happens
+outside, so the machine stays pure.
+
+The round model is checked before anything trains on it: the first edge round of a block
+must carry the coordinator's signature on exactly these parameters (`Origin`).
 """
 
 from __future__ import annotations
@@ -12,13 +17,24 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from edge_agent.secure import SecureClient
 from hfl.actions import Action, Note, Send
 from hfl.errors import Rejected
-from hfl.messages import Kind, Metrics, ModelSpec, RoundMeta, UpdateMeta, expect_tensor, parse_meta
+from hfl.messages import (
+    Kind,
+    Metrics,
+    ModelSpec,
+    Role,
+    RoundMeta,
+    UpdateMeta,
+    expect_tensor,
+    parse_meta,
+)
 from hfl.topics import Route, Topics
 
 if TYPE_CHECKING:
     from hfl.envelope import Envelope
+    from hfl.identity import Identity, Roster
 
 
 @dataclass(frozen=True)
@@ -32,13 +48,17 @@ class Train:
 
 
 class AgentMachine:
-    def __init__(self, agent_id: str, aggregator: str, datasets: set[str], topics: Topics) -> None:
-        self.id = agent_id
+    def __init__(self, identity: Identity, aggregator: str, datasets: set[str], topics: Topics,
+                 roster: Roster) -> None:
+        self.identity = identity
+        self.id = identity.id
         self.aggregator = aggregator
         self.datasets = set(datasets)
         self.topics = topics
+        self.roster = roster
         self.last_round: dict[str, int] = {}  # per job: the newest round seen
         self.pending: tuple[str, int] | None = None  # the (job, round) being trained
+        self.secure: dict[str, SecureClient] = {}  # per job: the secure round under way
 
     def handle(self, env: Envelope, route: Route, now: float) -> list[Action]:
         if env.type != Kind.ROUND.value:
@@ -49,13 +69,23 @@ class AgentMachine:
         last = self.last_round.get(env.job, -1)
         if env.round < last or (env.round == last and env.stage == "open"):
             return []  # a retained or redelivered announcement already handled
-        self.last_round[env.job] = env.round
+        if env.stage == "open":
+            return self._open(env)
+        if env.round != last:
+            return []  # a stage of a round we never joined
         if env.stage == "closed":
+            self.secure.pop(env.job, None)
             if self.pending == (env.job, env.round):
                 self.pending = None  # closed without us: drop the result when it comes
             return []
-        if env.stage != "open":
-            raise Rejected("unknown-stage", env.stage)
+        sc = self.secure.get(env.job)
+        if sc is None or sc.round != env.round:
+            return []
+        return sc.handle(env)
+
+    def _open(self, env: Envelope) -> list[Action]:
+        self.last_round[env.job] = env.round
+        self.secure.pop(env.job, None)
         meta = parse_meta(RoundMeta, env.meta)
         info = {"job": env.job, "round": env.round}
         if self.id not in meta.selected:
@@ -63,20 +93,40 @@ class AgentMachine:
         if meta.spec.dataset not in self.datasets:
             return [Note("no_data", {**info, "dataset": meta.spec.dataset})]
         params = expect_tensor(env.tensors, "params", np.float32, (meta.num_params,))
+        self._check_origin(meta, env.job, params)
+        if meta.spec.secagg.enabled:
+            self.secure[env.job] = SecureClient(
+                self.id, env.job, env.round, len(meta.selected), meta.num_params, meta.spec,
+                self.topics.update(self.aggregator, self.id), self.aggregator,
+                self.identity.key, self.roster.public_key)
         self.pending = (env.job, env.round)
         return [Train(env.job, env.round, meta.spec, params), Note("train", info)]
+
+    def _check_origin(self, meta: RoundMeta, job: str, params: np.ndarray) -> None:
+        if meta.edge_round != 0:
+            return  # an edge model of the aggregator's own (κ1 > 1), signed by it
+        if meta.origin is None:
+            raise Rejected("bad-origin", "a block's first round must carry the model's origin")
+        signer = self.roster.get(meta.origin.signer)
+        if signer is None or signer.role is not Role.COORDINATOR:
+            raise Rejected("bad-origin", f"{meta.origin.signer} is not a coordinator")
+        meta.origin.verify(signer.public_key, job, meta.block, params)
 
     def tick(self, now: float) -> list[Action]:
         return []  # an agent has no deadlines of its own: the aggregator keeps time
 
     def trained(self, job: str, round: int, delta: np.ndarray, metrics: Metrics) -> list[Action]:
-        """The runner finished `Train(job, round)`: send the update unless the round moved on."""
+        """The runner finished `Train(job, round)`: answer unless the round moved on."""
         if self.pending != (job, round):
             return [Note("train_discarded", {"job": job, "round": round})]
         self.pending = None
         if self.last_round.get(job) != round:
             return [Note("train_late", {"job": job, "round": round})]
+        sc = self.secure.get(job)
+        if sc is not None and sc.round == round:
+            return sc.trained(delta, metrics)
         meta = UpdateMeta(metrics=metrics)
         send = Send(Kind.UPDATE, self.topics.update(self.aggregator, self.id), job, round,
-                    "update", meta.model_dump(mode="json"), {"delta": delta})
+                    "update", meta.model_dump(mode="json"), {"delta": delta},
+                    to=(self.aggregator,))
         return [send, Note("update_sent", {"job": job, "round": round})]

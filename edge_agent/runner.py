@@ -19,6 +19,7 @@ from hfl.messages import Metrics
 from hfl.models import build, unflatten_into
 from hfl.mqtt import BrokerSettings
 from hfl.node import Node
+from hfl.roster_feed import RosterFeed
 from hfl.topics import Topics
 
 
@@ -83,11 +84,12 @@ def agent_node(
     *,
     device: str = "auto",
     max_payload: int = 256 * 1024,
+    feed: RosterFeed | None = None,
 ) -> tuple[Node, AgentMachine]:
     """Wire an agent: subscriptions, machine and the training handler."""
     node = Node(identity, roster, settings, topics, topics.agent_filters(aggregator),
-                max_payload=max_payload, group=aggregator)
-    machine = AgentMachine(identity.id, aggregator, set(data), topics)
+                max_payload=max_payload, feed=feed, group=aggregator)
+    machine = AgentMachine(identity, aggregator, set(data), topics, roster)
     trainer = LocalTrainer(identity.id, data, pick_device(device))
     node.handlers[Train] = lambda t: machine.trained(t.job, t.round, *trainer(t))
     return node, machine

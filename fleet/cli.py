@@ -16,7 +16,7 @@ import hfl
 from aggregator.cli import app as aggregator_app
 from coordinator.cli import app as coordinator_app
 from edge_agent.cli import app as agent_app
-from fleet import keys
+from fleet import pki_cli
 from fleet.follow import RoundRow
 from hfl.cli import VerboseOption, fail, setup_logging
 
@@ -29,7 +29,7 @@ app = typer.Typer(
 app.add_typer(agent_app, name="agent")
 app.add_typer(aggregator_app, name="aggregator")
 app.add_typer(coordinator_app, name="coordinator")
-app.add_typer(keys.app, name="keys")
+app.add_typer(pki_cli.app, name="pki")
 
 console = Console()
 
@@ -48,11 +48,12 @@ def progress_bar(total: int) -> Progress:
 
 
 def rounds_table(rows: list[RoundRow]) -> Table:
-    table = Table("job", "round", "accuracy", "loss", "agents", "train loss", "fed. accuracy",
+    table = Table("job", "round", "accuracy", "loss", "agents", "dropped", "train loss",
+                  "fed. accuracy",
                   title="global rounds (accuracy and loss on held-out data, via onnxruntime)")
     for r in rows:
         table.add_row(r.job, str(r.round), f"{r.accuracy:.3f}", f"{r.loss:.4f}", str(r.agents),
-                      f"{r.train_loss:.4f}", f"{r.federated_accuracy:.3f}")
+                      str(r.dropped), f"{r.train_loss:.4f}", f"{r.federated_accuracy:.3f}")
     return table
 
 
@@ -78,7 +79,7 @@ def run_and_report(cfg, out: Path, report: Path | None, title: str, verbose: boo
             outcome, fleet, secs = run(cfg, out, on_row=on_row)
     except (RuntimeError, ValueError) as e:  # no broker binary, bad data path, ...
         fail(str(e))
-    doc = summary(outcome, fleet, secs)
+    doc = summary(cfg, outcome, fleet, secs)
     console.print(rounds_table(outcome.rows))
     if outcome.rows:
         console.print(f"accuracy plot: {plot_rounds(outcome.rows, out / 'accuracy.png', title)}")

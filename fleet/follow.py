@@ -19,6 +19,7 @@ class RoundRow:
     accuracy: float  # on the app's held-out test set (NaN without one)
     loss: float
     agents: int
+    dropped: int  # agents whose masks were recovered (secure aggregation)
     train_loss: float
     federated_accuracy: float  # agents' own evaluation of the model they started from
 
@@ -68,8 +69,8 @@ def follow(
         elif isinstance(event, ModelVersion) and event.meta.job in jobs:
             m = event.meta
             acc, loss = score(event, test) if test is not None else (float("nan"),) * 2
-            row = RoundRow(m.job, m.version, acc, loss, m.agents, m.metrics.train_loss,
-                           m.metrics.eval_accuracy)
+            row = RoundRow(m.job, m.version, acc, loss, m.agents, m.dropped,
+                           m.metrics.train_loss, m.metrics.eval_accuracy)
             out.latest[m.job] = event
             out.rows.append(row)
             if on_row:

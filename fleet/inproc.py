@@ -1,6 +1,9 @@
 """An in-process fleet: a coordinator, aggregators and agents as threads of one process,
 each with its own MQTT connection to a real broker. The demo, `hfl simulate` and the
 integration tests run on it; a real fleet runs the same nodes as separate services.
+
+It is secured as a real fleet is: a fleet CA issues every identity (`hfl.pki`), the broker
+requires TLS client certificates and enforces the ACL generated from the roster.
 """
 
 from __future__ import annotations
@@ -14,11 +17,14 @@ from aggregator.runner import aggregator_node
 from coordinator.registry import Registry, VersionRecord
 from coordinator.runner import coordinator_node
 from edge_agent.runner import LocalData, agent_node
+from fleet.broker import Broker, BrokerTls
 from hfl.app import App
 from hfl.identity import Identity, Roster
 from hfl.messages import Role
 from hfl.mqtt import BrokerSettings
 from hfl.node import Node, run_in_thread
+from hfl.pki import Pki
+from hfl.roster_feed import RosterFeed
 from hfl.topics import Topics
 
 log = logging.getLogger("hfl.fleet")
@@ -31,59 +37,91 @@ class FleetLayout:
     groups: dict[str, dict[str, dict[str, LocalData]]]
     coordinator: str = "coordinator"
     apps: tuple[str, ...] = ("app",)
+    observers: tuple[str, ...] = ()
 
     @property
     def agents(self) -> list[str]:
         return [a for g in self.groups.values() for a in g]
 
+    def members(self) -> list[tuple[str, Role, str | None]]:
+        """Every identity, aggregators before their agents (the order enrolment needs)."""
+        out: list[tuple[str, Role, str | None]] = [(self.coordinator, Role.COORDINATOR, None)]
+        out += [(a, Role.APP, None) for a in self.apps]
+        out += [(o, Role.OBSERVER, None) for o in self.observers]
+        for agg, agents in self.groups.items():
+            out.append((agg, Role.AGGREGATOR, None))
+            out += [(a, Role.AGENT, agg) for a in agents]
+        return out
+
 
 @dataclass
 class InProcessFleet:
     layout: FleetLayout
-    settings: BrokerSettings
     workdir: Path
+    tls: bool = True
     topics: Topics = field(default_factory=Topics)
     device: str = "cpu"
     max_payload: int = 256 * 1024
     identities: dict[str, Identity] = field(default_factory=dict)
     roster: Roster = field(default_factory=Roster)
+    pki: Pki | None = None
+    broker: Broker | None = None
     nodes: dict[str, Node] = field(default_factory=dict)
     registry: Registry | None = None
     versions: list[VersionRecord] = field(default_factory=list)
     _threads: list[threading.Thread] = field(default_factory=list)
 
     def enroll(self) -> None:
-        """Create every identity and the roster (kept in workdir/keys, keys mode 0600)."""
-        keys = self.workdir / "keys"
-        lay = self.layout
-        members: list[tuple[str, Role, str | None]] = [(lay.coordinator, Role.COORDINATOR, None)]
-        members += [(a, Role.APP, None) for a in lay.apps]
-        for agg, agents in lay.groups.items():
-            members.append((agg, Role.AGGREGATOR, None))
-            members += [(a, Role.AGENT, agg) for a in agents]
-        for id_, role, group in members:
-            ident = Identity.generate(id_, role)
-            ident.save(keys)
-            self.identities[id_] = ident
-            self.roster.enroll(ident, group)
-        self.roster.save(keys / "roster.json")
+        """Issue every identity from a fresh fleet CA in workdir/pki (keys mode 0600)."""
+        self.pki = Pki.init(self.workdir / "pki", name="hfl in-process fleet CA")
+        for id_, role, group in self.layout.members():
+            self.pki.issue(id_, role, group=group)
+            self.identities[id_] = Identity.load(self.pki.device(id_).dir, id_, role)
+        self.roster = self.pki.roster()
+
+    def start_broker(self) -> Broker:
+        """A Mosquitto on a free loopback port: TLS with client certificates and the
+        roster's ACL, or plain when `tls` is off."""
+        tls = None
+        if self.tls:
+            assert self.pki is not None
+            tls = BrokerTls.from_pki(self.pki, "broker", self.workdir / "broker" / "tls",
+                                     self.topics)
+        self.broker = Broker(self.workdir / "broker", tls=tls).start()
+        return self.broker
+
+    def settings(self, id_: str) -> BrokerSettings:
+        assert self.broker is not None
+        if not self.tls:
+            return BrokerSettings(host=self.broker.host, port=self.broker.port)
+        assert self.pki is not None
+        return self.pki.device(id_).broker_settings(self.broker.host, self.broker.port)
+
+    def feed(self, publish: bool = False) -> RosterFeed | None:
+        if self.pki is None:
+            return None
+        path = self.pki.device(self.layout.coordinator).roster if publish else None
+        return RosterFeed(self.roster, self.pki.ca_cert(), self.topics, path, publish=publish)
 
     def start(self, timeout: float = 30.0) -> None:
         if not self.identities:
             self.enroll()
-        ids, lay = self.identities, self.layout
+        if self.broker is None:
+            self.start_broker()
+        ids, lay, s = self.identities, self.layout, self.settings
         node, machine, self.registry = coordinator_node(
-            ids[lay.coordinator], self.roster, self.settings, self.topics,
-            self.workdir / "coordinator", max_payload=self.max_payload)
+            ids[lay.coordinator], self.roster, s(lay.coordinator), self.topics,
+            self.workdir / "coordinator", max_payload=self.max_payload,
+            feed=self.feed(publish=True))
         self._serve(lay.coordinator, node, machine, timeout)
         for agg, agents in lay.groups.items():
-            node, machine = aggregator_node(ids[agg], self.roster, self.settings, self.topics,
-                                            max_payload=self.max_payload)
+            node, machine = aggregator_node(ids[agg], self.roster, s(agg), self.topics,
+                                            max_payload=self.max_payload, feed=self.feed())
             self._serve(agg, node, machine, timeout)
             for agent, data in agents.items():
-                node, machine = agent_node(ids[agent], self.roster, self.settings, self.topics,
+                node, machine = agent_node(ids[agent], self.roster, s(agent), self.topics,
                                            agg, data, device=self.device,
-                                           max_payload=self.max_payload)
+                                           max_payload=self.max_payload, feed=self.feed())
                 self._serve(agent, node, machine, timeout)
 
     def _serve(self, name: str, node: Node, machine: object, timeout: float) -> None:
@@ -92,8 +130,8 @@ class InProcessFleet:
         self._threads.append(run_in_thread(node, machine, name))  # type: ignore[arg-type]
 
     def app(self, app_id: str, models: list[str]) -> App:
-        return App(self.identities[app_id], self.roster, self.settings, self.topics,
-                   models=models)
+        return App(self.identities[app_id], self.roster, self.settings(app_id), self.topics,
+                   models=models, feed=self.feed())
 
     def rejections(self) -> dict[str, dict[str, int]]:
         return {n: dict(node.rejections) for n, node in self.nodes.items() if node.rejections}
@@ -111,3 +149,6 @@ class InProcessFleet:
         if self.registry is not None:
             self.versions = self.registry.versions()  # what the run produced, for reports
             self.registry.close()
+        if self.broker is not None:
+            self.broker.close()
+            self.broker = None

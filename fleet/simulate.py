@@ -36,11 +36,9 @@ from edge_agent import data as datasets
 from edge_agent.data import Dataset
 from edge_agent.partition import partition
 from edge_agent.runner import LocalData
-from fleet.broker import Broker
 from fleet.follow import Outcome, follow
 from fleet.inproc import FleetLayout, InProcessFleet
 from hfl.messages import ModelRequest, ModelSpec, short_error
-from hfl.mqtt import BrokerSettings
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -59,6 +57,7 @@ class FleetSection(_Section):
     aggregators: int = Field(default=2, ge=1, le=1000)
     agents: int = Field(default=6, ge=1, le=100_000, description="in all, spread evenly")
     device: str = "cpu"
+    tls: bool = Field(default=True, description="a TLS broker with client certificates + ACL")
 
 
 class DataSection(_Section):
@@ -135,34 +134,35 @@ def run(cfg: SimConfig, workdir: Path, on_row=None) -> tuple[Outcome, InProcessF
     returns what the app saw, the (stopped) fleet and the seconds it took."""
     t0 = time.monotonic()
     groups, held_out = fleet_data(cfg)
-    with Broker(workdir / "broker") as broker:
-        settings = BrokerSettings(host=broker.host, port=broker.port)
-        fleet = InProcessFleet(FleetLayout(groups, apps=(APP,)), settings, workdir,
-                               device=cfg.fleet.device)
-        app = None
-        try:
-            fleet.start()
-            app = fleet.app(APP, models=[MODEL_NAME])
-            app.start()
-            req = ModelRequest(request_id=f"sim-seed{cfg.seed}",  # reproducible runs
-                               models=[cfg.spec(sorted(groups))])
-            outcome = follow(app, app.request(req), held_out, cfg.timeout, on_row=on_row)
-        finally:
-            if app is not None:
-                app.stop()
-            fleet.stop()
+    fleet = InProcessFleet(FleetLayout(groups, apps=(APP,)), workdir, tls=cfg.fleet.tls,
+                           device=cfg.fleet.device)
+    app = None
+    try:
+        fleet.start()
+        app = fleet.app(APP, models=[MODEL_NAME])
+        app.start()
+        req = ModelRequest(request_id=f"sim-seed{cfg.seed}",  # reproducible runs
+                           models=[cfg.spec(sorted(groups))])
+        outcome = follow(app, app.request(req), held_out, cfg.timeout, on_row=on_row)
+    finally:
+        if app is not None:
+            app.stop()
+        fleet.stop()
     return outcome, fleet, time.monotonic() - t0
 
 
-def summary(outcome: Outcome, fleet: InProcessFleet, seconds: float) -> dict:
+def summary(cfg: SimConfig, outcome: Outcome, fleet: InProcessFleet, seconds: float) -> dict:
     """The `--report` document."""
+    spec = cfg.spec(sorted(fleet.layout.groups))
     last = fleet.versions[-1] if fleet.versions else None
     return {
         "rounds": [
             {"round": r.round, "accuracy": r.accuracy, "loss": r.loss, "agents": r.agents,
-             "federated_accuracy": r.federated_accuracy, "train_loss": r.train_loss}
+             "dropped": r.dropped, "federated_accuracy": r.federated_accuracy,
+             "train_loss": r.train_loss}
             for r in outcome.rows
         ],
+        "security": {"tls": fleet.tls, "secagg": bool(spec.secagg.enabled)},
         "onnx": str(last.onnx) if last else None,
         "safetensors": str(last.safetensors) if last else None,
         "seconds": round(seconds, 2),

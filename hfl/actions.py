@@ -12,7 +12,8 @@ from hfl.messages import Kind
 
 @dataclass(frozen=True)
 class Send:
-    """Sign and publish one envelope (QoS 1; retained when `retain`)."""
+    """Sign and publish one envelope (QoS 1; retained when `retain`), its tensors sealed for
+    the ids in `to` when that is not empty."""
 
     kind: Kind
     topic: str
@@ -22,6 +23,7 @@ class Send:
     meta: dict[str, Any]
     tensors: dict[str, np.ndarray] = field(default_factory=dict)
     retain: bool = False
+    to: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

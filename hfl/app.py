@@ -1,7 +1,8 @@
-"""The application side: send model requests, receive verified model versions.
+"""The application side: send model requests, receive verified model versions, sealed for
+this app and opened with its key.
 
 ```python
-app = App(identity, roster, BrokerSettings(host="broker"), models=["digits"])
+app = App(identity, roster, device.broker_settings("broker", 8883), models=["digits"])
 app.start()
 app.request(ModelRequest(request_id="r1", models=[spec]))
 for event in app.events(timeout=600):
@@ -26,6 +27,7 @@ from hfl.identity import Identity, Roster
 from hfl.messages import JobMeta, Kind, ModelMeta, ModelRequest, parse_meta
 from hfl.mqtt import BrokerSettings
 from hfl.node import Node
+from hfl.roster_feed import RosterFeed
 from hfl.topics import Route, Topics
 
 if TYPE_CHECKING:
@@ -94,11 +96,11 @@ class AppMachine:
 class App:
     def __init__(self, identity: Identity, roster: Roster, settings: BrokerSettings,
                  topics: Topics | None = None, *, models: list[str],
-                 jobs: list[str] | None = None) -> None:
+                 jobs: list[str] | None = None, feed: RosterFeed | None = None) -> None:
         self.topics = topics or Topics()
         self.identity = identity
         self.node = Node(identity, roster, settings, self.topics,
-                         self.topics.app_filters(models, jobs))
+                         self.topics.app_filters(models, jobs), feed=feed)
         self.machine = AppMachine()
 
     def start(self, timeout: float = 30.0) -> None:

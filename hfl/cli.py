@@ -14,6 +14,8 @@ import typer
 from hfl.config import Config, load_config
 from hfl.identity import Identity, Roster
 from hfl.messages import Role
+from hfl.pki import load_ca_cert, load_roster
+from hfl.roster_feed import RosterFeed
 
 ConfigOption = Annotated[
     Path, typer.Option("--config", "-c", help="The service's TOML config file.", show_default=True)
@@ -43,23 +45,26 @@ def setup_logging(verbose: bool = False) -> None:
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
 
 
-def open_config(path: Path, role: Role, section: str | None = None) -> tuple[Config, Identity,
-                                                                            Roster]:
-    """Load config, identity and roster, or stop with a message that says what to fix."""
+def open_config(path: Path, role: Role, section: str | None = None) -> tuple[
+        Config, Identity, Roster, RosterFeed]:
+    """Load config, identity and the verified roster (with the feed that keeps it current),
+    or stop with a message saying what to fix."""
     try:
         cfg = load_config(path)
         if section and getattr(cfg, section) is None:
             raise ValueError(f"{path}: a [{section}] section is required for the {role.value}")
-        identity = Identity.load(cfg.identity.key, cfg.identity.id, role)
-        roster = Roster.load(cfg.identity.roster)
+        device = cfg.device
+        identity = Identity.load(device.dir, cfg.identity.id, role)
+        roster = load_roster(device.roster, device.ca)
+        feed = RosterFeed(roster, load_ca_cert(device.ca), cfg.topics, device.roster,
+                          publish=role is Role.COORDINATOR)
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
     member = roster.get(identity.id)
     if member is None or member.role is not role:
-        fail(
-            f"{identity.id} is not enrolled as {role.value} in {cfg.identity.roster} "
-            "(hfl keys enroll)")
-    if member.public_key.public_bytes_raw() != identity.public_key.public_bytes_raw():
-        fail(
-            f"the key {cfg.identity.key} does not match {identity.id}'s key in the roster")
-    return cfg, identity, roster
+        fail(f"{identity.id} is not enrolled as {role.value} in {device.roster} "
+             f"(hfl pki issue PKI {identity.id} --role {role.value})")
+    if (member.public_key.public_bytes_raw() != identity.public_key.public_bytes_raw()
+            or member.seal_key.public_bytes_raw() != identity.seal_public.public_bytes_raw()):
+        fail(f"the keys in {device.dir} do not match {identity.id}'s keys in the roster")
+    return cfg, identity, roster, feed

@@ -3,12 +3,11 @@
 ```toml
 [identity]
 id = "agent-1"
-key = "/etc/hfl/keys/agent-1.key"
-roster = "/etc/hfl/roster.json"
+dir = "/etc/hfl/pki"             # from `hfl pki issue`: keys, certificate, CA, signed roster
 
 [broker]
 host = "broker.example"
-port = 1883
+port = 8883                      # TLS with the device's certificate (tls = false: plain 1883)
 
 [agent]
 aggregator = "site-a"
@@ -23,6 +22,7 @@ Relative paths are taken from the config file's folder.
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
@@ -35,6 +35,7 @@ if sys.version_info >= (3, 11):
 else:  # Jetson images still ship Python 3.10
     import tomli as tomllib
 from hfl.mqtt import BrokerSettings
+from hfl.pki import DeviceFiles
 from hfl.topics import DEFAULT_PREFIX, Topics, check_id
 
 
@@ -44,8 +45,7 @@ class _Section(BaseModel):
 
 class IdentitySection(_Section):
     id: str
-    key: Path
-    roster: Path
+    dir: Path = Field(description="the device directory written by `hfl pki issue`")
 
     @field_validator("id")
     @classmethod
@@ -55,21 +55,10 @@ class IdentitySection(_Section):
 
 class BrokerSection(_Section):
     host: str = "127.0.0.1"
-    port: int = Field(default=1883, ge=1, le=65535)
+    port: int = Field(default=8883, ge=1, le=65535)
+    tls: bool = Field(default=True, description="TLS with the device's certificate")
     keepalive: int = Field(default=30, ge=5, le=3600)
     session_expiry: int = Field(default=3600, ge=0)
-    ca: Path | None = None
-    cert: Path | None = None
-    key: Path | None = None
-
-    def settings(self) -> BrokerSettings:
-        return BrokerSettings(
-            host=self.host, port=self.port, keepalive=self.keepalive,
-            session_expiry=self.session_expiry,
-            ca=str(self.ca) if self.ca else None,
-            cert=str(self.cert) if self.cert else None,
-            key=str(self.key) if self.key else None,
-        )
 
 
 class DatasetSection(_Section):
@@ -107,6 +96,19 @@ class Config(_Section):
     def topics(self) -> Topics:
         return Topics(self.prefix)
 
+    @property
+    def device(self) -> DeviceFiles:
+        return DeviceFiles(self.identity.dir, self.identity.id)
+
+    def broker_settings(self) -> BrokerSettings:
+        b = self.broker
+        settings = BrokerSettings(host=b.host, port=b.port, keepalive=b.keepalive,
+                                  session_expiry=b.session_expiry)
+        if b.tls:
+            d = self.device
+            settings = replace(settings, ca=str(d.ca), cert=str(d.cert), key=str(d.tls_key))
+        return settings
+
 
 def load_config(path: Path) -> Config:
     """Read and validate a TOML config; any problem is a ValueError naming file and field."""
@@ -130,10 +132,7 @@ def _resolve(cfg: Config, base: Path) -> Config:
     def fix(p: Path | None) -> Path | None:
         return p if p is None or p.is_absolute() else (base / p)
 
-    cfg.identity.key = fix(cfg.identity.key)  # type: ignore[assignment]
-    cfg.identity.roster = fix(cfg.identity.roster)  # type: ignore[assignment]
-    for name in ("ca", "cert", "key"):
-        setattr(cfg.broker, name, fix(getattr(cfg.broker, name)))
+    cfg.identity.dir = fix(cfg.identity.dir)  # type: ignore[assignment]
     if cfg.agent:
         for ds in cfg.agent.datasets.values():
             ds.path = fix(ds.path)

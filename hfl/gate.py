@@ -1,8 +1,10 @@
 """The inbound gate, free of I/O: raw MQTT payloads in, verified envelopes out.
 
 Reassembles chunks, decodes and verifies the envelope against the roster, binds the
-sender to the topic it used, and drops exact repeats (QoS 1 redeliveries, retained
-copies). Every refusal is counted by reason; nothing a peer sends raises out of here.
+sender to the topic it used, drops exact repeats (QoS 1 redeliveries, retained copies)
+and opens bodies sealed for us. Every refusal is counted by reason; nothing a peer sends
+raises out of here. A sealed body addressed only to others is not a fault (a round model
+for the agents selected this round): it is counted as `not_for_us` and dropped.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from hfl import envelope
 from hfl.chunks import Reassembler
 from hfl.envelope import Envelope
 from hfl.errors import Rejected
-from hfl.identity import Roster
+from hfl.identity import Identity, Roster
 from hfl.messages import KNOWN_TYPES, Kind, check_route
 from hfl.topics import Route, Topics
 
@@ -24,9 +26,10 @@ SEEN_CAPACITY = 100_000  # (sender, nonce) pairs remembered to drop exact repeat
 
 
 class Gate:
-    def __init__(self, roster: Roster, topics: Topics, *,
+    def __init__(self, roster: Roster, topics: Topics, *, identity: Identity | None = None,
                  max_message: int = envelope.DEFAULT_MAX_MESSAGE) -> None:
         self.roster = roster
+        self.identity = identity  # opens what is sealed for it
         self.topics = topics
         self.max_message = max_message
         self.counters: Counter[str] = Counter()
@@ -62,6 +65,15 @@ class Gate:
         self._seen[key] = None
         if len(self._seen) > SEEN_CAPACITY:
             self._seen.popitem(last=False)
+        if env.sealed_body is not None and self.identity is not None:
+            try:
+                env = envelope.unseal(env, self.identity.id, self.identity.seal)
+            except Rejected as r:
+                if r.reason == "not-for-us":
+                    self.counters["not_for_us"] += 1
+                else:
+                    self.reject(r, topic)
+                return None
         self.counters["received"] += 1
         return env, route
 

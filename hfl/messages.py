@@ -8,11 +8,15 @@ against the job's parameter count with `expect_tensor`.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 from dataclasses import dataclass
 from enum import Enum
 from typing import Annotated, Any, Literal, TypeVar
 
 import numpy as np
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from hfl.errors import Rejected
@@ -24,6 +28,7 @@ class Role(str, Enum):
     AGGREGATOR = "aggregator"
     AGENT = "agent"
     APP = "app"
+    OBSERVER = "observer"  # reads everything (operators' tools), sends only its status
 
 
 class Kind(str, Enum):
@@ -35,6 +40,7 @@ class Kind(str, Enum):
     UPDATE = "update"
     PARTIAL = "partial"
     STATUS = "status"
+    ROSTER = "roster"
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,7 @@ VOCABULARY: dict[Kind, Link] = {
     Kind.UPDATE: Link(Role.AGENT, "update", retained=False),
     Kind.PARTIAL: Link(Role.AGGREGATOR, "partials", retained=False),
     Kind.STATUS: Link(Role.COORDINATOR, "status", retained=True),  # any role; see check_route
+    Kind.ROSTER: Link(Role.COORDINATOR, "roster", retained=True),
 }
 KNOWN_TYPES = frozenset(k.value for k in Kind)
 
@@ -92,6 +99,24 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class SecureSpec(_Strict):
+    """Secure aggregation (SecAgg+) of each edge round: the aggregator learns only the sum.
+
+    Inputs are fixed point: each coordinate of an agent's weighted delta is clipped to
+    `clip`, and an agent's weight saturates at `weight_cap` samples (the bounded weights of
+    DP-FedAvg), so the sum of the group fits in 32 bits with room to spare.
+    """
+
+    enabled: bool = True
+    threshold: float = Field(default=0.55, gt=0.5, le=1,
+                             description="shares needed, as a fraction of the neighbours")
+    degree: int = Field(default=0, ge=0, description="neighbours per agent (0: automatic)")
+    clip: float = Field(default=2.0, gt=0, le=1e6, description="bound on a delta coordinate")
+    weight_cap: float = Field(default=1000.0, gt=0, description="samples of full weight")
+    stage_timeout_s: float = Field(default=15.0, gt=0, le=3600,
+                                   description="deadline of each key-exchange stage")
+
+
 class ModelSpec(_Strict):
     """One model to train: the unit the coordinator turns into a job."""
 
@@ -115,6 +140,7 @@ class ModelSpec(_Strict):
                           "without eval-loss improvement (0: off)")
     min_delta: float = Field(default=0.0, ge=0)
     seed: int = Field(default=0, ge=0, lt=2**31)
+    secagg: SecureSpec = SecureSpec()
 
     @field_validator("name", "dataset")
     @classmethod
@@ -163,21 +189,59 @@ def job_id(request_id: str, model: str) -> str:
 # ---------------------------------------------------------------- per-kind meta
 
 
+class Origin(_Strict):
+    """The coordinator's signature on a global model version, checked by the agents that
+    train from it: an aggregator forwards the model but cannot alter it."""
+
+    signer: str
+    digest: str = Field(pattern=r"^[0-9a-f]{64}$")
+    signature: str = Field(max_length=100)
+
+    @staticmethod
+    def statement(job: str, version: int, digest: str) -> bytes:
+        return f"hfl/model/v1\0{job}\0{version}\0{digest}".encode()
+
+    @classmethod
+    def sign(cls, signer: str, key: Ed25519PrivateKey, job: str, version: int,
+             params: np.ndarray) -> Origin:
+        digest = hashlib.sha256(np.ascontiguousarray(params).data).hexdigest()
+        sig = key.sign(cls.statement(job, version, digest))
+        return cls(signer=signer, digest=digest, signature=base64.b64encode(sig).decode())
+
+    def verify(self, key: Ed25519PublicKey | None, job: str, version: int,
+               params: np.ndarray) -> None:
+        """Rejected("bad-origin") unless this is `signer`'s signature on exactly `params`."""
+        digest = hashlib.sha256(np.ascontiguousarray(params).data).hexdigest()
+        if key is None or digest != self.digest:
+            raise Rejected("bad-origin", f"model of {job} v{version} does not match its origin")
+        try:
+            key.verify(base64.b64decode(self.signature, validate=True),
+                       self.statement(job, version, digest))
+        except (InvalidSignature, ValueError):
+            raise Rejected("bad-origin", f"bad signature on {job} v{version}") from None
+
+
 class TaskMeta(_Strict):
     """coordinator → aggregator: train one block (κ1 edge rounds) of a job from `params`."""
 
     spec: ModelSpec
     num_params: int = Field(ge=1)
+    origin: Origin
 
 
 class RoundMeta(_Strict):
-    """aggregator → agents (retained): an edge round is open for the selected agents."""
+    """aggregator → agents (retained): an edge round is open for the selected agents.
+
+    The first edge round of a block trains from the global model and carries the
+    coordinator's `origin`; later ones (κ1 > 1) from the aggregator's own edge model."""
 
     spec: ModelSpec
     num_params: int = Field(ge=1)
     block: int = Field(ge=0)
+    edge_round: int = Field(ge=0)
     selected: list[str] = Field(max_length=100_000)
     deadline: float  # the aggregator's clock; informative for agents
+    origin: Origin | None = None
 
 
 class Metrics(_Strict):
@@ -201,6 +265,8 @@ class PartialMeta(_Strict):
 
     weight: float = Field(ge=0)
     agents: int = Field(ge=0)
+    dropped: int = Field(default=0, ge=0, description="agents whose masks were recovered")
+    failure: str = Field(default="", max_length=500, description="why the block failed")
     metrics: Metrics
 
 
@@ -215,6 +281,7 @@ class ModelMeta(_Strict):
     num_classes: int
     num_params: int
     agents: int = Field(ge=0)
+    dropped: int = Field(default=0, ge=0)
     metrics: Metrics
 
 

@@ -26,16 +26,30 @@ from hfl.gate import Gate
 from hfl.identity import Identity, Roster
 from hfl.messages import Kind, StatusMeta
 from hfl.mqtt import BrokerSettings, Inbound, Session
+from hfl.roster_feed import RosterFeed
 from hfl.topics import Route, Topics
 
 log = logging.getLogger("hfl.node")
 
 
-def encode_send(action: Send, identity: Identity, now: float | None = None) -> bytes:
-    """The signed envelope for a machine's `Send`."""
+def encode_send(action: Send, identity: Identity, roster: Roster,
+                now: float | None = None) -> bytes:
+    """The signed envelope for a machine's `Send`, sealed for its recipients.
+
+    A recipient no longer in the roster (revoked) is left out; ValueError when none is left.
+    """
+    seal_to = None
+    if action.to:
+        seal_to = {r: k for r in action.to if (k := roster.seal_key(r)) is not None}
+        if len(seal_to) < len(action.to):
+            log.warning("%s on %s: not sealed for unknown %s", action.kind.value, action.topic,
+                        sorted(set(action.to) - set(seal_to)))
+        if not seal_to:
+            raise ValueError(f"no known recipient among {list(action.to)}")
     return envelope.encode(type=action.kind.value, topic=action.topic, job=action.job,
                            round=action.round, stage=action.stage, sender=identity.id,
-                           key=identity.key, tensors=action.tensors, meta=action.meta, now=now)
+                           key=identity.key, tensors=action.tensors, meta=action.meta, now=now,
+                           seal_to=seal_to)
 
 
 class Machine(Protocol):
@@ -55,12 +69,14 @@ class Node:
         max_payload: int = 256 * 1024,
         max_message: int = envelope.DEFAULT_MAX_MESSAGE,
         group: str | None = None,
+        feed: RosterFeed | None = None,
     ) -> None:
         self.identity = identity
         self.roster = roster
+        self.feed = feed  # keeps `roster` current (signed rosters from the coordinator)
         self.topics = topics
         self.group = group
-        self.gate = Gate(roster, topics, max_message=max_message)
+        self.gate = Gate(roster, topics, identity=identity, max_message=max_message)
         self.inbox: queue.Queue[Inbound] = queue.Queue()
         self.counters: Counter[str] = Counter()
         self._status_topic = topics.status(identity.role.value, identity.id)
@@ -82,7 +98,12 @@ class Node:
                                key=self.identity.key, meta=meta)
 
     def send(self, action: Send) -> None:
-        data = encode_send(action, self.identity)
+        try:
+            data = encode_send(action, self.identity, self.roster)
+        except ValueError as e:
+            self.counters["unsendable"] += 1
+            log.error("not sent: %s on %s: %s", action.kind.value, action.topic, e)
+            return
         self.session.publish(action.topic, data, retain=action.retain)
         self.counters["sent"] += 1
         self.counters["bytes_sent"] += len(data)
@@ -105,6 +126,8 @@ class Node:
             raise ConnectionError(f"{self.identity.id}: broker {s.host}:{s.port} not reachable "
                                   f"within {timeout:.0f} s")
         self.session.publish(self._status_topic, self._status_payload("online"), retain=True)
+        if self.feed is not None:
+            self.dispatch(self.feed.poll(time.time(), force=True))
 
     def stop(self, timeout: float = 10.0) -> None:
         """Leave cleanly: say offline (the Last Will is only for unclean exits), flush."""
@@ -139,13 +162,19 @@ class Node:
             if accepted is not None:
                 env, route = accepted
                 try:
-                    self.dispatch(machine.handle(env, route, now))
+                    if env.type == Kind.ROSTER.value:
+                        if self.feed is not None:
+                            self.feed.on_message(env)
+                    else:
+                        self.dispatch(machine.handle(env, route, now))
                 except Rejected as r:
                     self.gate.reject(r, f"{env.type} from {env.sender}")
                 except Exception:  # a bug of ours must not take the service down
                     self.counters["internal_errors"] += 1
                     log.exception("handling %s from %s", env.type, env.sender)
         self.dispatch(machine.tick(now))
+        if self.feed is not None:
+            self.dispatch(self.feed.poll(now))
         self.gate.expire(now)
 
     def run(self, machine: Machine, tick: float = 0.2) -> None:

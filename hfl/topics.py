@@ -66,6 +66,9 @@ class Topics:
     def update(self, agg: str, agent: str) -> str:
         return f"{self.prefix}/agg/{check_id(agg, 'aggregator')}/updates/{check_id(agent, 'agent')}"
 
+    def roster(self) -> str:
+        return f"{self.prefix}/coord/roster"
+
     def partials(self, agg: str) -> str:
         return f"{self.prefix}/coord/partials/{check_id(agg, 'aggregator')}"
 
@@ -86,15 +89,16 @@ class Topics:
             self.tasks(agg),
             f"{self.prefix}/agg/{agg}/updates/+",
             f"{self.prefix}/status/agent/+",
+            self.roster(),
         ]
 
     def agent_filters(self, agg: str) -> list[str]:
-        return [f"{self.prefix}/agg/{check_id(agg, 'aggregator')}/rounds/+"]
+        return [f"{self.prefix}/agg/{check_id(agg, 'aggregator')}/rounds/+", self.roster()]
 
     def app_filters(self, models: list[str], jobs: list[str] | None = None) -> list[str]:
         out = [self.model(m) for m in models]
         out += [self.job(j) for j in jobs] if jobs is not None else [f"{self.prefix}/coord/jobs/+"]
-        return out
+        return [*out, self.roster()]
 
     def parse(self, topic: str) -> Route:
         """Parse a topic of this tree; anything else is `Rejected("unknown-topic")`."""
@@ -112,6 +116,8 @@ def _match(p: list[str]) -> Route | None:
     n = len(p)
     if n == 3 and p[0] == "apps" and p[2] == "requests":
         return Route("requests", app=p[1])
+    if n == 2 and p == ["coord", "roster"]:
+        return Route("roster")
     if n == 3 and p[:2] == ["coord", "jobs"]:
         return Route("job", job=p[2])
     if n == 3 and p[:2] == ["coord", "models"]:

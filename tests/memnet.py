@@ -49,13 +49,14 @@ class MemNet:
     others: list[tuple[str, object]] = field(default_factory=list)  # role actions (NewVersion)
 
     def add(self, identity: Identity, machine: object, filters: list[str]) -> None:
-        self.peers[identity.id] = Peer(identity, machine, filters, Gate(self.roster, self.topics))
+        self.peers[identity.id] = Peer(identity, machine, filters,
+                                       Gate(self.roster, self.topics, identity=identity))
         for topic, payload in self.retained.items():  # a new subscriber gets retained copies
             if any(topic_matches_sub(f, topic) for f in filters):
                 self._deliver(self.peers[identity.id], topic, payload)
 
     def publish(self, sender: str, send: Send) -> bytes:
-        data = encode_send(send, self.peers[sender].identity, now=self.now)
+        data = encode_send(send, self.peers[sender].identity, self.roster, now=self.now)
         self.inject(send.topic, data, retain=send.retain)
         self.sent.append((sender, send))
         return data

@@ -1,4 +1,4 @@
-"""The `hfl` command as a user meets it: help everywhere, keys, configs, the demo."""
+"""The `hfl` command as a user meets it: help everywhere, the PKI, configs, the demo."""
 
 from __future__ import annotations
 
@@ -8,14 +8,14 @@ import stat
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
+from typer.testing import CliRunner, Result
 
 from fleet.cli import app
-from hfl.identity import Roster
+from hfl.pki import Pki
 
 runner = CliRunner()
 
-COMMANDS = ["demo", "simulate", "keys", "agent", "aggregator", "coordinator", "version"]
+COMMANDS = ["demo", "simulate", "pki", "agent", "aggregator", "coordinator", "version"]
 
 
 def test_help_lists_every_command() -> None:
@@ -26,8 +26,8 @@ def test_help_lists_every_command() -> None:
 
 
 @pytest.mark.parametrize("args", [
-    ["demo"], ["simulate"], ["keys", "init"], ["keys", "enroll"], ["keys", "show"],
-    ["keys", "revoke"], ["agent", "run"], ["aggregator", "run"], ["coordinator", "run"],
+    ["demo"], ["simulate"], ["pki", "init"], ["pki", "issue"], ["pki", "revoke"], ["pki", "list"],
+    ["pki", "broker-config"], ["agent", "run"], ["aggregator", "run"], ["coordinator", "run"],
     ["coordinator", "models"],
 ])
 def test_every_command_explains_itself(args: list[str]) -> None:
@@ -36,35 +36,75 @@ def test_every_command_explains_itself(args: list[str]) -> None:
     assert "Usage" in res.output and len(res.output) > 200
 
 
-def test_keys_init_enroll_show_revoke(tmp_path: Path) -> None:
-    keys = tmp_path / "keys"
-    roster = keys / "roster.json"
-    assert runner.invoke(app, ["keys", "init", "agent-1", "-r", "agent", "-d", str(keys)]
-                         ).exit_code == 0
-    assert stat.S_IMODE(os.stat(keys / "agent-1.key").st_mode) == 0o600
-    again = runner.invoke(app, ["keys", "init", "agent-1", "-r", "agent", "-d", str(keys)])
-    assert again.exit_code != 0 and "exists" in again.output
-    res = runner.invoke(app, ["keys", "enroll", str(roster), "agent-1", "-r", "agent",
-                              "--pub", str(keys / "agent-1.pub"), "--aggregator", "site-a"])
+def test_pki_init_issue_list_revoke(tmp_path: Path) -> None:
+    pki = str(tmp_path / "pki")
+
+    def hfl(*args: str) -> Result:
+        return runner.invoke(app, ["pki", *args])
+
+    assert hfl("init", pki).exit_code == 0
+    assert "already holds a fleet CA" in hfl("init", pki).output
+    assert hfl("issue", pki, "site-a", "--role", "aggregator").exit_code == 0
+    res = hfl("issue", pki, "agent-1", "--role", "agent", "--aggregator", "site-a")
+    assert res.exit_code == 0 and "roster serial 3" in res.output, res.output
+    key = tmp_path / "pki" / "devices" / "agent-1" / "agent-1.key"
+    assert stat.S_IMODE(os.stat(key).st_mode) == 0o600
+    again = hfl("issue", pki, "agent-1", "--role", "agent", "--aggregator", "site-a")
+    assert again.exit_code == 1 and "--force" in again.output
+    orphan = hfl("issue", pki, "agent-2", "--role", "agent", "--aggregator", "site-z")
+    assert orphan.exit_code == 1 and "hfl pki issue" in orphan.output
+    assert hfl("issue", pki, "x", "--role", "agent", "--host", "h").exit_code == 2
+    listed = hfl("list", pki).output
+    assert "agent-1" in listed and "site-a" in listed and "serial 3" in listed
+    assert hfl("revoke", pki, "agent-1").exit_code == 0
+    assert Pki(tmp_path / "pki").roster().group("site-a") == []
+    assert "yes" in hfl("list", pki).output  # the revoked column
+    assert "no fleet CA" in hfl("list", str(tmp_path / "none")).output
+
+
+def test_pki_broker_config_writes_the_broker_files(tmp_path: Path) -> None:
+    pki, out = str(tmp_path / "pki"), tmp_path / "out"
+    runner.invoke(app, ["pki", "init", pki])
+    runner.invoke(app, ["pki", "issue", pki, "site-a", "--role", "aggregator"])
+    no_host = runner.invoke(app, ["pki", "broker-config", pki, "--out", str(out)])
+    assert no_host.exit_code == 1 and "--host" in no_host.output
+    res = runner.invoke(app, ["pki", "broker-config", pki, "--host", "broker.lan", "--out",
+                              str(out), "--port", "8884", "--install-dir", "/opt/mq"])
     assert res.exit_code == 0, res.output
-    assert Roster.load(roster).group("site-a") == ["agent-1"]
-    assert "agent-1" in runner.invoke(app, ["keys", "show", str(roster)]).output
-    assert runner.invoke(app, ["keys", "revoke", str(roster), "agent-1"]).exit_code == 0
-    assert len(Roster.load(roster)) == 0
+    conf = (out / "mosquitto.conf").read_text().splitlines()
+    assert "listener 8884 0.0.0.0" in conf and "acl_file /opt/mq/acl" in conf
+    assert "keyfile /opt/mq/broker.tls.key" in conf and "crlfile /opt/mq/crl.pem" in conf
+    assert "user site-a" in (out / "acl").read_text()
+    assert stat.S_IMODE(os.stat(out / "broker.tls.key").st_mode) == 0o600
+    assert {p.name for p in out.iterdir()} == {"mosquitto.conf", "acl", "ca.crt", "crl.pem",
+                                               "broker.crt", "broker.tls.key"}
 
 
 def test_agent_without_its_section_gets_a_clear_error(tmp_path: Path) -> None:
-    runner.invoke(app, ["keys", "init", "a1", "-r", "agent", "-d", str(tmp_path)])
     cfg = tmp_path / "agent.toml"
-    cfg.write_text('[identity]\nid = "a1"\nkey = "a1.key"\nroster = "roster.json"\n')
+    cfg.write_text('[identity]\nid = "a1"\ndir = "pki/devices/a1"\n')
     res = runner.invoke(app, ["agent", "run", "-c", str(cfg)])
     assert res.exit_code != 0
     assert "[agent] section is required" in res.output
 
 
+def test_a_device_run_with_another_role_or_missing_files_is_told_what_to_fix(
+        tmp_path: Path) -> None:
+    pki = tmp_path / "pki"
+    runner.invoke(app, ["pki", "init", str(pki)])
+    runner.invoke(app, ["pki", "issue", str(pki), "site-a", "--role", "aggregator"])
+    cfg = tmp_path / "agg.toml"
+    cfg.write_text('[identity]\nid = "site-a"\ndir = "pki/devices/site-a"\n')
+    res = runner.invoke(app, ["coordinator", "run", "-c", str(cfg)])  # an aggregator's files
+    assert res.exit_code == 1 and "[coordinator] section is required" in res.output
+    cfg.write_text('[identity]\nid = "site-b"\ndir = "pki/devices/site-a"\n')
+    res = runner.invoke(app, ["aggregator", "run", "-c", str(cfg)])
+    assert res.exit_code == 1 and "hfl pki issue" in res.output  # no site-b key files
+
+
 def test_bad_config_value_names_the_field(tmp_path: Path) -> None:
     cfg = tmp_path / "agent.toml"
-    cfg.write_text('[identity]\nid = "a1"\nkey = "k"\nroster = "r"\n[broker]\nport = "x"\n')
+    cfg.write_text('[identity]\nid = "a1"\ndir = "k"\n[broker]\nport = "x"\n')
     res = runner.invoke(app, ["agent", "run", "-c", str(cfg)])
     assert res.exit_code != 0
     assert "broker.port" in res.output
@@ -78,18 +118,21 @@ def test_demo_writes_the_report(mosquitto: str, tmp_path: Path) -> None:
     doc = json.loads(report.read_text())
     assert [r["round"] for r in doc["rounds"]] == [1, 2, 3]
     assert {"accuracy", "loss", "agents"} <= set(doc["rounds"][0])
-    assert all(r["agents"] == 6 for r in doc["rounds"])
+    assert all(r["agents"] == 6 and r["dropped"] == 0 for r in doc["rounds"])
+    assert doc["security"] == {"tls": True, "secagg": True}
     assert Path(doc["onnx"]).is_file() and Path(doc["safetensors"]).is_file()
     assert (tmp_path / "out" / "accuracy.png").stat().st_size > 1000
 
 
 def test_simulate_runs_a_config(mosquitto: str, tmp_path: Path) -> None:
     cfg = tmp_path / "sim.toml"
-    cfg.write_text('seed = 2\n[fleet]\naggregators = 2\nagents = 4\n'
+    # One agent per site and round: too few to hide anyone, so plain rounds on a plain
+    # broker, which a config can ask for.
+    cfg.write_text('seed = 2\n[fleet]\naggregators = 2\nagents = 4\ntls = false\n'
                    '[data]\nsource = "digits"\npartition = "iid"\n'
                    '[model]\narch = "mlp"\ninput_shape = [1, 8, 8]\nnum_classes = 10\n'
                    'rounds = 2\nepochs = 2\nlr = 0.1\nmomentum = 0.9\nclient_fraction = 0.5\n'
-                   'min_agents = 1\n')
+                   'min_agents = 1\nsecagg = { enabled = false }\n')
     report = tmp_path / "r.json"
     res = runner.invoke(app, ["simulate", str(cfg), "--out", str(tmp_path / "o"),
                               "--report", str(report)])
@@ -97,6 +140,7 @@ def test_simulate_runs_a_config(mosquitto: str, tmp_path: Path) -> None:
     doc = json.loads(report.read_text())
     assert [r["round"] for r in doc["rounds"]] == [1, 2]
     assert all(r["agents"] == 2 for r in doc["rounds"])  # C = 0.5 of 2 agents on each site
+    assert doc["security"] == {"tls": False, "secagg": False}
     assert doc["rounds"][-1]["accuracy"] > 0.6  # 10 classes: chance is 0.1
 
 

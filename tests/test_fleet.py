@@ -1,7 +1,10 @@
-"""The whole stack over a real Mosquitto: jobs end to end, decomposition, forged input."""
+"""The whole stack over a real Mosquitto with TLS, client certificates, the roster's ACL and
+secure aggregation: jobs end to end, decomposition, forged input, and what an admin
+subscriber to `#` can see."""
 
 from __future__ import annotations
 
+import json
 import queue
 import time
 from pathlib import Path
@@ -9,40 +12,58 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from fleet.broker import Broker
+from edge_agent.runner import LocalTrainer
 from fleet.follow import follow
 from fleet.inproc import FleetLayout, InProcessFleet
 from fleet.simulate import demo_config, fleet_data
 from hfl import envelope
+from hfl.chunks import Reassembler
 from hfl.identity import Identity
-from hfl.messages import ModelRequest, ModelSpec, Role
-from hfl.mqtt import BrokerSettings, Session
+from hfl.messages import KNOWN_TYPES, ModelRequest, ModelSpec, Role
+from hfl.mqtt import Session
 
 
-def start_fleet(broker: Broker, tmp_path: Path, rounds: int = 8):
+def start_fleet(tmp_path: Path, rounds: int = 8, observers: tuple[str, ...] = (),
+                idle: tuple[str, ...] = ()):
+    """The demo's fleet; `idle` agents are enrolled in site-1 but run no node."""
     cfg = demo_config(rounds=rounds, seed=3)
     groups, held_out = fleet_data(cfg)
-    fleet = InProcessFleet(FleetLayout(groups, apps=("app",)),
-                           BrokerSettings(host=broker.host, port=broker.port), tmp_path)
+    fleet = InProcessFleet(FleetLayout(groups, apps=("app",), observers=observers), tmp_path)
+    for agent in idle:
+        groups["site-1"][agent] = {}
+    fleet.enroll()
+    for agent in idle:
+        del groups["site-1"][agent]
     fleet.start()
     return cfg, fleet, held_out
 
 
-def test_two_sites_of_three_agents_learn_digits_over_mqtt(broker: Broker, tmp_path: Path) -> None:
-    cfg, fleet, held_out = start_fleet(broker, tmp_path)
+def run_job(fleet: InProcessFleet, cfg, held_out, rid: str, spy: Session | None = None):
+    """The app requests the demo model on both sites and follows the job to its end."""
     app = fleet.app("app", models=["model"])
     try:
+        if spy is not None:
+            spy.start()
+            assert spy.wait_ready(10)
         app.start()
-        jobs = app.request(ModelRequest(request_id="t1", models=[cfg.spec(["site-1",
-                                                                           "site-2"])]))
+        jobs = app.request(ModelRequest(request_id=rid, models=[cfg.spec(["site-1",
+                                                                          "site-2"])]))
         out = follow(app, jobs, held_out, timeout=240)
     finally:
         app.stop()
+        if spy is not None:
+            spy.stop()
         fleet.stop()
+    return jobs, out
+
+
+def test_two_sites_of_three_agents_learn_digits_over_mqtt(tmp_path: Path) -> None:
+    cfg, fleet, held_out = start_fleet(tmp_path)
+    jobs, out = run_job(fleet, cfg, held_out, "t1")
     assert [r.round for r in out.rows] == list(range(1, 9))
     assert out.rows[-1].accuracy >= 0.85
     assert out.status[jobs[0]].meta.state == "done"
-    assert all(r.agents == 6 for r in out.rows)
+    assert all(r.agents == 6 and r.dropped == 0 for r in out.rows)
     # The ONNX file in the registry is the one the app scored: same predictions.
     last = fleet.versions[-1]
     sess = ort.InferenceSession(last.onnx.read_bytes(), providers=["CPUExecutionProvider"])
@@ -52,8 +73,8 @@ def test_two_sites_of_three_agents_learn_digits_over_mqtt(broker: Broker, tmp_pa
     assert fleet.rejections() == {}
 
 
-def test_two_models_are_decomposed_onto_their_aggregators(broker: Broker, tmp_path: Path) -> None:
-    cfg, fleet, held_out = start_fleet(broker, tmp_path)
+def test_two_models_are_decomposed_onto_their_aggregators(tmp_path: Path) -> None:
+    cfg, fleet, held_out = start_fleet(tmp_path)
     app = fleet.app("app", models=["mlp-a", "lr-b"])
     base = cfg.spec(["site-1"]).model_dump()
     specs = [ModelSpec(**{**base, "name": "mlp-a", "rounds": 2, "aggregators": ["site-1"]}),
@@ -75,16 +96,16 @@ def test_two_models_are_decomposed_onto_their_aggregators(broker: Broker, tmp_pa
     assert out.latest["t2-mlp-a"].meta.arch == "mlp"
 
 
-def test_forged_update_is_rejected_and_counted(broker: Broker, tmp_path: Path) -> None:
-    cfg, fleet, _ = start_fleet(broker, tmp_path)
-    mallory = Identity.generate("agent-1", Role.AGENT)  # agent-1's id, not its key
-    topic = fleet.topics.update("site-1", "agent-1")
+def test_forged_update_is_rejected_and_counted(tmp_path: Path) -> None:
+    # agent-9's TLS certificate is stolen, not its signing key: the broker lets the thief
+    # publish on agent-9's topic, the aggregator's gate refuses the signature.
+    cfg, fleet, _ = start_fleet(tmp_path, idle=("agent-9",))
+    mallory = Identity.generate("agent-9", Role.AGENT)
+    topic = fleet.topics.update("site-1", "agent-9")
     forged = envelope.encode(type="update", topic=topic, job="j", round=0, stage="update",
-                             sender="agent-1", key=mallory.key,
+                             sender="agent-9", key=mallory.key,
                              tensors={"delta": np.ones(10, np.float32)})
-
-
-    s = Session("mallory", fleet.settings, inbox=queue.Queue())
+    s = Session("agent-9", fleet.settings("agent-9"), inbox=queue.Queue())
     try:
         s.start()
         assert s.wait_ready(10)
@@ -97,3 +118,59 @@ def test_forged_update_is_rejected_and_counted(broker: Broker, tmp_path: Path) -
         s.stop()
         fleet.stop()
     assert dict(fleet.nodes["site-1"].rejections) == {"bad-signature": 1}
+
+
+def test_an_admin_subscriber_to_everything_finds_no_plaintext_vector(
+        tmp_path: Path, monkeypatch) -> None:
+    deltas: list[np.ndarray] = []
+    real_train = LocalTrainer.__call__
+
+    def recording(self, t):
+        delta, metrics = real_train(self, t)
+        deltas.append(delta.copy())
+        return delta, metrics
+
+    monkeypatch.setattr(LocalTrainer, "__call__", recording)
+    cfg, fleet, held_out = start_fleet(tmp_path, rounds=3, observers=("ops",))
+    inbox: queue.Queue = queue.Queue()
+    spy = Session("ops", fleet.settings("ops"), inbox=inbox,
+                  subscriptions=[f"{fleet.topics.prefix}/#"])
+    jobs, out = run_job(fleet, cfg, held_out, "t3", spy=spy)
+    assert out.status[jobs[0]].meta.state == "done"
+    captured = _reassemble(inbox)
+    assert len(captured) > 50  # the spy saw the whole job
+    published = [np.concatenate([a.ravel() for a in _state(v)]) for v in fleet.versions]
+    vectors = published + deltas
+    assert len(deltas) >= 6 * 3
+    for v in vectors:  # a few 64-byte windows of each vector: any plaintext copy has them
+        for i in range(0, v.size - 16, max(1, v.size // 5)):
+            needle = v[i : i + 16].tobytes()
+            assert not any(needle in data for data in captured), "plaintext vector on the wire"
+    for data in captured:  # and no body carries float tensors in the clear
+        env = envelope.decode(data, topic=_topic_of(data), public_key=fleet.roster.public_key,
+                              known_types=KNOWN_TYPES)
+        floats = [a for a in env.tensors.values() if a.dtype.kind == "f" and a.size > 16]
+        assert env.sealed_body is not None or not floats, env.type
+
+
+def _reassemble(inbox: queue.Queue) -> list[bytes]:
+    r = Reassembler(max_message=64 << 20, max_pending_bytes=256 << 20)
+    out = []
+    while not inbox.empty():
+        msg = inbox.get()
+        if msg.payload:
+            data = r.feed(msg.topic, msg.payload, 0.0)
+            if data is not None:
+                out.append(bytes(data))
+    return out
+
+
+def _topic_of(data: bytes) -> str:
+    h = int.from_bytes(data[4:8], "little")
+    return json.loads(data[8 : 8 + h])["topic"]
+
+
+def _state(v) -> list[np.ndarray]:
+    from safetensors.numpy import load_file
+
+    return list(load_file(str(v.safetensors)).values())

@@ -15,7 +15,7 @@ from hfl import envelope
 from hfl.actions import Send
 from hfl.errors import Rejected
 from hfl.identity import Identity, Roster
-from hfl.messages import Kind, Metrics, ModelRequest, ModelSpec, Role
+from hfl.messages import Kind, Metrics, ModelRequest, ModelSpec, Origin, Role
 from hfl.topics import Route, Topics
 from tests.memnet import MemNet
 
@@ -29,7 +29,7 @@ SAMPLES = {"a1": 10, "a2": 20, "a3": 30, "b1": 5, "b2": 5, "b3": 50}
 def spec(**kw) -> ModelSpec:
     base = dict(name="m", arch="logreg", input_shape=(1, 2, 3), num_classes=2, dataset="d",
                 aggregators=sorted(GROUPS), rounds=2, kappa1=1, min_agents=2, deadline_s=10,
-                max_retries=1)
+                max_retries=1, secagg={"enabled": False})  # secure rounds: test_secure_rounds
     return ModelSpec(**{**base, **kw})
 
 
@@ -44,6 +44,7 @@ def constant_trainer(silent: set[str] = frozenset()):
 
 
 def build(trainer=None, groups=GROUPS, **netkw) -> MemNet:
+    """Coordinator, app, aggregators and agents on an in-memory network."""
     topics = Topics()
     roster = Roster()
     ids: dict[str, Identity] = {}
@@ -59,15 +60,18 @@ def build(trainer=None, groups=GROUPS, **netkw) -> MemNet:
         for a in agents:
             enrol(a, Role.AGENT, agg)
     net = MemNet(topics, roster, trainer=trainer or constant_trainer(), **netkw)
-    net.add(ids["coord"], CoordinatorMachine(lambda: roster.by_role(Role.AGGREGATOR),
-                                             lambda s: np.zeros(P, np.float32), topics),
-            topics.coordinator_filters())
+    coord = ids["coord"]
+    net.add(coord, CoordinatorMachine(
+        lambda: roster.by_role(Role.AGGREGATOR), lambda s: np.zeros(P, np.float32), topics,
+        lambda job, v, params: Origin.sign(coord.id, coord.key, job, v, params)),
+        topics.coordinator_filters())
     net.add(ids["app"], _Sink(), topics.app_filters(["m"]))
     for agg, agents in groups.items():
-        net.add(ids[agg], AggregatorMachine(agg, roster.group(agg), topics),
+        net.add(ids[agg], AggregatorMachine(agg, lambda agg=agg: roster.group(agg), topics),
                 topics.aggregator_filters(agg))
         for a in agents:
-            net.add(ids[a], AgentMachine(a, agg, {"d"}, topics), topics.agent_filters(agg))
+            net.add(ids[a], AgentMachine(ids[a], agg, {"d"}, topics, roster),
+                    topics.agent_filters(agg))
     return net
 
 
@@ -157,7 +161,7 @@ def test_below_quorum_retries_then_the_other_site_carries_the_block() -> None:
     assert len(net.events("round_retry")) == 1
     net.advance(11)  # attempt 1 fails too → block failed, partial of weight 0
     assert [f["reason"] for _, f in net.events("block_failed")] == [
-        "quorum not reached (1 < 2)"]
+        "round failed: 1 < 2"]
     (v,) = versions(net)
     np.testing.assert_allclose(v.params, fedavg(GROUPS["site-b"]), rtol=1e-6)
 
@@ -273,7 +277,7 @@ def test_patience_stops_a_job_whose_eval_loss_stopped_improving() -> None:
 @pytest.mark.parametrize("stage", ["open", "closed"])
 def test_agent_ignores_rounds_of_other_groups(stage: str) -> None:
     topics = Topics()
-    m = AgentMachine("a1", "site-a", {"d"}, topics)
+    m = AgentMachine(Identity.generate("a1", Role.AGENT), "site-a", {"d"}, topics, Roster())
     with pytest.raises(Rejected) as e:
         m.handle(_FakeEnv("round", "j", 0, stage), Route("rounds", agg="site-b", job="j"), 0.0)
     assert e.value.reason == "wrong-group"

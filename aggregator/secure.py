@@ -1,0 +1,119 @@
+"""One secure edge round at the aggregator: the SecAgg+ server with its stage deadlines.
+
+Sans-I/O like the machine that owns it: verified envelopes in, `Send`s out, and an
+`outcome` once the round is decided — the unmasked group sum (as a mean delta and summed
+metrics), or an abort when fewer than the threshold survive, which the machine retries.
+Each stage ends when every expected agent has answered or its deadline passes: the advert
+stage at the round deadline (agents advertise once trained), the others after
+`stage_timeout_s`, as the key exchange itself takes milliseconds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from hfl import secagg_wire as wire
+from hfl.actions import Action, Send
+from hfl.errors import Rejected
+from hfl.messages import Kind, Metrics, ModelSpec
+from hfl.secagg import Server
+
+if TYPE_CHECKING:
+    from hfl.envelope import Envelope
+
+# The stage an agent's message belongs to → the stage the aggregator must be collecting.
+AGENT_STAGES = ("advert", "shares", "masked", "unshares")
+
+
+@dataclass(frozen=True)
+class Done:
+    mean: np.ndarray
+    metrics: Metrics
+    agents: int
+    dropped: list[str]
+
+
+@dataclass(frozen=True)
+class Abort:
+    reason: str
+
+
+class SecureRound:
+    def __init__(self, job: str, round: int, selected: list[str], num_params: int,
+                 spec: ModelSpec, topic: str, now: float) -> None:
+        self.job, self.round, self.topic, self.spec = job, round, topic, spec
+        self.num_params = num_params
+        self.params, self.fixed = wire.round_params(job, round, len(selected), num_params,
+                                                    spec.secagg)
+        self.server = Server(self.params, selected)
+        self.stage = "advert"
+        self.expected = set(selected)
+        self.got: set[str] = set()
+        self.deadline = now + spec.deadline_s
+        self.survivors: list[str] = []
+        self.outcome: Done | Abort | None = None
+
+    def handle(self, env: Envelope, now: float) -> list[Action]:
+        if self.outcome is not None or env.stage != self.stage:
+            raise Rejected("stale-stage", f"{env.stage} from {env.sender} during {self.stage}")
+        if env.sender in self.got:
+            return []
+        sender, server = env.sender, self.server
+        if env.stage == "advert":
+            server.add_advert(sender, wire.advert_in(env.tensors))
+        elif env.stage == "shares":
+            server.add_shares(sender, wire.shares_in(env.meta, env.tensors))
+        elif env.stage == "masked":
+            y = env.tensors.get("y")
+            if y is None or y.dtype != np.uint32 or y.shape != (self.params.length,):
+                raise Rejected("bad-shape", f"masked input: want uint32[{self.params.length}]")
+            server.add_masked(sender, y)
+        else:
+            server.add_unmask(sender, wire.unshares_in(env.meta, env.tensors))
+        self.got.add(sender)
+        return self._advance(now) if self.got >= self.expected else []
+
+    def tick(self, now: float) -> list[Action]:
+        if self.outcome is None and now >= self.deadline:
+            return self._advance(now)
+        return []
+
+    # ------------------------------------------------------------------ stages
+
+    def _next(self, stage: str, expected: set[str], deadline: float) -> None:
+        self.stage, self.expected, self.got, self.deadline = stage, expected, set(), deadline
+
+    def _send(self, stage: str, meta: dict, tensors: dict) -> Send:
+        return Send(Kind.ROUND, self.topic, self.job, self.round, stage, meta, tensors)
+
+    def _advance(self, now: float) -> list[Action]:
+        """Close the stage being collected and open the next."""
+        timeout = self.spec.secagg.stage_timeout_s
+        try:
+            if self.stage == "advert":
+                adverts = self.server.adverts()
+                self._next("shares", set(adverts), now + timeout)
+                return [self._send("keys", *wire.key_table_out(adverts))]
+            if self.stage == "shares":
+                routed = self.server.routed()
+                self._next("masked", set(routed), now + timeout)
+                return [self._send("routed", *wire.routed_out(routed))]
+            if self.stage == "masked":
+                survivors = self.server.survivors()
+                if len(survivors) < self.spec.min_agents:
+                    raise Rejected("secagg-too-few",
+                                   f"{len(survivors)} < quorum {self.spec.min_agents}")
+                self.survivors = survivors
+                self._next("unshares", set(survivors), now + timeout)
+                return [self._send("unmask", {"survivors": survivors}, {})]
+            if not self.server.ready():
+                raise Rejected("secagg-too-few", "not enough shares to unmask")
+            total = self.fixed.decode(self.server.result())
+            mean, metrics = wire.unpack(total, self.num_params, self.spec.secagg)
+            self.outcome = Done(mean, metrics, len(self.survivors), self.server.dropped)
+        except Rejected as r:
+            self.outcome = Abort(f"{self.stage}: {r}")
+        return []

@@ -1,0 +1,195 @@
+"""SecAgg+ on the wire: the stage messages of a secure edge round and the agent's input vector.
+
+An edge round with secure aggregation runs these stages (DESIGN.md §5); the aggregator
+speaks on the group's round topic, each agent on its own update topic:
+
+    aggregator → agents   open (model)   keys (U1's adverts)   routed (shares)   unmask (U3)
+    agent → aggregator         advert           shares             masked            unshares
+
+Every codec here validates what a peer sent (shapes, sizes, ids) and raises `Rejected`.
+
+The input vector of an agent is its weighted delta followed by a trailer of weighted metrics,
+all in fixed point, so that the aggregator learns the group's metrics only as sums too:
+
+    [ w·Δ (P) | w | w·train_loss/L | e | e·eval_loss/L | e·eval_accuracy ]
+
+with w = min(samples, cap)/cap, e = min(eval_samples, cap)/cap and losses clipped to L.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from hfl.errors import Rejected
+from hfl.messages import Metrics, SecureSpec, expect_tensor
+from hfl.secagg import PRIME, Advert, FixedPoint, Params, params_for
+from hfl.topics import check_id
+
+TRAILER = 5
+LOSS_SCALE = 64.0  # losses are sent as loss/64, clipped: a diverged agent cannot swamp the sum
+SHARE_BYTES = (PRIME.bit_length() + 7) // 8
+_ADVERT = {"c_pk": 32, "s_pk": 32, "b_commit": 32, "signature": 64}
+
+
+def input_length(num_params: int) -> int:
+    return num_params + TRAILER
+
+
+def round_params(job: str, round: int, selected: int, num_params: int,
+                 sec: SecureSpec) -> tuple[Params, FixedPoint]:
+    """What both sides derive from the round announcement: protocol and fixed-point settings."""
+    params = params_for(job, round, selected, input_length(num_params), sec.threshold, sec.degree)
+    return params, FixedPoint.for_sum(max(sec.clip, 1.0), selected)
+
+
+# ------------------------------------------------------------------ the input vector
+
+
+def pack(delta: np.ndarray, metrics: Metrics, sec: SecureSpec,
+         fixed: FixedPoint) -> tuple[np.ndarray, int]:
+    """An agent's fixed-point input and how many delta coordinates were clipped."""
+    w = min(metrics.samples, sec.weight_cap) / sec.weight_cap
+    e = min(metrics.eval_samples, sec.weight_cap) / sec.weight_cap
+    x = np.empty(input_length(delta.size), dtype=np.float32)
+    np.multiply(delta, np.float32(w), out=x[: delta.size])
+    clipped = int(np.count_nonzero(np.abs(x[: delta.size]) > sec.clip))
+    np.clip(x[: delta.size], -sec.clip, sec.clip, out=x[: delta.size])
+    x[delta.size :] = [w, w * _loss(metrics.train_loss), e, e * _loss(metrics.eval_loss),
+                       e * metrics.eval_accuracy]
+    out = np.empty(x.size, dtype=np.uint32)
+    fixed.encode(x, out)
+    return out, clipped
+
+
+def _loss(v: float) -> float:
+    return min(max(v, 0.0), LOSS_SCALE) / LOSS_SCALE
+
+
+def unpack(total: np.ndarray, num_params: int, sec: SecureSpec) -> tuple[np.ndarray, Metrics]:
+    """The group's mean delta and summed metrics from the decoded (float) sum of inputs."""
+    w, wl, e, el, ea = (float(v) for v in total[num_params:])
+    if w <= 0:
+        raise Rejected("secagg-empty", "the unmasked sum carries no weight")
+    mean = (total[:num_params] / w).astype(np.float32)
+    metrics = Metrics(
+        samples=w * sec.weight_cap,
+        train_loss=wl * LOSS_SCALE / w,
+        eval_samples=max(e, 0.0) * sec.weight_cap,
+        eval_loss=el * LOSS_SCALE / e if e > 0 else 0.0,
+        eval_accuracy=min(1.0, max(0.0, ea / e)) if e > 0 else 0.0,
+    )
+    return mean, metrics
+
+
+# ------------------------------------------------------------------ stage messages
+
+
+def _ids(meta: dict[str, Any], key: str, limit: int = 100_000) -> list[str]:
+    ids = meta.get(key)
+    if not isinstance(ids, list) or len(ids) > limit or len(set(map(str, ids))) != len(ids):
+        raise Rejected("bad-meta", f"{key}: a list of distinct ids")
+    try:
+        return [check_id(i) for i in ids]
+    except ValueError as e:
+        raise Rejected("bad-meta", f"{key}: {e}") from None
+
+
+def advert_out(a: Advert) -> dict[str, np.ndarray]:
+    return {name: np.frombuffer(getattr(a, name), np.uint8) for name in _ADVERT}
+
+
+def advert_in(tensors: dict[str, np.ndarray]) -> Advert:
+    return Advert(**{name: expect_tensor(tensors, name, np.uint8, (size,)).tobytes()
+                     for name, size in _ADVERT.items()})
+
+
+def key_table_out(adverts: dict[str, Advert]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    ids = sorted(adverts)
+    tensors = {name: np.frombuffer(b"".join(getattr(adverts[i], name) for i in ids),
+                                   np.uint8).reshape(len(ids), size)
+               for name, size in _ADVERT.items()}
+    return {"ids": ids}, tensors
+
+
+def key_table_in(meta: dict[str, Any], tensors: dict[str, np.ndarray]) -> dict[str, Advert]:
+    ids = _ids(meta, "ids")
+    cols = {name: expect_tensor(tensors, name, np.uint8, (len(ids), size))
+            for name, size in _ADVERT.items()}
+    return {i: Advert(**{name: cols[name][k].tobytes() for name in _ADVERT})
+            for k, i in enumerate(ids)}
+
+
+def _blob(items: list[bytes]) -> dict[str, np.ndarray]:
+    offsets = np.zeros(len(items) + 1, dtype=np.int64)
+    np.cumsum([len(b) for b in items], out=offsets[1:])
+    return {"blob": np.frombuffer(b"".join(items), np.uint8), "offsets": offsets}
+
+
+def _unblob(tensors: dict[str, np.ndarray], n: int, max_item: int = 4096) -> list[bytes]:
+    offsets = expect_tensor(tensors, "offsets", np.int64, (n + 1,))
+    blob = tensors.get("blob")
+    if blob is None or blob.dtype != np.uint8 or blob.ndim != 1:
+        raise Rejected("bad-shape", "blob: want a uint8 vector")
+    sizes = np.diff(offsets)
+    if offsets[0] != 0 or offsets[-1] != blob.size or (sizes <= 0).any() or (
+            sizes > max_item).any():
+        raise Rejected("bad-shape", "offsets do not cut the blob into items")
+    return [blob[offsets[k] : offsets[k + 1]].tobytes() for k in range(n)]
+
+
+def shares_out(cts: dict[str, bytes]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    to = sorted(cts)
+    return {"to": to}, _blob([cts[t] for t in to])
+
+
+def shares_in(meta: dict[str, Any], tensors: dict[str, np.ndarray]) -> dict[str, bytes]:
+    to = _ids(meta, "to")
+    return dict(zip(to, _unblob(tensors, len(to)), strict=True))
+
+
+def routed_out(routed: dict[str, dict[str, bytes]]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """All shares of the round in one broadcast; each agent keeps those addressed to it."""
+    ids = sorted(set(routed) | {s for row in routed.values() for s in row})
+    index = {i: k for k, i in enumerate(ids)}
+    src, dst, items = [], [], []
+    for recipient in sorted(routed):
+        for sender in sorted(routed[recipient]):
+            src.append(index[sender])
+            dst.append(index[recipient])
+            items.append(routed[recipient][sender])
+    tensors = {"src": np.array(src, np.int32), "dst": np.array(dst, np.int32), **_blob(items)}
+    return {"ids": ids}, tensors
+
+
+def routed_in(meta: dict[str, Any], tensors: dict[str, np.ndarray], me: str) -> dict[str, bytes]:
+    """The shares addressed to `me`: sender → ciphertext."""
+    ids = _ids(meta, "ids")
+    src = tensors.get("src")
+    if src is None or src.dtype != np.int32 or src.ndim != 1:
+        raise Rejected("bad-shape", "src: want an int32 vector")
+    n = src.size
+    dst = expect_tensor(tensors, "dst", np.int32, (n,))
+    if n and (min(src.min(), dst.min()) < 0 or max(src.max(), dst.max()) >= len(ids)):
+        raise Rejected("bad-shape", "share index out of range")
+    if me not in ids:
+        return {}
+    mine = np.flatnonzero(dst == ids.index(me))
+    items = _unblob(tensors, n)
+    return {ids[src[k]]: items[k] for k in mine}
+
+
+def unshares_out(shares: dict[str, int]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    owners = sorted(shares)
+    raw = b"".join(shares[o].to_bytes(SHARE_BYTES, "big") for o in owners)
+    return {"owners": owners}, {"shares": np.frombuffer(raw, np.uint8).reshape(-1, SHARE_BYTES)}
+
+
+def unshares_in(meta: dict[str, Any], tensors: dict[str, np.ndarray]) -> dict[str, int]:
+    owners = _ids(meta, "owners")
+    rows = expect_tensor(tensors, "shares", np.uint8, (len(owners), SHARE_BYTES))
+    out = {o: int.from_bytes(rows[k].tobytes(), "big") for k, o in enumerate(owners)}
+    if any(v >= PRIME for v in out.values()):
+        raise Rejected("bad-shape", "a share outside the field")
+    return out

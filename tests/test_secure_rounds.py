@@ -1,0 +1,153 @@
+"""Secure edge rounds (SecAgg+) through the three machines on the in-memory network: real
+envelopes, real sealing and masking; agents dropping at each stage, replays, forged models."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from aggregator.machine import round_id
+from hfl.actions import Send
+from hfl.messages import Kind, ModelSpec, RoundMeta
+from tests.memnet import MemNet
+from tests.test_machines import P, build, request, versions
+
+GROUPS = {"site-a": [f"a{i}" for i in range(10)], "site-b": ["b0", "b1", "b2"]}
+STEP = {a: 0.01 * (i + 1) * (-1) ** i for i, a in enumerate(sum(GROUPS.values(), []))}
+SAMPLES = {a: 10 + 7 * i for i, a in enumerate(sum(GROUPS.values(), []))}
+TOL = 1e-5  # fixed point: 2^-26 per coordinate for 10 agents and a clip of 2
+
+
+def trainer(agent, t):
+    from hfl.messages import Metrics
+
+    return (np.full(P, STEP[agent], np.float32),
+            Metrics(samples=SAMPLES[agent], train_loss=1.0, eval_samples=4, eval_loss=2.0,
+                    eval_accuracy=0.25))
+
+
+def spec(**kw) -> ModelSpec:
+    base = dict(name="m", arch="logreg", input_shape=(1, 2, 3), num_classes=2, dataset="d",
+                aggregators=sorted(GROUPS), rounds=1, min_agents=2, deadline_s=10,
+                max_retries=1, secagg={"threshold": 0.6, "stage_timeout_s": 5})
+    return ModelSpec(**{**base, **kw})
+
+
+def fedavg(agents) -> float:
+    return sum(SAMPLES[a] * STEP[a] for a in agents) / sum(SAMPLES[a] for a in agents)
+
+
+def stage_of(data: bytes) -> tuple[str, int]:
+    h = int.from_bytes(data[4:8], "little")
+    header = json.loads(data[8 : 8 + h])
+    return header["stage"], header["round"]
+
+
+def drop(agents: set[str], stage: str, rounds: set[int] | None = None):
+    """A fault: these agents' messages of `stage` (in `rounds`, or any) never arrive."""
+    def fault(topic: str, data: bytes) -> list[bytes]:
+        agent = topic.rsplit("/", 1)[-1]
+        st, rnd = stage_of(data)
+        if "/updates/" in topic and agent in agents and st == stage and (
+                rounds is None or rnd in rounds):
+            return []
+        return [data]
+    return fault
+
+
+def net(**kw) -> MemNet:
+    return build(trainer=trainer, groups=GROUPS, **kw)
+
+
+def test_a_secure_round_yields_the_weighted_mean_and_the_group_metrics() -> None:
+    n = net()
+    request(n, spec())
+    (v,) = versions(n)
+    np.testing.assert_allclose(v.params, fedavg(STEP), atol=TOL)
+    assert v.agents == 13 and v.dropped == 0
+    assert v.metrics.eval_accuracy == pytest.approx(0.25, abs=1e-4)
+    assert v.metrics.eval_loss == pytest.approx(2.0, abs=1e-3)
+    assert all(not n.rejections(p) for p in n.peers)
+    # The aggregator saw masked vectors only: no update carried a float delta.
+    updates = [s for p, s in n.sent if s.kind is Kind.UPDATE]
+    assert {s.stage for s in updates} == {"advert", "shares", "masked", "unshares"}
+    assert all(s.to == (s.topic.split("/")[3],) for s in updates)  # sealed for the aggregator
+
+
+@pytest.mark.parametrize("dropped", [0, 1, 3, 4])
+def test_agents_dropping_after_sharing_keys_are_recovered(dropped: int) -> None:
+    gone = set(GROUPS["site-a"][:dropped])
+    n = net(fault=drop(gone, "masked"))
+    request(n, spec())
+    assert bool(versions(n)) == (dropped == 0)  # site-a waits for missing masked inputs
+    n.advance(6)  # the masked stage times out; the unmask stage recovers their masks
+    (v,) = versions(n)
+    survivors = [a for a in STEP if a not in gone]
+    np.testing.assert_allclose(v.params, fedavg(survivors), atol=TOL)
+    assert v.agents == 13 - dropped and v.dropped == dropped
+
+
+def test_five_dropped_is_below_threshold_the_round_aborts_and_the_retry_succeeds() -> None:
+    first = round_id(spec(), 0, 0, 0)
+    gone = set(GROUPS["site-a"][:5])
+    n = net(fault=drop(gone, "masked", rounds={first}))
+    request(n, spec())
+    n.advance(6)  # 5 survivors < t = 6: abort, retry as a new round
+    retries = n.events("round_retry")
+    assert len(retries) == 1 and "secagg-too-few" in retries[0][1]["why"]
+    (v,) = versions(n)
+    np.testing.assert_allclose(v.params, fedavg(STEP), atol=TOL)
+    assert v.agents == 13
+
+
+def test_a_survivor_silent_at_unmask_still_gives_the_exact_sum() -> None:
+    n = net(fault=drop({"a0", "a1"}, "unshares"))
+    request(n, spec())
+    n.advance(6)
+    (v,) = versions(n)
+    np.testing.assert_allclose(v.params, fedavg(STEP), atol=TOL)
+
+
+def test_agents_that_never_advertise_are_left_out_at_the_deadline() -> None:
+    n = net(fault=drop({"a8", "a9"}, "advert"))
+    request(n, spec())
+    n.advance(11)
+    (v,) = versions(n)
+    np.testing.assert_allclose(v.params, fedavg([a for a in STEP if a not in {"a8", "a9"}]),
+                               atol=TOL)
+    assert v.dropped == 0  # never in the round, so no masks to recover
+
+
+def test_replayed_masked_input_from_an_earlier_round_is_rejected_and_counted() -> None:
+    n = net()
+    request(n, spec(rounds=2))
+    old = next(s for p, s in n.sent if p == "a3" and s.stage == "masked")
+    n.publish("a3", old)  # re-signed by a3 itself, fresh nonce, old round
+    n.run()
+    assert n.rejections("site-a") == {"stale-round": 1}
+    assert len(versions(n)) == 2
+
+
+def test_a_model_altered_by_the_aggregator_is_refused_by_the_agents() -> None:
+    n = net()
+    request(n, spec(rounds=1))
+    opened = next(s for p, s in n.sent if p == "site-a" and s.stage == "open")
+    meta = RoundMeta.model_validate(opened.meta)
+    forged = Send(Kind.ROUND, opened.topic, opened.job, opened.round + 100, "open",
+                  opened.meta, {"params": opened.tensors["params"] + 1}, retain=True,
+                  to=opened.to)
+    assert meta.origin is not None
+    n.publish("site-a", forged)
+    n.run()
+    assert n.rejections("a0") == {"bad-origin": 1}
+
+
+def test_a_group_too_small_to_hide_anyone_fails_the_job_with_the_reason() -> None:
+    n = net()
+    request(n, spec(aggregators=["site-b"], client_fraction=0.3, min_agents=1))
+    final = [s for _, s in n.sent if s.kind is Kind.JOB][-1]
+    assert final.meta["state"] == "failed"
+    assert "site-b: secure aggregation impossible" in final.meta["reason"]
+    assert not [s for _, s in n.sent if s.kind is Kind.UPDATE]  # no agent was asked
