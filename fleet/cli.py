@@ -66,8 +66,12 @@ def run_and_report(cfg, out: Path, report: Path | None, title: str, verbose: boo
     if not verbose:
         logging.getLogger("hfl").setLevel(logging.ERROR)
     rounds = int(cfg.model.get("rounds", 10))
+    secure = cfg.spec(["check"]).secagg.enabled
+    guards = [g for g, on in (("TLS + ACL", cfg.fleet.tls), ("SecAgg+", secure)) if on]
     console.print(f"[bold]{title}[/]: {cfg.fleet.aggregators} aggregators, "
-                  f"{cfg.fleet.agents} agents, {rounds} rounds, working in {out}/")
+                  f"{cfg.fleet.agents} agents, {rounds} rounds, "
+                  f"{' and '.join(guards) or 'no TLS, no secure aggregation'}, "
+                  f"working in {out}/")
     try:
         with progress_bar(rounds) as progress:
             task = progress.add_task("training", total=rounds)
