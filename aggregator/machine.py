@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -26,6 +27,7 @@ import numpy as np
 from aggregator.secure import Abort, Done, SecureRound
 from hfl.actions import Action, Note, Send
 from hfl.aggregate import WeightedSum
+from hfl.dp import NoiseSource, edge_noise_std
 from hfl.errors import Rejected
 from hfl.messages import (
     Kind,
@@ -33,6 +35,7 @@ from hfl.messages import (
     ModelSpec,
     Origin,
     PartialMeta,
+    Release,
     RoundMeta,
     StatusMeta,
     TaskMeta,
@@ -52,10 +55,13 @@ def round_id(spec: ModelSpec, block: int, edge_round: int, attempt: int) -> int:
 
 
 def select(candidates: list[str], spec: ModelSpec, job: str, rnd: int) -> list[str]:
-    """Sample ⌈C·n⌉ (at least the quorum) agents, reproducibly for (seed, job, round)."""
+    """Sample ⌈C·n⌉ (at least the quorum) agents, reproducibly for (seed, job, round) — or,
+    for a DP job, from a secret seed: privacy amplification by sampling needs a sample
+    that the model's consumers cannot predict."""
     n = len(candidates)
     k = min(n, max(spec.min_agents, math.ceil(spec.client_fraction * n)))
-    digest = hashlib.sha256(f"{spec.seed}/{job}/{rnd}".encode()).digest()
+    digest = (os.urandom(32) if spec.privacy is not None
+              else hashlib.sha256(f"{spec.seed}/{job}/{rnd}".encode()).digest())
     rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
     picked = rng.choice(len(candidates), size=k, replace=False)
     return sorted(candidates[i] for i in picked)
@@ -79,6 +85,8 @@ class EdgeJob:
     senders: set[str] = field(default_factory=set)
     deadline: float = 0.0
     dropped: int = 0  # agents whose masks were recovered in this block
+    candidates: list[str] = field(default_factory=list)  # this edge round's sampling pool
+    releases: list[Release] = field(default_factory=list)  # this block's, for DP accounting
     partial: Send | None = None  # the block's result, kept to answer a repeated task
 
     @property
@@ -97,6 +105,7 @@ class AggregatorMachine:
         self.topics = topics
         self.online: set[str] = set()
         self.jobs: dict[str, EdgeJob] = {}
+        self.noise = NoiseSource()  # edge-mode DP noise, from a secret seed
 
     # ------------------------------------------------------------------ events
 
@@ -169,7 +178,9 @@ class AggregatorMachine:
         delta = expect_tensor(env.tensors, "delta", np.float32, (ej.num_params,))
         if meta.metrics.samples <= 0:
             raise Rejected("bad-meta", "an update needs samples > 0")
-        ej.acc.add(delta, meta.metrics.samples, meta.metrics)
+        # DP-FedAvg counts every agent once: the sensitivity analysis assumes weights of 1.
+        weight = 1.0 if ej.spec.privacy is not None else meta.metrics.samples
+        ej.acc.add(delta, weight, meta.metrics)
         ej.senders.add(env.sender)
         if len(ej.senders) == len(ej.selected):
             return self._close_plain(ej, now)
@@ -197,6 +208,7 @@ class AggregatorMachine:
         candidates = online if len(online) >= ej.spec.min_agents else sorted(group)
         if not candidates:
             return self._fail_block(ej, "no agents enrolled in this group")
+        ej.candidates = candidates
         ej.selected = select(candidates, ej.spec, ej.job, ej.round)
         ej.senders = set()
         ej.deadline = now + ej.spec.deadline_s
@@ -231,6 +243,14 @@ class AggregatorMachine:
 
     def _close(self, ej: EdgeJob, mean: np.ndarray, metrics: Metrics, agents: int, now: float,
                dropped: list[str] | None = None) -> list[Action]:
+        privacy = ej.spec.privacy
+        if privacy is not None:
+            if privacy.mode == "edge":  # N(0, z²S²) on the group's sum, i.e. /agents on its mean
+                assert privacy.noise_multiplier is not None
+                self.noise.add_gaussian(mean, edge_noise_std(
+                    privacy.noise_multiplier, privacy.clip) / agents)
+            metrics = metrics.model_copy(update={"samples": float(agents)})  # weights of 1
+            ej.releases.append(Release(candidates=ej.candidates, sampled=len(ej.selected)))
         np.add(ej.params, mean, out=ej.params)
         closed = Send(Kind.ROUND, self.topics.rounds(self.id, ej.job), ej.job, ej.round,
                       "closed", {}, retain=True)
@@ -261,7 +281,7 @@ class AggregatorMachine:
         failure: str = "",
     ) -> list[Action]:
         meta = PartialMeta(weight=weight, agents=agents, dropped=ej.dropped, metrics=m,
-                           failure=failure[:500])
+                           failure=failure[:500], releases=ej.releases)
         tensors = {"sum": partial} if partial is not None else {}
         ej.partial = Send(Kind.PARTIAL, self.topics.partials(self.id), ej.job, ej.block,
                           "partial", meta.model_dump(mode="json"), tensors, to=(ej.coordinator,))

@@ -46,8 +46,7 @@ class SecureRound:
                  spec: ModelSpec, topic: str, now: float) -> None:
         self.job, self.round, self.topic, self.spec = job, round, topic, spec
         self.num_params = num_params
-        self.params, self.fixed = wire.round_params(job, round, len(selected), num_params,
-                                                    spec.secagg)
+        self.params, self.fixed = wire.round_params(job, round, len(selected), num_params, spec)
         self.server = Server(self.params, selected)
         self.stage = "advert"
         self.expected = set(selected)

@@ -6,8 +6,9 @@ stores the version, exports ONNX and publishes it: that is I/O, so it is not don
 
 A request is decomposed into one job per model and one task per (job, aggregator). Each
 block, the coordinator averages the partials it got — Σ_a W_a·Δ_a / Σ_a W_a — into the next
-global version, then stops when the rounds are done or when the federated evaluation
-loss has not improved for `patience` versions.
+global version, then stops when the rounds are done, when the federated evaluation
+loss has not improved for `patience` versions, or — for a DP job — before a block that
+could spend more than its privacy budget (`coordinator.budget`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from coordinator.budget import Budget
 from hfl.actions import Action, Note, Send
 from hfl.aggregate import WeightedSum
 from hfl.errors import Rejected
@@ -55,6 +57,7 @@ class NewVersion:
     metrics: Metrics
     agents: int
     dropped: int = 0
+    epsilon: float | None = None
 
 
 @dataclass
@@ -76,6 +79,7 @@ class Job:
     best_loss: float = float("inf")
     since_best: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
+    budget: Budget | None = None  # DP jobs
 
     @property
     def num_params(self) -> int:
@@ -94,8 +98,10 @@ class CoordinatorMachine:
         init_params: Callable[[ModelSpec], np.ndarray],
         topics: Topics,
         sign: Callable[[str, int, np.ndarray], Origin],
+        group: Callable[[str], list[str]],
     ) -> None:
         self.aggregators = aggregators  # the enrolled aggregators (the roster may change)
+        self.group = group  # an aggregator's enrolled agents, for privacy accounting
         self.init_params = init_params
         self.sign = sign  # our signature on a model version, which agents check
         self.topics = topics
@@ -138,21 +144,26 @@ class CoordinatorMachine:
                 out.append(Note("duplicate", {"job": jid}))
                 continue
             unknown = [a for a in spec.aggregators if a not in known]
+            budget = None
             try:
                 if unknown:
                     raise ValueError(f"unknown aggregators: {', '.join(unknown)}")
+                if spec.privacy is not None:
+                    budget = Budget(spec, self.group)
+                    spec = budget.spec  # with the noise multiplier resolved
                 params = np.ascontiguousarray(self.init_params(spec), dtype=np.float32)
             except ValueError as e:
                 job = Job(jid, route.app, spec, np.zeros(1, np.float32))
                 self.jobs[jid] = job
                 out += self._end(job, "failed", str(e))
                 continue
-            job = Job(jid, route.app, spec, params)
+            job = Job(jid, route.app, spec, params, budget=budget)
             self.jobs[jid] = job
             out.append(Note("job_started", {"job": jid, "app": route.app, "model": spec.name,
                                             "params": job.num_params}))
             out += self._start_block(job, now)
-            out.append(self._status(job))
+            if job.state == "running":
+                out.append(self._status(job))
         return out
 
     def _partial(self, env: Envelope, now: float) -> list[Action]:
@@ -170,6 +181,8 @@ class CoordinatorMachine:
             job.acc.add_weighted(total, meta.weight, meta.metrics)
             job.agents += meta.agents
             job.dropped += meta.dropped
+            if job.budget is not None:
+                job.budget.record(meta.releases)
         else:
             job.acc.add_metrics(meta.metrics)
             job.failures.append(f"{env.sender}: {meta.failure or 'no partial'}")
@@ -181,6 +194,10 @@ class CoordinatorMachine:
     # ------------------------------------------------------------------ transitions
 
     def _start_block(self, job: Job, now: float) -> list[Action]:
+        if job.budget is not None and job.budget.next_block_exceeds():
+            return self._end(job, "stopped", f"privacy budget: the next block could exceed "
+                             f"ε = {job.budget.privacy.epsilon:g} (spent "
+                             f"{job.budget.spent():.3g})")
         job.acc = WeightedSum(job.num_params)
         job.reported, job.failures = set(), []
         job.agents = job.dropped = 0
@@ -203,12 +220,13 @@ class CoordinatorMachine:
         job.version += 1
         job.attempt = 0
         metrics = acc.metrics()
+        eps = job.budget.spent() if job.budget is not None else None
         row = {"version": job.version, "agents": job.agents, "dropped": job.dropped,
-               "aggregators": len(job.reported), **metrics.model_dump()}
+               "aggregators": len(job.reported), "epsilon": eps, **metrics.model_dump()}
         job.history.append(row)
         out: list[Action] = [
             NewVersion(job.job, job.app, job.spec, job.version, job.params, metrics, job.agents,
-                       job.dropped),
+                       job.dropped, eps),
             Note("version", {"job": job.job, **row}),
         ]
         if metrics.eval_samples > 0:
@@ -220,7 +238,8 @@ class CoordinatorMachine:
             return out + self._end(job, "done", f"{job.version} rounds")
         if job.spec.patience and job.since_best >= job.spec.patience:
             return out + self._end(job, "stopped", f"eval loss flat for {job.since_best} versions")
-        return out + self._start_block(job, now) + [self._status(job)]
+        more = self._start_block(job, now)
+        return out + more + ([self._status(job)] if job.state == "running" else [])
 
     def _end(self, job: Job, state: str, reason: str) -> list[Action]:
         job.state, job.reason, job.acc = state, reason, None
@@ -228,8 +247,10 @@ class CoordinatorMachine:
                                                       "reason": reason})]
 
     def _status(self, job: Job) -> Send:
+        b = job.budget
         meta = JobMeta(job=job.job, app=job.app, model=job.spec.name, state=job.state,  # type: ignore[arg-type]
                        reason=job.reason, version=job.version, rounds=job.spec.rounds,
+                       epsilon=b.spent() if b else None, delta=b.privacy.delta if b else None,
                        history=job.history)
         return Send(Kind.JOB, self.topics.job(job.job), job.job, job.version, job.state,
                     meta.model_dump(mode="json"), retain=True)

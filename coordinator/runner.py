@@ -32,6 +32,7 @@ def model_message(v: NewVersion, topics: Topics, onnx: bytes, state: dict) -> Se
     meta = ModelMeta(model=v.spec.name, job=v.job, version=v.version, arch=v.spec.arch,
                      input_shape=v.spec.input_shape, num_classes=v.spec.num_classes,
                      num_params=int(v.params.size), agents=v.agents, dropped=v.dropped,
+                     epsilon=v.epsilon, delta=v.spec.privacy.delta if v.spec.privacy else None,
                      metrics=v.metrics)
     tensors = {**state, "onnx": np.frombuffer(onnx, dtype=np.uint8)}
     return Send(Kind.MODEL, topics.model(v.spec.name), v.job, v.version, "model",
@@ -75,7 +76,8 @@ def coordinator_node(
                 max_payload=max_payload, feed=feed)
     machine = CoordinatorMachine(
         lambda: roster.by_role(Role.AGGREGATOR), initial_params, topics,
-        lambda job, version, params: Origin.sign(identity.id, identity.key, job, version, params))
+        lambda job, version, params: Origin.sign(identity.id, identity.key, job, version, params),
+        roster.group)
     registry = Registry(Path(state_dir) / "registry")
     pub = Publisher(node, registry, topics)
     node.handlers[NewVersion] = pub.new_version

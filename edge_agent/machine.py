@@ -7,7 +7,9 @@ round, the SecAgg+ stage answers in a secure one (`edge_agent.secure`). Training
 outside, so the machine stays pure.
 
 The round model is checked before anything trains on it: the first edge round of a block
-must carry the coordinator's signature on exactly these parameters (`Origin`).
+must carry the coordinator's signature on exactly these parameters (`Origin`). In a DP job
+the delta is clipped to L2 norm S and, in `distributed` mode, noised with this agent's
+share of the group's noise before it is quantized and masked.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import numpy as np
 
 from edge_agent.secure import SecureClient
 from hfl.actions import Action, Note, Send
+from hfl.dp import NoiseSource, agent_noise_std, clip_l2
 from hfl.errors import Rejected
 from hfl.messages import (
     Kind,
@@ -58,7 +61,9 @@ class AgentMachine:
         self.roster = roster
         self.last_round: dict[str, int] = {}  # per job: the newest round seen
         self.pending: tuple[str, int] | None = None  # the (job, round) being trained
+        self.specs: dict[str, ModelSpec] = {}  # per job: the spec of its newest round
         self.secure: dict[str, SecureClient] = {}  # per job: the secure round under way
+        self.noise = NoiseSource()  # DP noise shares, from a secret seed
 
     def handle(self, env: Envelope, route: Route, now: float) -> list[Action]:
         if env.type != Kind.ROUND.value:
@@ -100,6 +105,7 @@ class AgentMachine:
                 self.topics.update(self.aggregator, self.id), self.aggregator,
                 self.identity.key, self.roster.public_key)
         self.pending = (env.job, env.round)
+        self.specs[env.job] = meta.spec
         return [Train(env.job, env.round, meta.spec, params), Note("train", info)]
 
     def _check_origin(self, meta: RoundMeta, job: str, params: np.ndarray) -> None:
@@ -122,6 +128,14 @@ class AgentMachine:
         self.pending = None
         if self.last_round.get(job) != round:
             return [Note("train_late", {"job": job, "round": round})]
+        privacy = self.specs[job].privacy
+        if privacy is not None:
+            delta = np.array(delta, dtype=np.float32)  # ours to change
+            clip_l2(delta, privacy.clip)
+            if privacy.mode == "distributed":
+                assert privacy.noise_multiplier is not None
+                self.noise.add_gaussian(delta, agent_noise_std(
+                    privacy.noise_multiplier, privacy.clip, self.specs[job].min_agents))
         sc = self.secure.get(job)
         if sc is not None and sc.round == round:
             return sc.trained(delta, metrics)

@@ -29,8 +29,7 @@ class SecureClient:
                  verify_key: Callable[[str], Ed25519PublicKey | None]) -> None:
         self.job, self.round, self.topic, self.aggregator = job, round, topic, aggregator
         self.spec, self.verify_key = spec, verify_key
-        self.params, self.fixed = wire.round_params(job, round, selected, num_params,
-                                                    spec.secagg)
+        self.params, self.fixed = wire.round_params(job, round, selected, num_params, spec)
         self.me = me
         self.client = Client(me, self.params, key)
         self.done: set[str] = set()  # the aggregator's stages already answered
@@ -67,7 +66,7 @@ class SecureClient:
 
     def trained(self, delta: np.ndarray, metrics: Metrics) -> list[Action]:
         """Encode the input and advertise the round's keys."""
-        self.input, clipped = wire.pack(delta, metrics, self.spec.secagg, self.fixed)
+        self.input, clipped = wire.pack(delta, metrics, self.spec, self.fixed)
         out: list[Action] = [self._send("advert", {}, wire.advert_out(self.client.advertise()))]
         if clipped:
             out.append(Note("clipped", {"job": self.job, "round": self.round,

@@ -49,11 +49,12 @@ def progress_bar(total: int) -> Progress:
 
 def rounds_table(rows: list[RoundRow]) -> Table:
     table = Table("job", "round", "accuracy", "loss", "agents", "dropped", "train loss",
-                  "fed. accuracy",
+                  "fed. accuracy", "ε",
                   title="global rounds (accuracy and loss on held-out data, via onnxruntime)")
     for r in rows:
         table.add_row(r.job, str(r.round), f"{r.accuracy:.3f}", f"{r.loss:.4f}", str(r.agents),
-                      str(r.dropped), f"{r.train_loss:.4f}", f"{r.federated_accuracy:.3f}")
+                      str(r.dropped), f"{r.train_loss:.4f}", f"{r.federated_accuracy:.3f}",
+                      "-" if r.epsilon is None else f"{r.epsilon:.2f}")
     return table
 
 
@@ -66,8 +67,11 @@ def run_and_report(cfg, out: Path, report: Path | None, title: str, verbose: boo
     if not verbose:
         logging.getLogger("hfl").setLevel(logging.ERROR)
     rounds = int(cfg.model.get("rounds", 10))
-    secure = cfg.spec(["check"]).secagg.enabled
-    guards = [g for g, on in (("TLS + ACL", cfg.fleet.tls), ("SecAgg+", secure)) if on]
+    spec = cfg.spec(["check"])
+    dp = spec.privacy
+    guards = [g for g, on in (("TLS + ACL", cfg.fleet.tls), ("SecAgg+", spec.secagg.enabled),
+                              (f"DP (ε ≤ {dp.epsilon:g}, δ = {dp.delta:g})" if dp else "",
+                               dp is not None)) if on]
     console.print(f"[bold]{title}[/]: {cfg.fleet.aggregators} aggregators, "
                   f"{cfg.fleet.agents} agents, {rounds} rounds, "
                   f"{' and '.join(guards) or 'no TLS, no secure aggregation'}, "
@@ -135,6 +139,45 @@ def simulate(
     except ValueError as e:
         fail(str(e))
     run_and_report(cfg, out, report, f"hfl simulate {config.name}", verbose)
+
+
+@app.command()
+def privacy(
+    config: Annotated[Path, typer.Argument(help="A simulation TOML config with "
+                                                "[model.privacy].")],
+    plot: Annotated[Path, typer.Option(help="Where to write the PNG plot.")] = Path(
+        "privacy.png"),
+) -> None:
+    """Before a DP job runs: the noise it will use and the ε it spends round by round.
+
+    Uses the same calibration and accounting as the coordinator (dp-accounting, worst case
+    over agents, each group's real sampling rate)."""
+    from coordinator.budget import Budget, sampling_rate
+    from fleet.report import plot_epsilon
+    from fleet.simulate import group_members, load_sim_config
+    from hfl.privacy import epsilon_curve
+
+    try:
+        cfg = load_sim_config(config)
+        members = group_members(cfg)
+        spec = cfg.spec(sorted(members))
+        if spec.privacy is None:
+            raise ValueError(f"{config}: no [model.privacy] section, the job is not "
+                             "differentially private")
+        budget = Budget(spec, members.__getitem__)
+    except ValueError as e:
+        fail(str(e))
+    p = budget.privacy
+    q = max(sampling_rate(spec, len(m)) for m in members.values())
+    steps = epsilon_curve(budget.z, q, spec.rounds * spec.kappa1, p.delta, p.accountant)
+    curve = steps[spec.kappa1 - 1 :: spec.kappa1]  # after each global round
+    table = Table("round", "ε", title=f"ε spent (δ = {p.delta:g}, {p.accountant.upper()}, "
+                  f"z = {budget.z:.3f}, q = {q:.3f}, {p.mode} noise, clip {p.clip:g})")
+    for i, eps in enumerate(curve, start=1):
+        table.add_row(str(i), f"{eps:.3f}")
+    console.print(table)
+    console.print(f"target ε = {p.epsilon:g}; the job stops before a round that would "
+                  f"exceed it. Plot: {plot_epsilon(curve, plot, f'hfl privacy {config.name}')}")
 
 
 def main() -> None:

@@ -22,6 +22,7 @@ class RoundRow:
     dropped: int  # agents whose masks were recovered (secure aggregation)
     train_loss: float
     federated_accuracy: float  # agents' own evaluation of the model they started from
+    epsilon: float | None = None  # privacy budget spent so far (DP jobs)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -70,7 +71,7 @@ def follow(
             m = event.meta
             acc, loss = score(event, test) if test is not None else (float("nan"),) * 2
             row = RoundRow(m.job, m.version, acc, loss, m.agents, m.dropped,
-                           m.metrics.train_loss, m.metrics.eval_accuracy)
+                           m.metrics.train_loss, m.metrics.eval_accuracy, m.epsilon)
             out.latest[m.job] = event
             out.rows.append(row)
             if on_row:

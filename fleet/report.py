@@ -1,4 +1,5 @@
-"""Reports of a run: the JSON document and the accuracy plot."""
+"""Reports of a run: the JSON document, the accuracy plot (with ε spent for a DP job) and
+the privacy plot of `hfl privacy`."""
 
 from __future__ import annotations
 
@@ -13,14 +14,30 @@ def write_json(path: Path, doc: dict) -> None:
     Path(path).write_text(json.dumps(doc, indent=2) + "\n")
 
 
-def plot_rounds(rows: list[RoundRow], path: Path, title: str) -> Path:
-    """Accuracy (held-out and federated) and loss per round, one line per job."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    return plt
+
+
+def _save(fig, path: Path, title: str) -> Path:
+    fig.suptitle(title)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    _pyplot().close(fig)
+    return Path(path)
+
+
+def plot_rounds(rows: list[RoundRow], path: Path, title: str) -> Path:
+    """Accuracy (held-out and federated) and loss per round, one line per job; a third
+    panel with the privacy budget spent when a job is differentially private."""
+    private = any(r.epsilon is not None for r in rows)
+    fig, axes = _pyplot().subplots(1, 3 if private else 2, figsize=(15 if private else 10, 4))
+    ax1, ax2 = axes[0], axes[1]
     for job in sorted({r.job for r in rows}):
         rs = [r for r in rows if r.job == job]
         x = [r.round for r in rs]
@@ -28,14 +45,22 @@ def plot_rounds(rows: list[RoundRow], path: Path, title: str) -> Path:
         ax1.plot(x, [r.federated_accuracy for r in rs], linestyle="--",
                  label=f"{job} federated eval")
         ax2.plot(x, [r.loss for r in rs], marker="o", label=job)
+        if private:
+            axes[2].plot(x, [r.epsilon for r in rs], marker="o", label=job)
     ax1.set(xlabel="global round (model version)", ylabel="accuracy", ylim=(0, 1))
     ax2.set(xlabel="global round (model version)", ylabel="held-out loss")
-    ax1.grid(alpha=0.3)
-    ax2.grid(alpha=0.3)
+    if private:
+        axes[2].set(xlabel="global round (model version)", ylabel="ε spent")
+    for ax in axes:
+        ax.grid(alpha=0.3)
     ax1.legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path, title)
+
+
+def plot_epsilon(curve: list[float], path: Path, title: str) -> Path:
+    """ε spent after each global round (the plot of `hfl privacy`)."""
+    fig, ax = _pyplot().subplots(figsize=(6, 4))
+    ax.plot(range(1, len(curve) + 1), curve, marker="o" if len(curve) <= 50 else None)
+    ax.set(xlabel="global round (model version)", ylabel="ε spent (worst case over agents)")
+    ax.grid(alpha=0.3)
+    return _save(fig, path, title)

@@ -118,15 +118,27 @@ def fleet_data(cfg: SimConfig) -> tuple[dict[str, dict[str, dict[str, LocalData]
     else:
         pool, held_out = datasets.split(datasets.load(d.source, path=path), d.holdout,
                                         seed=cfg.seed)
-    n, aggs = cfg.fleet.agents, aggregator_ids(cfg.fleet.aggregators)
-    parts = partition(d.partition, pool.y, n, seed=cfg.seed, alpha=d.alpha,
+    layout = group_members(cfg)
+    parts = partition(d.partition, pool.y, cfg.fleet.agents, seed=cfg.seed, alpha=d.alpha,
                       shards_per_part=d.shards_per_agent)
-    groups: dict[str, dict[str, dict[str, LocalData]]] = {a: {} for a in aggs}
-    per_group = math.ceil(n / len(aggs))
-    for i, idx in enumerate(parts):
-        train, test = datasets.split(pool.subset(idx), d.local_test_fraction, seed=cfg.seed + i)
-        groups[aggs[i // per_group]][f"agent-{i + 1}"] = {"data": LocalData(train, test)}
+    groups: dict[str, dict[str, dict[str, LocalData]]] = {a: {} for a in layout}
+    for agg, agents in layout.items():
+        for agent in agents:
+            i = int(agent.rsplit("-", 1)[1]) - 1
+            train, test = datasets.split(pool.subset(parts[i]), d.local_test_fraction,
+                                         seed=cfg.seed + i)
+            groups[agg][agent] = {"data": LocalData(train, test)}
     return groups, held_out
+
+
+def group_members(cfg: SimConfig) -> dict[str, list[str]]:
+    """Which agents each aggregator serves: agent-1..n spread evenly, in order."""
+    aggs = aggregator_ids(cfg.fleet.aggregators)
+    per_group = math.ceil(cfg.fleet.agents / len(aggs))
+    out: dict[str, list[str]] = {a: [] for a in aggs}
+    for i in range(cfg.fleet.agents):
+        out[aggs[i // per_group]].append(f"agent-{i + 1}")
+    return out
 
 
 def run(cfg: SimConfig, workdir: Path, on_row=None) -> tuple[Outcome, InProcessFleet, float]:
@@ -159,9 +171,10 @@ def summary(cfg: SimConfig, outcome: Outcome, fleet: InProcessFleet, seconds: fl
         "rounds": [
             {"round": r.round, "accuracy": r.accuracy, "loss": r.loss, "agents": r.agents,
              "dropped": r.dropped, "federated_accuracy": r.federated_accuracy,
-             "train_loss": r.train_loss}
+             "train_loss": r.train_loss, "epsilon": r.epsilon}
             for r in outcome.rows
         ],
+        "delta": spec.privacy.delta if spec.privacy else None,
         "security": {"tls": fleet.tls, "secagg": bool(spec.secagg.enabled)},
         "onnx": str(last.onnx) if last else None,
         "safetensors": str(last.safetensors) if last else None,

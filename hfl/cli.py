@@ -43,6 +43,7 @@ def setup_logging(verbose: bool = False) -> None:
     # paho logs every broker disconnect at ERROR; reconnecting is routine for us.
     logging.getLogger("hfl.mqtt.paho").setLevel(logging.DEBUG if verbose else logging.CRITICAL)
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    logging.getLogger("absl").setLevel(logging.ERROR)  # dp-accounting's numerical notes
 
 
 def open_config(path: Path, role: Role, section: str | None = None) -> tuple[

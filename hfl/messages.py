@@ -117,6 +117,23 @@ class SecureSpec(_Strict):
                                    description="deadline of each key-exchange stage")
 
 
+class PrivacySpec(_Strict):
+    """Client-level differential privacy (DP-FedAvg): each agent's delta is clipped to L2
+    norm `clip` and Gaussian noise of std `noise_multiplier`·`clip` is added to every group
+    sum, by the agents as shares (`distributed`: no trust in the aggregator needed) or by
+    the aggregator (`edge`). The coordinator spends at most `epsilon` (with `delta`) on the
+    job: it calibrates the noise when none is given, refuses a target it cannot meet and
+    stops the job before a round that would exceed it. Agents count equally (w = 1)."""
+
+    epsilon: float = Field(gt=0, le=1e4, description="the job's budget ε")
+    delta: float = Field(default=1e-5, gt=0, lt=1)
+    clip: float = Field(default=1.0, gt=0, le=1e6, description="L2 bound on an agent's delta")
+    noise_multiplier: float | None = Field(default=None, ge=0, le=1e3,
+                                           description="z (empty: calibrated for epsilon)")
+    mode: Literal["distributed", "edge"] = "distributed"
+    accountant: Literal["rdp", "pld"] = "rdp"
+
+
 class ModelSpec(_Strict):
     """One model to train: the unit the coordinator turns into a job."""
 
@@ -141,6 +158,7 @@ class ModelSpec(_Strict):
     min_delta: float = Field(default=0.0, ge=0)
     seed: int = Field(default=0, ge=0, lt=2**31)
     secagg: SecureSpec = SecureSpec()
+    privacy: PrivacySpec | None = None
 
     @field_validator("name", "dataset")
     @classmethod
@@ -260,6 +278,13 @@ class UpdateMeta(_Strict):
     metrics: Metrics
 
 
+class Release(_Strict):
+    """One edge round whose (noised) sum left the group: who could have been sampled."""
+
+    candidates: list[str] = Field(max_length=100_000)
+    sampled: int = Field(ge=0)
+
+
 class PartialMeta(_Strict):
     """aggregator → coordinator: Σ n_i·Δ_i over its group after κ1 edge rounds."""
 
@@ -267,6 +292,8 @@ class PartialMeta(_Strict):
     agents: int = Field(ge=0)
     dropped: int = Field(default=0, ge=0, description="agents whose masks were recovered")
     failure: str = Field(default="", max_length=500, description="why the block failed")
+    releases: list[Release] = Field(default_factory=list, max_length=1000,
+                                    description="the block's edge rounds, for DP accounting")
     metrics: Metrics
 
 
@@ -282,6 +309,8 @@ class ModelMeta(_Strict):
     num_params: int
     agents: int = Field(ge=0)
     dropped: int = Field(default=0, ge=0)
+    epsilon: float | None = Field(default=None, ge=0, description="ε spent (DP jobs)")
+    delta: float | None = None
     metrics: Metrics
 
 
@@ -295,6 +324,8 @@ class JobMeta(_Strict):
     reason: str = ""
     version: int = Field(ge=0)
     rounds: int
+    epsilon: float | None = Field(default=None, ge=0, description="ε spent (DP jobs)")
+    delta: float | None = None
     history: list[dict[str, Any]] = Field(default_factory=list, max_length=100_000)
 
 

@@ -13,7 +13,10 @@ all in fixed point, so that the aggregator learns the group's metrics only as su
 
     [ w·Δ (P) | w | w·train_loss/L | e | e·eval_loss/L | e·eval_accuracy ]
 
-with w = min(samples, cap)/cap, e = min(eval_samples, cap)/cap and losses clipped to L.
+with w = min(samples, cap)/cap (1 in a DP job, whose analysis counts agents equally),
+e = min(eval_samples, cap)/cap and losses clipped to L. In a DP job the delta arrives
+clipped to L2 norm S and noised already (clip → noise → quantize → mask), and the
+fixed-point range widens to hold an agent's noise share without clipping it.
 """
 
 from __future__ import annotations
@@ -22,8 +25,9 @@ from typing import Any
 
 import numpy as np
 
+from hfl.dp import agent_noise_std
 from hfl.errors import Rejected
-from hfl.messages import Metrics, SecureSpec, expect_tensor
+from hfl.messages import Metrics, ModelSpec, SecureSpec, expect_tensor
 from hfl.secagg import PRIME, Advert, FixedPoint, Params, params_for
 from hfl.topics import check_id
 
@@ -37,25 +41,42 @@ def input_length(num_params: int) -> int:
     return num_params + TRAILER
 
 
+def input_bound(spec: ModelSpec) -> float:
+    """The range of an input coordinate: the delta clip (and at least 1, for the trailer);
+    in a DP job, S plus six standard deviations of an agent's noise share."""
+    bound = max(spec.secagg.clip, 1.0)
+    p = spec.privacy
+    if p is not None:
+        share = 0.0
+        if p.mode == "distributed" and p.noise_multiplier:
+            share = agent_noise_std(p.noise_multiplier, p.clip, spec.min_agents)
+        bound = max(1.0, p.clip + 6 * share)
+    return bound
+
+
 def round_params(job: str, round: int, selected: int, num_params: int,
-                 sec: SecureSpec) -> tuple[Params, FixedPoint]:
+                 spec: ModelSpec) -> tuple[Params, FixedPoint]:
     """What both sides derive from the round announcement: protocol and fixed-point settings."""
+    sec = spec.secagg
     params = params_for(job, round, selected, input_length(num_params), sec.threshold, sec.degree)
-    return params, FixedPoint.for_sum(max(sec.clip, 1.0), selected)
+    return params, FixedPoint.for_sum(input_bound(spec), selected)
 
 
 # ------------------------------------------------------------------ the input vector
 
 
-def pack(delta: np.ndarray, metrics: Metrics, sec: SecureSpec,
+def pack(delta: np.ndarray, metrics: Metrics, spec: ModelSpec,
          fixed: FixedPoint) -> tuple[np.ndarray, int]:
     """An agent's fixed-point input and how many delta coordinates were clipped."""
-    w = min(metrics.samples, sec.weight_cap) / sec.weight_cap
+    sec = spec.secagg
+    dp = spec.privacy is not None
+    w = 1.0 if dp else min(metrics.samples, sec.weight_cap) / sec.weight_cap
     e = min(metrics.eval_samples, sec.weight_cap) / sec.weight_cap
+    clip = input_bound(spec) if dp else sec.clip
     x = np.empty(input_length(delta.size), dtype=np.float32)
     np.multiply(delta, np.float32(w), out=x[: delta.size])
-    clipped = int(np.count_nonzero(np.abs(x[: delta.size]) > sec.clip))
-    np.clip(x[: delta.size], -sec.clip, sec.clip, out=x[: delta.size])
+    clipped = int(np.count_nonzero(np.abs(x[: delta.size]) > clip))
+    np.clip(x[: delta.size], -clip, clip, out=x[: delta.size])
     x[delta.size :] = [w, w * _loss(metrics.train_loss), e, e * _loss(metrics.eval_loss),
                        e * metrics.eval_accuracy]
     out = np.empty(x.size, dtype=np.uint32)

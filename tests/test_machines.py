@@ -63,7 +63,7 @@ def build(trainer=None, groups=GROUPS, **netkw) -> MemNet:
     coord = ids["coord"]
     net.add(coord, CoordinatorMachine(
         lambda: roster.by_role(Role.AGGREGATOR), lambda s: np.zeros(P, np.float32), topics,
-        lambda job, v, params: Origin.sign(coord.id, coord.key, job, v, params)),
+        lambda job, v, params: Origin.sign(coord.id, coord.key, job, v, params), roster.group),
         topics.coordinator_filters())
     net.add(ids["app"], _Sink(), topics.app_filters(["m"]))
     for agg, agents in groups.items():
