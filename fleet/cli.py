@@ -171,8 +171,10 @@ def privacy(
     q = max(sampling_rate(spec, len(m)) for m in members.values())
     steps = epsilon_curve(budget.z, q, spec.rounds * spec.kappa1, p.delta, p.accountant)
     curve = steps[spec.kappa1 - 1 :: spec.kappa1]  # after each global round
-    table = Table("round", "ε", title=f"ε spent (δ = {p.delta:g}, {p.accountant.upper()}, "
-                  f"z = {budget.z:.3f}, q = {q:.3f}, {p.mode} noise, clip {p.clip:g})")
+    console.print(f"noise multiplier z = {budget.z:.3f}, sampling rate q = {q:.3f}, "
+                  f"{spec.rounds * spec.kappa1} edge rounds, {p.mode} noise, clip S = "
+                  f"{p.clip:g}, δ = {p.delta:g}, {p.accountant.upper()} accounting")
+    table = Table("round", "ε", title="ε spent after each global round")
     for i, eps in enumerate(curve, start=1):
         table.add_row(str(i), f"{eps:.3f}")
     console.print(table)

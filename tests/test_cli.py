@@ -150,3 +150,24 @@ def test_simulate_config_error_names_the_field(tmp_path: Path) -> None:
     res = runner.invoke(app, ["simulate", str(cfg)])
     assert res.exit_code == 1
     assert "arch" in res.output
+
+
+def test_privacy_prints_the_epsilon_of_each_round_and_plots_it(tmp_path: Path) -> None:
+    cfg = tmp_path / "dp.toml"
+    base = ('[fleet]\naggregators = 2\nagents = 20\n[model]\narch = "logreg"\n'
+            'input_shape = [1, 8, 8]\nnum_classes = 10\nrounds = 6\nclient_fraction = 0.5\n')
+    cfg.write_text(base + '[model.privacy]\nepsilon = 4.0\n')
+    plot = tmp_path / "eps.png"
+    res = runner.invoke(app, ["privacy", str(cfg), "--plot", str(plot)])
+    assert res.exit_code == 0, res.output
+    assert "q = 0.500" in res.output and "target ε = 4" in res.output
+    eps = [float(line.split("│")[2]) for line in res.output.splitlines()
+           if line.startswith("│") and line.split("│")[1].strip().isdigit()]
+    assert len(eps) == 6 and eps == sorted(eps) and 3.9 < eps[-1] <= 4.0  # calibrated
+    assert plot.stat().st_size > 1000
+    cfg.write_text(base)
+    res = runner.invoke(app, ["privacy", str(cfg)])
+    assert res.exit_code == 1 and "not differentially private" in res.output
+    cfg.write_text(base + '[model.privacy]\nepsilon = 0.001\ndelta = 1e-9\n')
+    res = runner.invoke(app, ["privacy", str(cfg)])
+    assert res.exit_code == 1 and "cannot be met" in res.output

@@ -50,11 +50,12 @@ def test_clipped_updates_count_equally_and_versions_carry_epsilon(secure: bool) 
     assert job_status(net)["epsilon"] == pytest.approx(vs[1].epsilon)
 
 
-@pytest.mark.parametrize("mode", ["edge", "distributed"])
-def test_noise_of_the_configured_size_reaches_the_model(mode: str) -> None:
+@pytest.mark.parametrize("mode,secure", [("edge", False), ("distributed", False),
+                                         ("distributed", True)])
+def test_noise_of_the_configured_size_reaches_the_model(mode: str, secure: bool) -> None:
     z, clip = 2.0, 0.5
     net = build(trainer=trainer(0.0), groups=GROUPS)  # zero updates: what moves is noise
-    request(net, spec(False, noise_multiplier=z, clip=clip, mode=mode, epsilon=1e4)
+    request(net, spec(secure, noise_multiplier=z, clip=clip, mode=mode, epsilon=1e4)
             .model_copy(update={"rounds": 1}))
     (v,) = versions(net)
     # Each site's mean gets N(0, (zS)²/5²) at least; the coordinator averages the two sites.
