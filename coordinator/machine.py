@@ -80,6 +80,7 @@ class Job:
     since_best: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     budget: Budget | None = None  # DP jobs
+    velocity: np.ndarray | None = None  # server momentum
 
     @property
     def num_params(self) -> int:
@@ -216,7 +217,12 @@ class CoordinatorMachine:
         if acc.weight <= 0:
             why = "; ".join(job.failures) or "no aggregator delivered a partial"
             return self._end(job, "failed", f"every aggregator failed the block ({why})")
-        job.params = job.params + acc.mean()
+        step = acc.mean()
+        if job.spec.server_momentum:  # FedAvgM: smooths the noisy steps of DP-FedAvg
+            job.velocity = step if job.velocity is None else (
+                np.float32(job.spec.server_momentum) * job.velocity + step)
+            step = job.velocity
+        job.params = job.params + np.float32(job.spec.server_lr) * step
         job.version += 1
         job.attempt = 0
         metrics = acc.metrics()

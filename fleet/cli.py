@@ -111,16 +111,21 @@ ReportOption = Annotated[Path | None, typer.Option(help="Also write the run as J
 @app.command()
 def demo(
     out: OutOption = Path("hfl-demo"),
-    rounds: Annotated[int, typer.Option(min=1, help="Global rounds (model versions).")] = 12,
+    rounds: Annotated[int | None, typer.Option(
+        min=1, help="Global rounds (model versions) [default: 15, or 12 with --no-dp].")] = None,
+    dp: Annotated[bool, typer.Option(help="Differential privacy at ε = 8 (100 agents); "
+                                          "--no-dp: 6 agents on non-IID data.")] = True,
     report: ReportOption = None,
     seed: Annotated[int, typer.Option(help="Seed for the data split and model init.")] = 0,
     verbose: VerboseOption = False,
 ) -> None:
-    """Run the whole stack here: a Mosquitto broker, a coordinator, 2 aggregators, 6 agents
-    with non-IID shares of digits, and an app that scores every model version."""
+    """Run the whole stack here: a fleet CA, a Mosquitto broker with TLS and ACLs, a
+    coordinator, 2 aggregators with their agents on shares of digits (secure aggregation,
+    and client-level DP unless --no-dp), and an app that scores every model version."""
     from fleet.simulate import demo_config
 
-    run_and_report(demo_config(rounds, seed), out, report, "hfl demo on digits", verbose)
+    run_and_report(demo_config(rounds, seed, private=dp), out, report, "hfl demo on digits",
+                   verbose)
 
 
 @app.command()

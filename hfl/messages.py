@@ -149,6 +149,9 @@ class ModelSpec(_Strict):
     batch_size: int = Field(default=32, ge=1, le=65_536)
     lr: float = Field(default=0.05, gt=0, le=100)
     momentum: float = Field(default=0.0, ge=0, lt=1)
+    server_lr: float = Field(default=1.0, gt=0, le=100, description="global step on the mean")
+    server_momentum: float = Field(default=0.0, ge=0, lt=1,
+                                   description="FedAvgM: momentum of the global steps")
     client_fraction: float = Field(default=1.0, gt=0, le=1)
     min_agents: int = Field(default=1, ge=1, description="quorum per edge round and aggregator")
     deadline_s: float = Field(default=60.0, gt=0, le=86_400, description="edge round deadline")

@@ -118,8 +118,11 @@ def test_demo_writes_the_report(mosquitto: str, tmp_path: Path) -> None:
     doc = json.loads(report.read_text())
     assert [r["round"] for r in doc["rounds"]] == [1, 2, 3]
     assert {"accuracy", "loss", "agents"} <= set(doc["rounds"][0])
-    assert all(r["agents"] == 6 and r["dropped"] == 0 for r in doc["rounds"])
+    assert all(r["agents"] == 100 and r["dropped"] == 0 for r in doc["rounds"])
     assert doc["security"] == {"tls": True, "secagg": True}
+    eps = [r["epsilon"] for r in doc["rounds"]]
+    assert eps == sorted(eps) and eps[0] > 0 and eps[-1] <= 8.0  # calibrated for 3 rounds
+    assert doc["delta"] == 1e-5
     assert Path(doc["onnx"]).is_file() and Path(doc["safetensors"]).is_file()
     assert (tmp_path / "out" / "accuracy.png").stat().st_size > 1000
 

@@ -26,7 +26,7 @@ from hfl.mqtt import Session
 def start_fleet(tmp_path: Path, rounds: int = 8, observers: tuple[str, ...] = (),
                 idle: tuple[str, ...] = ()):
     """The demo's fleet; `idle` agents are enrolled in site-1 but run no node."""
-    cfg = demo_config(rounds=rounds, seed=3)
+    cfg = demo_config(rounds=rounds, seed=3, private=False)
     groups, held_out = fleet_data(cfg)
     fleet = InProcessFleet(FleetLayout(groups, apps=("app",), observers=observers), tmp_path)
     for agent in idle:

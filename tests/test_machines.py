@@ -287,3 +287,16 @@ class _FakeEnv:
     def __init__(self, type_, job, round_, stage):
         self.type, self.job, self.round, self.stage = type_, job, round_, stage
         self.meta, self.tensors = {}, {}
+
+
+def test_server_momentum_and_learning_rate_shape_the_global_steps() -> None:
+    m = fedavg([a for g in GROUPS.values() for a in g])  # every block's mean delta
+    net = build()
+    request(net, spec(rounds=3, server_momentum=0.5))
+    # v1 = m, v2 = 0.5·m + m, v3 = 0.5·1.5m + m; the model adds each velocity.
+    expect = np.cumsum([m, 1.5 * m, 1.75 * m])
+    for v, e in zip(versions(net), expect, strict=True):
+        np.testing.assert_allclose(v.params, e, rtol=1e-5)
+    net = build()
+    request(net, spec(rounds=2, server_lr=2.0), rid="r2")
+    np.testing.assert_allclose(versions(net, "r2-m")[-1].params, 4 * m, rtol=1e-5)
