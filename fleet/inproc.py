@@ -9,6 +9,7 @@ requires TLS client certificates and enforces the ACL generated from the roster.
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,7 +73,10 @@ class InProcessFleet:
     _threads: list[threading.Thread] = field(default_factory=list)
 
     def enroll(self) -> None:
-        """Issue every identity from a fresh fleet CA in workdir/pki (keys mode 0600)."""
+        """Issue every identity from a fresh fleet CA in workdir/pki (keys mode 0600).
+
+        The CA is this run's own: one left by an earlier run in the same folder is replaced."""
+        shutil.rmtree(self.workdir / "pki", ignore_errors=True)
         self.pki = Pki.init(self.workdir / "pki", name="hfl in-process fleet CA")
         for id_, role, group in self.layout.members():
             self.pki.issue(id_, role, group=group)

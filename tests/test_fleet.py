@@ -174,3 +174,13 @@ def _state(v) -> list[np.ndarray]:
     from safetensors.numpy import load_file
 
     return list(load_file(str(v.safetensors)).values())
+
+
+def test_a_second_run_in_the_same_folder_gets_a_fresh_ca(tmp_path: Path) -> None:
+    layout = FleetLayout({"site-1": {"agent-1": {}}})
+    first = InProcessFleet(layout, tmp_path)
+    first.enroll()
+    second = InProcessFleet(layout, tmp_path)
+    second.enroll()  # `make demo` twice: the earlier run's CA is replaced, not an error
+    assert second.pki.ca_cert() != first.pki.ca_cert()
+    assert second.roster.group("site-1") == ["agent-1"]
