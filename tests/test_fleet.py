@@ -180,7 +180,8 @@ def test_a_second_run_in_the_same_folder_gets_a_fresh_ca(tmp_path: Path) -> None
     layout = FleetLayout({"site-1": {"agent-1": {}}})
     first = InProcessFleet(layout, tmp_path)
     first.enroll()
+    old_ca = first.pki.ca_cert()
     second = InProcessFleet(layout, tmp_path)
     second.enroll()  # `make demo` twice: the earlier run's CA is replaced, not an error
-    assert second.pki.ca_cert() != first.pki.ca_cert()
+    assert second.pki.ca_cert() != old_ca
     assert second.roster.group("site-1") == ["agent-1"]
