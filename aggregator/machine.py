@@ -27,7 +27,7 @@ import numpy as np
 from aggregator.secure import Abort, Done, SecureRound
 from hfl.actions import Action, Note, Send
 from hfl.aggregate import WeightedSum
-from hfl.dp import NoiseSource, edge_noise_std
+from hfl.dp import AdaptiveClip, NoiseSource, adaptive_noise, edge_noise_std
 from hfl.errors import Rejected
 from hfl.messages import (
     Kind,
@@ -86,6 +86,7 @@ class EdgeJob:
     deadline: float = 0.0
     dropped: int = 0  # agents whose masks were recovered in this block
     candidates: list[str] = field(default_factory=list)  # this edge round's sampling pool
+    clip_bits: float = 0.0  # adaptive clipping, plain rounds: Σ of the agents' bits
     releases: list[Release] = field(default_factory=list)  # this block's, for DP accounting
     partial: Send | None = None  # the block's result, kept to answer a repeated task
 
@@ -106,6 +107,7 @@ class AggregatorMachine:
         self.online: set[str] = set()
         self.jobs: dict[str, EdgeJob] = {}
         self.noise = NoiseSource()  # edge-mode DP noise, from a secret seed
+        self.clips: dict[str, AdaptiveClip] = {}  # per DP job with adaptive clipping
 
     # ------------------------------------------------------------------ events
 
@@ -159,6 +161,14 @@ class AggregatorMachine:
             origin=meta.origin,
         )
         self.jobs[env.job] = ej
+        p = meta.spec.privacy
+        if p is not None and p.adaptive:  # the bound carries over from block to block
+            assert p.noise_multiplier is not None
+            clip = self.clips.setdefault(env.job, AdaptiveClip(
+                p.clip, p.target_quantile, p.clip_lr,
+                bit_noise_std=adaptive_noise(p.noise_multiplier, meta.spec.min_agents)[0]))
+            ej.spec = meta.spec.model_copy(update={"privacy": p.model_copy(
+                update={"clip": clip.bound})})
         return self._open(ej, now)
 
     def _update(self, env: Envelope, now: float) -> list[Action]:
@@ -181,6 +191,7 @@ class AggregatorMachine:
         # DP-FedAvg counts every agent once: the sensitivity analysis assumes weights of 1.
         weight = 1.0 if ej.spec.privacy is not None else meta.metrics.samples
         ej.acc.add(delta, weight, meta.metrics)
+        ej.clip_bits += meta.clip_bit or 0.0
         ej.senders.add(env.sender)
         if len(ej.senders) == len(ej.selected):
             return self._close_plain(ej, now)
@@ -196,7 +207,7 @@ class AggregatorMachine:
             ej.secure = None
             ej.dropped += len(outcome.dropped)
             return self._close(ej, outcome.mean, outcome.metrics, outcome.agents, now,
-                               dropped=outcome.dropped)
+                               dropped=outcome.dropped, clip_bits=outcome.clip_bits)
         return []
 
     # ------------------------------------------------------------------ transitions
@@ -211,6 +222,7 @@ class AggregatorMachine:
         ej.candidates = candidates
         ej.selected = select(candidates, ej.spec, ej.job, ej.round)
         ej.senders = set()
+        ej.clip_bits = 0.0
         ej.deadline = now + ej.spec.deadline_s
         topic = self.topics.rounds(self.id, ej.job)
         if ej.spec.secagg.enabled:
@@ -239,16 +251,13 @@ class AggregatorMachine:
         acc = ej.acc
         assert acc is not None
         ej.acc = None
-        return self._close(ej, acc.mean(), acc.metrics(), acc.count, now)
+        return self._close(ej, acc.mean(), acc.metrics(), acc.count, now,
+                           clip_bits=ej.clip_bits)
 
     def _close(self, ej: EdgeJob, mean: np.ndarray, metrics: Metrics, agents: int, now: float,
-               dropped: list[str] | None = None) -> list[Action]:
-        privacy = ej.spec.privacy
-        if privacy is not None:
-            if privacy.mode == "edge":  # N(0, z²S²) on the group's sum, i.e. /agents on its mean
-                assert privacy.noise_multiplier is not None
-                self.noise.add_gaussian(mean, edge_noise_std(
-                    privacy.noise_multiplier, privacy.clip) / agents)
+               dropped: list[str] | None = None, clip_bits: float = 0.0) -> list[Action]:
+        if ej.spec.privacy is not None:
+            self._privatize(ej, mean, agents, clip_bits)
             metrics = metrics.model_copy(update={"samples": float(agents)})  # weights of 1
             ej.releases.append(Release(candidates=ej.candidates, sampled=len(ej.selected)))
         np.add(ej.params, mean, out=ej.params)
@@ -263,6 +272,24 @@ class AggregatorMachine:
             return [closed, note, *self._open(ej, now)]
         partial = (ej.params - ej.global_params) * np.float32(metrics.samples)
         return [closed, note, *self._send_partial(ej, partial, metrics.samples, agents, metrics)]
+
+    def _privatize(self, ej: EdgeJob, mean: np.ndarray, agents: int, clip_bits: float) -> None:
+        """Edge mode: N(0, z²S²) on the group's sum (so /agents on its mean) and on the bit
+        sum. Adaptive clipping: move the group's bound for the rounds that follow."""
+        p = ej.spec.privacy
+        assert p is not None and p.noise_multiplier is not None
+        z = p.noise_multiplier
+        if p.adaptive:
+            bit_std, z = adaptive_noise(z, ej.spec.min_agents)
+            if p.mode == "edge":
+                bits = np.array([clip_bits], np.float32)
+                self.noise.add_gaussian(bits, bit_std)
+                clip_bits = float(bits[0])
+            bound = self.clips[ej.job].update(clip_bits, clients=len(ej.selected))
+            ej.spec = ej.spec.model_copy(update={"privacy": p.model_copy(
+                update={"clip": bound})})
+        if p.mode == "edge":
+            self.noise.add_gaussian(mean, edge_noise_std(z, p.clip) / agents)
 
     def _retry(self, ej: EdgeJob, now: float, why: str) -> list[Action]:
         ej.acc = ej.secure = None

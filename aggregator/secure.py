@@ -34,6 +34,7 @@ class Done:
     metrics: Metrics
     agents: int
     dropped: list[str]
+    clip_bits: float  # adaptive clipping: the sum of the agents' (noised) bits
 
 
 @dataclass(frozen=True)
@@ -111,8 +112,8 @@ class SecureRound:
             if not self.server.ready():
                 raise Rejected("secagg-too-few", "not enough shares to unmask")
             total = self.fixed.decode(self.server.result())
-            mean, metrics = wire.unpack(total, self.num_params, self.spec.secagg)
-            self.outcome = Done(mean, metrics, len(self.survivors), self.server.dropped)
+            mean, metrics, bits = wire.unpack(total, self.num_params, self.spec.secagg)
+            self.outcome = Done(mean, metrics, len(self.survivors), self.server.dropped, bits)
         except Rejected as r:
             self.outcome = Abort(f"{self.stage}: {r}")
         return []

@@ -21,7 +21,7 @@ import numpy as np
 
 from edge_agent.secure import SecureClient
 from hfl.actions import Action, Note, Send
-from hfl.dp import NoiseSource, agent_noise_std, clip_l2
+from hfl.dp import NoiseSource, adaptive_noise, agent_noise_std, clip_l2
 from hfl.errors import Rejected
 from hfl.messages import (
     Kind,
@@ -121,6 +121,23 @@ class AgentMachine:
     def tick(self, now: float) -> list[Action]:
         return []  # an agent has no deadlines of its own: the aggregator keeps time
 
+    def _privatize(self, spec: ModelSpec, delta: np.ndarray) -> float | None:
+        """Clip `delta` in place and, in distributed mode, add this agent's noise share;
+        with adaptive clipping, return the (noised) bit saying whether it fitted the bound."""
+        p, m = spec.privacy, spec.min_agents
+        assert p is not None and p.noise_multiplier is not None
+        z, bit = p.noise_multiplier, None
+        _, norm = clip_l2(delta, p.clip)
+        if p.adaptive:
+            bit_std, z = adaptive_noise(z, m)
+            shares = np.array([0.5 if norm <= p.clip else -0.5], np.float32)
+            if p.mode == "distributed":
+                self.noise.add_gaussian(shares, bit_std / np.sqrt(m))
+            bit = float(shares[0])
+        if p.mode == "distributed":
+            self.noise.add_gaussian(delta, agent_noise_std(z, p.clip, m))
+        return bit
+
     def trained(self, job: str, round: int, delta: np.ndarray, metrics: Metrics) -> list[Action]:
         """The runner finished `Train(job, round)`: answer unless the round moved on."""
         if self.pending != (job, round):
@@ -128,18 +145,14 @@ class AgentMachine:
         self.pending = None
         if self.last_round.get(job) != round:
             return [Note("train_late", {"job": job, "round": round})]
-        privacy = self.specs[job].privacy
-        if privacy is not None:
+        clip_bit = None
+        if self.specs[job].privacy is not None:
             delta = np.array(delta, dtype=np.float32)  # ours to change
-            clip_l2(delta, privacy.clip)
-            if privacy.mode == "distributed":
-                assert privacy.noise_multiplier is not None
-                self.noise.add_gaussian(delta, agent_noise_std(
-                    privacy.noise_multiplier, privacy.clip, self.specs[job].min_agents))
+            clip_bit = self._privatize(self.specs[job], delta)
         sc = self.secure.get(job)
         if sc is not None and sc.round == round:
-            return sc.trained(delta, metrics)
-        meta = UpdateMeta(metrics=metrics)
+            return sc.trained(delta, metrics, clip_bit or 0.0)
+        meta = UpdateMeta(metrics=metrics, clip_bit=clip_bit)
         send = Send(Kind.UPDATE, self.topics.update(self.aggregator, self.id), job, round,
                     "update", meta.model_dump(mode="json"), {"delta": delta},
                     to=(self.aggregator,))

@@ -64,9 +64,9 @@ class SecureClient:
             return [self._send("unshares", *wire.unshares_out(shares))]
         raise Rejected("unknown-stage", env.stage)
 
-    def trained(self, delta: np.ndarray, metrics: Metrics) -> list[Action]:
+    def trained(self, delta: np.ndarray, metrics: Metrics, clip_bit: float = 0.0) -> list[Action]:
         """Encode the input and advertise the round's keys."""
-        self.input, clipped = wire.pack(delta, metrics, self.spec, self.fixed)
+        self.input, clipped = wire.pack(delta, metrics, self.spec, self.fixed, clip_bit)
         out: list[Action] = [self._send("advert", {}, wire.advert_out(self.client.advertise()))]
         if clipped:
             out.append(Note("clipped", {"job": self.job, "round": self.round,

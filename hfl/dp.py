@@ -159,3 +159,10 @@ class AdaptiveClip:
             raise ValueError(f"bit noise std {bit_noise_std} leaves no budget for the update "
                              f"at noise multiplier {z}: it must exceed z/2 = {z / 2}")
         return (z**-2 - (2 * bit_noise_std) ** -2) ** -0.5
+
+
+def adaptive_noise(z: float, min_quorum: int) -> tuple[float, float]:
+    """(σ_b, z_Δ) for adaptive clipping: the bit sum's noise std — the paper's m/20, but at
+    least z so that z_Δ stays within 16 % of z — and the update's reduced multiplier."""
+    bit_std = max(min_quorum / 20, z)
+    return bit_std, AdaptiveClip.update_noise_multiplier(z, bit_std)

@@ -132,6 +132,10 @@ class PrivacySpec(_Strict):
                                            description="z (empty: calibrated for epsilon)")
     mode: Literal["distributed", "edge"] = "distributed"
     accountant: Literal["rdp", "pld"] = "rdp"
+    adaptive: bool = Field(default=False, description="adaptive clipping (Andrew et al. "
+                           "2021): each group's bound follows the target quantile of norms")
+    target_quantile: float = Field(default=0.5, gt=0, lt=1)
+    clip_lr: float = Field(default=0.2, gt=0, le=10, description="geometric step of the bound")
 
 
 class ModelSpec(_Strict):
@@ -279,6 +283,8 @@ class UpdateMeta(_Strict):
     """agent → aggregator: the delta from the round model, weighted by `metrics.samples`."""
 
     metrics: Metrics
+    clip_bit: float | None = Field(default=None, allow_inf_nan=False,
+                                   description="adaptive clipping: [norm <= S] - 1/2, noised")
 
 
 class Release(_Strict):

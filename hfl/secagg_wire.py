@@ -11,10 +11,11 @@ Every codec here validates what a peer sent (shapes, sizes, ids) and raises `Rej
 The input vector of an agent is its weighted delta followed by a trailer of weighted metrics,
 all in fixed point, so that the aggregator learns the group's metrics only as sums too:
 
-    [ w·Δ (P) | w | w·train_loss/L | e | e·eval_loss/L | e·eval_accuracy ]
+    [ w·Δ (P) | w | w·train_loss/L | e | e·eval_loss/L | e·eval_accuracy | clip bit ]
 
 with w = min(samples, cap)/cap (1 in a DP job, whose analysis counts agents equally),
-e = min(eval_samples, cap)/cap and losses clipped to L. In a DP job the delta arrives
+e = min(eval_samples, cap)/cap, losses clipped to L, and the adaptive-clipping bit
+(`hfl.dp.AdaptiveClip`, 0 when unused) summed like the rest. In a DP job the delta arrives
 clipped to L2 norm S and noised already (clip → noise → quantize → mask), and the
 fixed-point range widens to hold an agent's noise share without clipping it.
 """
@@ -31,7 +32,7 @@ from hfl.messages import Metrics, ModelSpec, SecureSpec, expect_tensor
 from hfl.secagg import PRIME, Advert, FixedPoint, Params, params_for
 from hfl.topics import check_id
 
-TRAILER = 5
+TRAILER = 6
 LOSS_SCALE = 64.0  # losses are sent as loss/64, clipped: a diverged agent cannot swamp the sum
 SHARE_BYTES = (PRIME.bit_length() + 7) // 8
 _ADVERT = {"c_pk": 32, "s_pk": 32, "b_commit": 32, "signature": 64}
@@ -65,8 +66,8 @@ def round_params(job: str, round: int, selected: int, num_params: int,
 # ------------------------------------------------------------------ the input vector
 
 
-def pack(delta: np.ndarray, metrics: Metrics, spec: ModelSpec,
-         fixed: FixedPoint) -> tuple[np.ndarray, int]:
+def pack(delta: np.ndarray, metrics: Metrics, spec: ModelSpec, fixed: FixedPoint,
+         clip_bit: float = 0.0) -> tuple[np.ndarray, int]:
     """An agent's fixed-point input and how many delta coordinates were clipped."""
     sec = spec.secagg
     dp = spec.privacy is not None
@@ -78,7 +79,7 @@ def pack(delta: np.ndarray, metrics: Metrics, spec: ModelSpec,
     clipped = int(np.count_nonzero(np.abs(x[: delta.size]) > clip))
     np.clip(x[: delta.size], -clip, clip, out=x[: delta.size])
     x[delta.size :] = [w, w * _loss(metrics.train_loss), e, e * _loss(metrics.eval_loss),
-                       e * metrics.eval_accuracy]
+                       e * metrics.eval_accuracy, clip_bit]
     out = np.empty(x.size, dtype=np.uint32)
     fixed.encode(x, out)
     return out, clipped
@@ -88,9 +89,10 @@ def _loss(v: float) -> float:
     return min(max(v, 0.0), LOSS_SCALE) / LOSS_SCALE
 
 
-def unpack(total: np.ndarray, num_params: int, sec: SecureSpec) -> tuple[np.ndarray, Metrics]:
-    """The group's mean delta and summed metrics from the decoded (float) sum of inputs."""
-    w, wl, e, el, ea = (float(v) for v in total[num_params:])
+def unpack(total: np.ndarray, num_params: int,
+           sec: SecureSpec) -> tuple[np.ndarray, Metrics, float]:
+    """The group's mean delta, summed metrics and clip-bit sum from the decoded sum."""
+    w, wl, e, el, ea, bits = (float(v) for v in total[num_params:])
     if w <= 0:
         raise Rejected("secagg-empty", "the unmasked sum carries no weight")
     mean = (total[:num_params] / w).astype(np.float32)
@@ -101,7 +103,7 @@ def unpack(total: np.ndarray, num_params: int, sec: SecureSpec) -> tuple[np.ndar
         eval_loss=el * LOSS_SCALE / e if e > 0 else 0.0,
         eval_accuracy=min(1.0, max(0.0, ea / e)) if e > 0 else 0.0,
     )
-    return mean, metrics
+    return mean, metrics, bits
 
 
 # ------------------------------------------------------------------ stage messages

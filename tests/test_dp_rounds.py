@@ -97,3 +97,23 @@ def test_an_impossible_target_is_refused_with_a_clear_error() -> None:
     status = job_status(net)
     assert status["state"] == "failed" and "cannot be met" in status["reason"]
     assert not [s for _, s in net.sent if s.kind is Kind.TASK]
+
+
+@pytest.mark.parametrize("secure,start,grows", [(False, 0.5, True), (True, 0.5, True),
+                                                (False, 8.0, False)])
+def test_adaptive_clipping_moves_each_groups_bound_toward_the_norms(
+        secure: bool, start: float, grows: bool) -> None:
+    # Every delta has norm √6 ≈ 2.45: from 0.5 the bound must rise, from 8 it must fall,
+    # by about exp(η/2) per round (γ = 0.5, b̄ ≈ 0 or 1; the bit noise is small here).
+    net = build(trainer=trainer(1.0), groups=GROUPS)
+    request(net, spec(secure, noise_multiplier=0.2, clip=start, adaptive=True, clip_lr=0.5,
+                      epsilon=1e4).model_copy(update={"rounds": 4}))
+    opens = [s for p, s in net.sent if p == "site-a" and s.stage == "open"]
+    bounds = [s.meta["spec"]["privacy"]["clip"] for s in opens]
+    assert len(bounds) == 4 and bounds[0] == start
+    ratios = np.array(bounds[1:]) / np.array(bounds[:-1])
+    if grows:
+        assert np.all((ratios > 1.15) & (ratios < 1.45)), bounds
+    else:
+        assert np.all((ratios > 1 / 1.45) & (ratios < 1 / 1.15)), bounds
+    assert job_status(net)["state"] == "done"
