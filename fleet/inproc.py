@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import shutil
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -118,15 +119,23 @@ class InProcessFleet:
             self.workdir / "coordinator", max_payload=self.max_payload,
             feed=self.feed(publish=True))
         self._serve(lay.coordinator, node, machine, timeout)
+        aggregators = {}
         for agg, agents in lay.groups.items():
-            node, machine = aggregator_node(ids[agg], self.roster, s(agg), self.topics,
-                                            max_payload=self.max_payload, feed=self.feed())
-            self._serve(agg, node, machine, timeout)
+            node, aggregators[agg] = aggregator_node(ids[agg], self.roster, s(agg), self.topics,
+                                                     max_payload=self.max_payload,
+                                                     feed=self.feed())
+            self._serve(agg, node, aggregators[agg], timeout)
             for agent, data in agents.items():
                 node, machine = agent_node(ids[agent], self.roster, s(agent), self.topics,
                                            agg, data, device=self.device,
                                            max_payload=self.max_payload, feed=self.feed())
                 self._serve(agent, node, machine, timeout)
+        # An aggregator samples among the agents it has seen online: wait until it has seen
+        # them all, or a job asked for right away would start with whoever was quickest.
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and any(
+                not set(lay.groups[a]) <= m.online for a, m in aggregators.items()):
+            time.sleep(0.05)
 
     def _serve(self, name: str, node: Node, machine: object, timeout: float) -> None:
         node.start(timeout)
