@@ -12,12 +12,12 @@
 from __future__ import annotations
 
 import platform
-import time
 import tracemalloc
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from safetensors.numpy import load as st_load
+from timing import best  # bench/timing.py (the script's folder is on the path)
 
 from hfl import envelope, tensors
 from hfl.aggregate import WeightedSum
@@ -25,15 +25,6 @@ from hfl.messages import Metrics
 
 SIZES = [100_000, 1_663_370, 10_000_000]
 M = Metrics(samples=10)
-
-
-def best(fn, repeat: int = 7) -> float:
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 def bench_sum() -> None:

@@ -39,7 +39,6 @@ import platform
 import random
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +46,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from timing import best  # noqa: E402 - bench/timing.py, beside this script
 
 from hfl import chunks, envelope  # noqa: E402
 from hfl import secagg as sa  # noqa: E402
@@ -60,20 +61,11 @@ QUICK = [*FULL[:9], (1_663_370, 10, 0.0), (1_663_370, 50, 0.1), (1_663_370, 100,
 INPUTS = 4  # distinct input vectors, shared round-robin by the clients
 
 
-def best(fn: Callable[[], object], repeat: int = 3) -> float:
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
-
-
 def bare(length: int, streams: int) -> float:
     """Keystream.fill of `streams` vectors of `length` words, best of 3."""
     ks, out = sa.Keystream(length), np.empty(length, np.uint32)
     keys = [os.urandom(32) for _ in range(streams)]
-    return best(lambda: [ks.fill(k, out) for k in keys])
+    return best(lambda: [ks.fill(k, out) for k in keys], repeat=3)
 
 
 def run(P: int, n: int, dropout: float, rng: random.Random) -> dict[str, float]:
@@ -128,7 +120,7 @@ def run(P: int, n: int, dropout: float, rng: random.Random) -> dict[str, float]:
     counts = np.bincount([ids.index(i) % INPUTS for i in survivors], minlength=INPUTS)
     want = sum(int(c) * inputs[k].astype(np.int64) for k, c in enumerate(counts))
     assert np.array_equal(total, (want % 2**32).astype(np.uint32)), "sum is not exact"
-    t_server = best(server.result)
+    t_server = best(server.result, repeat=3)
 
     # The PRG work each side must do, for the bare keystream baseline.
     k = len(graph[ids[0]])

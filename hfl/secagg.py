@@ -629,6 +629,17 @@ def _subsets(m: int, t: int):
                 yield subset
 
 
+def _seen(table: dict, sender: str, value: object, what: str) -> bool:
+    """True when `sender` already gave this very `value` (a redelivery, ignored); a second,
+    different one is a protocol violation."""
+    old = table.get(sender)
+    if old is None:
+        return False
+    if old == value:
+        return True
+    raise Rejected("secagg-duplicate", f"{sender}: a second, different {what}")
+
+
 class Server:
     """The server's side of a round: four stages, each frozen once, then the exact sum.
 
@@ -693,11 +704,8 @@ class Server:
         self._expect(1, sender, self._selected)
         if not isinstance(advert, Advert) or not advert.well_formed():
             raise Rejected("secagg-bad-advert", f"{sender}: malformed")
-        old = self._adverts.get(sender)
-        if old is not None:
-            if old == advert:
-                return
-            raise Rejected("secagg-duplicate", f"{sender}: a second, different advert")
+        if _seen(self._adverts, sender, advert, "advert"):
+            return
         _exchange(self._probe, advert.c_pk, sender)
         _exchange(self._probe, advert.s_pk, sender)
         self._adverts[sender] = advert
@@ -722,12 +730,8 @@ class Server:
             raise Rejected("secagg-bad-share", f"{sender}: recipients are not its neighbours")
         if not all(isinstance(c, bytes) and len(c) == CT_BYTES for c in cts.values()):
             raise Rejected("secagg-bad-share", f"{sender}: want {CT_BYTES}-byte ciphertexts")
-        old = self._shares.get(sender)
-        if old is not None:
-            if old == cts:
-                return
-            raise Rejected("secagg-duplicate", f"{sender}: a second, different set of shares")
-        self._shares[sender] = dict(cts)
+        if not _seen(self._shares, sender, cts, "set of shares"):
+            self._shares[sender] = dict(cts)
 
     def routed(self) -> dict[str, dict[str, bytes]]:
         """Freeze U2: recipient → {sender: ct}, for every recipient in U2."""
@@ -779,12 +783,8 @@ class Server:
             raise Rejected("secagg-bad-share", f"{sender}: not one share per neighbour in U2")
         if not all(type(v) is int and 0 <= v < PRIME for v in shares.values()):
             raise Rejected("secagg-bad-share", f"{sender}: a share outside the field")
-        old = self._unmasks.get(sender)
-        if old is not None:
-            if old == shares:
-                return
-            raise Rejected("secagg-duplicate", f"{sender}: a second, different set of shares")
-        self._unmasks[sender] = dict(shares)
+        if not _seen(self._unmasks, sender, shares, "set of shares"):
+            self._unmasks[sender] = dict(shares)
 
     def _secrets(self) -> list[_Secret]:
         """b of each survivor; s_sk of each dropped client that a survivor masked with."""
