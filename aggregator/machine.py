@@ -16,7 +16,6 @@ the coordinator.
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -58,8 +57,7 @@ def select(candidates: list[str], spec: ModelSpec, job: str, rnd: int) -> list[s
     """Sample ⌈C·n⌉ (at least the quorum) agents, reproducibly for (seed, job, round) — or,
     for a DP job, from a secret seed: privacy amplification by sampling needs a sample
     that the model's consumers cannot predict."""
-    n = len(candidates)
-    k = min(n, max(spec.min_agents, math.ceil(spec.client_fraction * n)))
+    k = spec.sample_size(len(candidates))
     digest = (os.urandom(32) if spec.privacy is not None
               else hashlib.sha256(f"{spec.seed}/{job}/{rnd}".encode()).digest())
     rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))

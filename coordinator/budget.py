@@ -7,7 +7,6 @@ sampling rate (`hfl.privacy.Ledger`). The ε reported is the worst case over age
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 from hfl.messages import ModelSpec, PrivacySpec, Release
@@ -16,10 +15,7 @@ from hfl.privacy import Ledger, calibrate, epsilon
 
 def sampling_rate(spec: ModelSpec, group_size: int) -> float:
     """The share of a group an edge round samples (as the aggregator's `select` does)."""
-    if group_size <= 0:
-        return 1.0
-    return min(group_size, max(spec.min_agents, math.ceil(spec.client_fraction * group_size))) \
-        / group_size
+    return spec.sample_size(group_size) / group_size if group_size > 0 else 1.0
 
 
 class Budget:

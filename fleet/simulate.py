@@ -122,12 +122,11 @@ def fleet_data(cfg: SimConfig) -> tuple[dict[str, dict[str, dict[str, LocalData]
     parts = partition(d.partition, pool.y, cfg.fleet.agents, seed=cfg.seed, alpha=d.alpha,
                       shards_per_part=d.shards_per_agent)
     groups: dict[str, dict[str, dict[str, LocalData]]] = {a: {} for a in layout}
-    for agg, agents in layout.items():
-        for agent in agents:
-            i = int(agent.rsplit("-", 1)[1]) - 1
-            train, test = datasets.split(pool.subset(parts[i]), d.local_test_fraction,
-                                         seed=cfg.seed + i)
-            groups[agg][agent] = {"data": LocalData(train, test)}
+    placed = ((agg, agent) for agg, agents in layout.items() for agent in agents)
+    for i, (agg, agent) in enumerate(placed):  # agent-(i+1) holds part i
+        train, test = datasets.split(pool.subset(parts[i]), d.local_test_fraction,
+                                     seed=cfg.seed + i)
+        groups[agg][agent] = {"data": LocalData(train, test)}
     return groups, held_out
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import math
 from dataclasses import dataclass
 from enum import Enum
 from typing import Annotated, Any, Literal, TypeVar
@@ -166,6 +167,11 @@ class ModelSpec(_Strict):
     seed: int = Field(default=0, ge=0, lt=2**31)
     secagg: SecureSpec = SecureSpec()
     privacy: PrivacySpec | None = None
+
+    def sample_size(self, candidates: int) -> int:
+        """Agents an edge round selects among `candidates`: ⌈C·n⌉, at least the quorum."""
+        return min(candidates, max(self.min_agents,
+                                   math.ceil(self.client_fraction * candidates)))
 
     @field_validator("name", "dataset")
     @classmethod

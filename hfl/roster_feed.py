@@ -17,7 +17,7 @@ import numpy as np
 from hfl.actions import Send
 from hfl.errors import Rejected
 from hfl.identity import Roster
-from hfl.messages import Kind, expect_tensor
+from hfl.messages import Kind
 from hfl.pki import verify_roster
 from hfl.topics import Topics
 
@@ -55,8 +55,9 @@ class RosterFeed:
 
     def on_message(self, env: Envelope) -> None:
         """A roster published on the roster topic (the gate verified who sent it)."""
-        data = expect_tensor(env.tensors, "roster", np.uint8,
-                             (env.tensors.get("roster", np.empty(0)).size,))
+        data = env.tensors.get("roster")
+        if data is None or data.dtype != np.uint8 or data.ndim != 1:
+            raise Rejected("bad-shape", "a roster message carries a uint8 vector `roster`")
         if data.size > MAX_ROSTER:
             raise Rejected("too-large", "roster")
         self.take(data.tobytes(), env.sender)
