@@ -345,7 +345,8 @@ class JobMeta(_Strict):
 
 
 class StatusMeta(_Strict):
-    state: Literal["online", "offline"]
+    # offline: left cleanly; lost: the broker's Last Will for a connection that died
+    state: Literal["online", "offline", "lost"]
     group: str | None = None
 
 
