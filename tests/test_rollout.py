@@ -224,6 +224,9 @@ def playbook(root: Path, inv: Path) -> dict[str, dict[str, int]]:
            "ANSIBLE_HOME": str(root / "ansible-home"),
            "ANSIBLE_REMOTE_TEMP": str(root / "remote-tmp"),
            "ANSIBLE_SSH_CONTROL_PATH_DIR": str(root / "cp"), "ANSIBLE_NOCOLOR": "1",
+           "ANSIBLE_FORKS": str(1 + len(SERVICES)),  # every host at once
+           # SSH masters outlive the playbook by this much, not by Ansible's 60 s.
+           "ANSIBLE_SSH_ARGS": "-o ControlMaster=auto -o ControlPersist=5s",
            "PATH": f"{ANSIBLE_BIN}:{os.environ['PATH']}"}
     run = subprocess.run([str(ANSIBLE_BIN / "ansible-playbook"), "-i", str(inv), "site.yml"],
                          cwd=ANSIBLE, env=env, capture_output=True, text=True, timeout=600)
@@ -408,13 +411,31 @@ def test_site_yml_rolls_out_a_fleet_that_trains(tools: None, mosquitto: str, roo
             assert version.meta.version == 1
             t_round = time.monotonic() - t_services - t_ready
             assert all(p.poll() is None for p in procs.values()), tails(logs)
+            app.stop()
+            codes = {h: stop(p) for h, p in procs.items()}  # SIGTERM, as systemctl stop
+            assert codes == dict.fromkeys(SERVICES, 0), tails(logs)
+            # The operator's check on a board, as its account, with the broker up.
+            check = subprocess.run(
+                [*su.exec_start(su.load(units["agent-1"]))[:1], "check", "-c",
+                 str(hosts / "agent-1/etc/hfl/agent.toml")], user=account, group=account,
+                extra_groups=[], env={"PATH": "/usr/bin:/bin", "COLUMNS": "200"},
+                capture_output=True, text=True, timeout=120)
+            assert check.returncode == 0 and "ready to serve" in check.stdout, check.stdout
         finally:
             if app is not None:
                 app.stop()
-            codes = {h: stop(p) for h, p in procs.items()}
+            for p in procs.values():
+                stop(p)
             stop(broker)
             notes.close()
-        assert codes == dict.fromkeys(SERVICES, 0), tails(logs)
+        # What systemd would have heard from each service.
+        for host in SERVICES:
+            heard = notes.messages[host]
+            assert {"READY=1", "WATCHDOG=1", "STOPPING=1"} <= set(heard), (host, heard)
+            assert heard.index("READY=1") < heard.index("STOPPING=1"), (host, heard)
+            if host != "coordinator":  # the aggregator and agents say which job they serve
+                assert any(m.startswith("STATUS=") and "job rollout-digits" in m
+                           for m in heard), (host, heard)
 
         t1 = time.monotonic()
         second = playbook(root, inv)
