@@ -336,8 +336,9 @@ class ModelMeta(_Strict):
     dropped: int = Field(default=0, ge=0, description="agents that dropped out mid-round")
     epsilon: float | None = Field(default=None, ge=0, description="ε spent (DP jobs)")
     delta: float | None = Field(default=None, description="the job's δ (DP jobs)")
-    metrics: Metrics = Field(description="the agents' evaluation of the previous version, "
-                             "summed over sites")
+    metrics: Metrics = Field(description="the block's last edge round, over all sites: its "
+                             "training loss and the agents' evaluation of the model it started "
+                             "from (the previous version when kappa1 = 1)")
 
 
 class JobMeta(_Strict):
