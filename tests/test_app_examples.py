@@ -32,6 +32,7 @@ from sklearn.datasets import load_digits
 from fleet.inproc import FleetLayout, InProcessFleet
 from fleet.simulate import demo_config, fleet_data
 from hfl import envelope, seal
+from hfl.app import App
 from hfl.chunks import Reassembler
 from hfl.messages import KNOWN_TYPES, Role
 from hfl.pki import Pki
@@ -99,7 +100,8 @@ def test_examples_receive_versions_and_the_wire_is_the_documented_contract(tmp_p
          str(tmp_path / "request.toml"), "--versions", "1"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
-        app = fleet.app("js-app", models=["digits-js"])  # the SDK, for the Node.js example
+        # The SDK as the README shows it; the version it gets is for the Node.js example.
+        app = App.from_device(devices["js-app"], host, int(port), models=["digits-js"])
         app.start()
         try:
             jobs = app.request(**_spec(cfg, "digits-js", "site-2"))
