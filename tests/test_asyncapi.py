@@ -2,14 +2,17 @@
 hfl.topics, the vocabulary of hfl.messages (kinds, senders, retained flags), each role's
 subscriptions, and the schemas generated from the pydantic models.
 
-The official schema comes from the npm package @asyncapi/specs, which `make test` installs
-into docs/node_modules (docs/package.json); it is never committed."""
+The official schema and parser come from the npm packages @asyncapi/specs and
+@asyncapi/parser, which `make test` installs into docs/node_modules (docs/package.json);
+they are never committed."""
 
 from __future__ import annotations
 
 import copy
 import inspect
 import json
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +36,8 @@ from tests.contract import (
     sample_topic,
 )
 
-SPEC = (Path(__file__).resolve().parents[1] / "docs" / "node_modules" / "@asyncapi" / "specs"
-        / "schemas" / "3.0.0-without-$id.json")
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+SPEC = DOCS / "node_modules" / "@asyncapi" / "specs" / "schemas" / "3.0.0-without-$id.json"
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +65,35 @@ def test_the_document_is_valid_asyncapi_3(spec_validator, doc) -> None:
     assert not spec_validator.is_valid(broken)
 
 
+def _parse_with_the_official_parser(path: Path) -> subprocess.CompletedProcess:
+    if shutil.which("node") is None or not (DOCS / "node_modules" / "@asyncapi").is_dir():
+        pytest.fail("Node.js and docs/node_modules are needed: `make test` installs them "
+                    "(npm ci --prefix docs)", pytrace=False)
+    return subprocess.run(["node", str(DOCS / "validate.mjs"), str(path)], capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_the_official_parser_finds_no_error_or_warning(tmp_path: Path) -> None:
+    run = _parse_with_the_official_parser(DOCUMENT)
+    assert run.returncode == 0, run.stdout + run.stderr
+    # A YAML slip that a plain YAML loader takes silently: commas in a flow mapping.
+    text = DOCUMENT.read_text(encoding="utf-8")
+    bad = tmp_path / "asyncapi.yaml"
+    bad.write_text(text.replace('{description: "the version: 1, 2, ..."}',
+                                "{description: the version, 1, 2}"), encoding="utf-8")
+    assert bad.read_text(encoding="utf-8") != text
+    run = _parse_with_the_official_parser(bad)
+    assert run.returncode == 1 and "Mapping key must be a string" in run.stdout
+
+
+def _keys(node: Any) -> list[Any]:
+    if isinstance(node, dict):
+        return [*node, *(k for v in node.values() for k in _keys(v))]
+    if isinstance(node, list):
+        return [k for v in node for k in _keys(v)]
+    return []
+
+
 def _refs(node: Any, path: str = "#") -> list[tuple[str, str]]:
     if isinstance(node, dict):
         out = [(path, node["$ref"])] if isinstance(node.get("$ref"), str) else []
@@ -74,6 +106,7 @@ def _refs(node: Any, path: str = "#") -> list[tuple[str, str]]:
 
 
 def test_every_reference_resolves_and_operations_use_their_channels_messages(doc) -> None:
+    assert all(isinstance(k, str) for k in _keys(doc))  # no `{a: b, 1, 2}` slip
     refs = _refs(doc)
     assert len(refs) > 80
     for where, ref in refs:
