@@ -163,8 +163,13 @@ def _kinds(doc: dict[str, Any], message: dict[str, Any]) -> str:
 
 def test_each_channel_carries_the_kinds_the_vocabulary_routes_to_it(doc) -> None:
     for channel, route in channel_routes(doc).items():
-        documented = {_kinds(doc, m) for m in channel_messages(doc, channel).values()}
-        assert documented == {k.value for k, link in VOCABULARY.items() if link.route == route}
+        messages = channel_messages(doc, channel).values()
+        assert {_kinds(doc, m) for m in messages} == {
+            k.value for k, link in VOCABULARY.items() if link.route == route}
+        for m in messages:  # a sealed message says for whom
+            sealed = next(p["properties"]["sealed"]["const"]
+                          for p in m["x-hfl-header"]["allOf"] if "properties" in p)
+            assert sealed == ("sealedFor" in m["x-hfl-body"]), m["name"]
 
 
 def _operations(doc: dict[str, Any], action: str) -> list[tuple[str, dict, set[str], set[str]]]:
