@@ -370,6 +370,5 @@ class App:
         if name not in self.subscribed:
             raise ValueError(f"model {name!r} is not subscribed: App(..., models="
                              f"{self.subscribed}) must list it")
-        for event in self.events(timeout):
-            if isinstance(event, ModelVersion) and event.meta.model == name:
-                yield event
+        return (e for e in self.events(timeout)
+                if isinstance(e, ModelVersion) and e.meta.model == name)
