@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-hfl
 SUDO   := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: demo test lint bench install mosquitto clean
+.PHONY: demo test lint bench install mosquitto node npm clean
 
 install: $(STAMP)
 
@@ -28,10 +28,31 @@ mosquitto:
 		echo "e.g. 'brew install mosquitto' or 'dnf install mosquitto', then rerun."; exit 1; \
 	fi
 
+# The contract tests check docs/asyncapi.yaml with the official AsyncAPI schema and parser
+# (docs/package.json) and run the Node.js example (examples/node). No package needs its
+# install scripts (one of the parser's would only send install analytics).
+NPM_DIRS := docs examples/node
+
+node:
+	@if command -v npm >/dev/null; then :; \
+	elif command -v apt-get >/dev/null; then \
+		echo "Node.js is missing: installing it with apt-get"; \
+		$(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends nodejs npm; \
+	else \
+		echo "Node.js and npm are missing: install them with your package manager, then rerun."; \
+		exit 1; \
+	fi
+
+%/node_modules/.package-lock.json: %/package-lock.json | node
+	npm ci --prefix $* --ignore-scripts --no-audit --no-fund
+	touch $@
+
+npm: $(addsuffix /node_modules/.package-lock.json,$(NPM_DIRS))
+
 demo: install mosquitto
 	$(BIN)/hfl demo --out hfl-demo --report hfl-demo/report.json
 
-test: install mosquitto
+test: install mosquitto npm
 	$(BIN)/pytest -q
 
 lint: install
@@ -41,4 +62,4 @@ bench: install mosquitto
 	$(BIN)/python bench/run.py
 
 clean:
-	rm -rf $(VENV) hfl-demo .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) hfl-demo .pytest_cache .ruff_cache .hypothesis $(addsuffix /node_modules,$(NPM_DIRS))
