@@ -13,6 +13,11 @@ app = typer.Typer(help="The client layer: train on local data, send updates to t
                   no_args_is_help=True)
 
 
+@app.callback()
+def _group() -> None:
+    """Keeps the subcommand on the command line (`hfl-agent run -c ...`) with one command."""
+
+
 @app.command()
 def run(config: ConfigOption, verbose: VerboseOption = False) -> None:
     """Serve as an agent: train each round the aggregator opens for us."""
@@ -23,7 +28,7 @@ def run(config: ConfigOption, verbose: VerboseOption = False) -> None:
     node, machine = agent_node(identity, roster, cfg.broker_settings(), cfg.topics,
                                cfg.agent.aggregator, data, device=cfg.agent.device,
                                max_payload=cfg.max_payload, feed=feed)
-    raise typer.Exit(serve(node, machine))
+    raise typer.Exit(serve(node, machine, device_dir=cfg.device.dir))
 
 
 def main() -> None:
