@@ -122,6 +122,23 @@ def test_a_refused_subscription_never_reports_ready(notify: NotifySocket) -> Non
         broker.close()
 
 
+def test_waiting_for_the_broker_feeds_the_watchdog_and_a_stop_ends_it(
+        notify: NotifySocket) -> None:
+    broker = HoldingBroker()  # never grants: the node waits for its SUBACK
+    try:
+        node, _ = agent_node(broker.port)
+        t, code = serve_in_thread(node, Idle(), Notifier(notify.path, watchdog=0.4))
+        assert broker.subscribed.wait(10)
+        since = time.monotonic()
+        time.sleep(0.7)
+        assert len(notify.times("WATCHDOG=1", since)) >= 2  # not restarted while starting
+        node.stop_event.set()  # what SIGTERM does
+        t.join(5)
+        assert code == [0] and "READY=1" not in notify.texts()
+    finally:
+        broker.close()
+
+
 def test_status_follows_the_rounds_and_the_watchdog_follows_the_loop(
         broker: Broker, notify: NotifySocket) -> None:
     node, _ = agent_node(broker.port)
