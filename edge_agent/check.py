@@ -225,14 +225,14 @@ def enrolled_check(b: Board) -> list[Check]:
     cfg, agg = b.cfg, b.cfg.agent.aggregator
     try:
         ident = Identity.load(cfg.device.dir, cfg.identity.id, Role.AGENT)
-        member = b.roster.check_enrolled(ident, cfg.device.dir)
+        b.roster.check_member(ident, str(cfg.device.roster))
     except (ValueError, FileNotFoundError) as e:
         return [bad("enrolment", str(e), "issue the device on the control node and copy its "
                     "folder (hfl pki issue PKI ID --role agent --aggregator AGG)")]
-    if member.group != agg:
-        return [bad("enrolment", f"the roster enrols {ident.id} under {member.group}, the "
-                    f"config says aggregator = {agg!r}",
-                    f'set aggregator = "{member.group}" in [agent]')]
+    group = b.roster.get(ident.id).group  # type: ignore[union-attr]  # checked above
+    if group != agg:
+        return [bad("enrolment", f"the roster enrols {ident.id} under {group}, the config "
+                    f"says aggregator = {agg!r}", f'set aggregator = "{group}" in [agent]')]
     return [ok("enrolment", f"{ident.id}: keys match the roster, agent of {agg}")]
 
 
