@@ -13,6 +13,11 @@ app = typer.Typer(help="The aggregation layer: run edge rounds for a site's agen
                   no_args_is_help=True)
 
 
+@app.callback()
+def _group() -> None:
+    """Keeps the subcommand on the command line (`hfl-aggregator run -c ...`) with one command."""
+
+
 @app.command()
 def run(config: ConfigOption, verbose: VerboseOption = False) -> None:
     """Serve as an aggregator for the agents the roster enrols under our id."""
@@ -20,7 +25,7 @@ def run(config: ConfigOption, verbose: VerboseOption = False) -> None:
     cfg, identity, roster, feed = open_config(config, Role.AGGREGATOR)
     node, machine = aggregator_node(identity, roster, cfg.broker_settings(), cfg.topics,
                                     max_payload=cfg.max_payload, feed=feed)
-    raise typer.Exit(serve(node, machine))
+    raise typer.Exit(serve(node, machine, device_dir=cfg.device.dir))
 
 
 def main() -> None:

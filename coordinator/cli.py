@@ -29,7 +29,7 @@ def run(config: ConfigOption, verbose: VerboseOption = False) -> None:
                                                cfg.topics, cfg.coordinator.state_dir,
                                                max_payload=cfg.max_payload, feed=feed)
     try:
-        code = serve(node, machine)
+        code = serve(node, machine, device_dir=cfg.device.dir)
     finally:
         registry.close()
     raise typer.Exit(code)

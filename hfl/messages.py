@@ -361,7 +361,8 @@ class JobMeta(_Strict):
 class StatusMeta(_Strict):
     """every node → its status topic (retained; also its Last Will)."""
 
-    state: Literal["online", "offline"]
+    state: Literal["online", "offline", "lost"] = Field(
+        description="offline: it left cleanly; lost: its Last Will (the connection died)")
     group: str | None = Field(default=None, description="an agent's aggregator")
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,13 +97,19 @@ class Session:
 
     def __init__(self, client_id: str, settings: BrokerSettings, *, inbox: queue.Queue[Inbound],
                  subscriptions: Sequence[str] = (), will: tuple[str, bytes, bool] | None = None,
-                 clean_start: bool = False, max_payload: int = 256 * 1024) -> None:
+                 birth: Callable[[], tuple[str, bytes]] | None = None,
+                 clean_start: bool = False, max_payload: int = 256 * 1024,
+                 leave_unacked: bool = False) -> None:
         self.client_id = client_id
+        # Retained on every connect, freshly made (receivers drop an exact repeat): after a
+        # reconnect it replaces the Last Will the broker published for the lost connection.
+        self.birth = birth
         self.settings = settings
         self.inbox = inbox
         self.max_payload = max_payload
         self.chunk_limit = max_payload
         self.connected = False
+        self.refusal: str | None = None  # the broker's last refusal (CONNACK or SUBACK)
         self.counters: dict[str, int] = dict.fromkeys(
             ("connects", "disconnects", "published", "received", "dropped_callback_errors"), 0)
         self._filters: list[str] = list(dict.fromkeys(subscriptions))
@@ -112,14 +118,17 @@ class Session:
         self._cond = threading.Condition()
         self._subacks = _Acks(self._cond)
         self._pubacks = _Acks(self._cond)
-        self._client = self._make_client(will, clean_start)
+        # A probe connecting as a device acks nothing it receives: the broker then keeps those
+        # messages in the device's persistent session for the device itself.
+        self._client = self._make_client(will, clean_start, manual_ack=leave_unacked)
 
     # ------------------------------------------------------------------ setup
 
-    def _make_client(self, will: tuple[str, bytes, bool] | None, clean_start: bool) -> mqtt.Client:
+    def _make_client(self, will: tuple[str, bytes, bool] | None, clean_start: bool,
+                     manual_ack: bool) -> mqtt.Client:
         s = self.settings
         c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
-                        protocol=mqtt.MQTTv5)
+                        protocol=mqtt.MQTTv5, manual_ack=manual_ack)
         c.enable_logger(logging.getLogger("hfl.mqtt.paho"))
         if s.ca:
             c.tls_set(ca_certs=s.ca, certfile=s.cert, keyfile=s.key)
@@ -212,9 +221,11 @@ class Session:
                     reason_code: ReasonCode, properties: Properties | None) -> None:
         try:
             if reason_code.is_failure:
+                self.refusal = f"connection refused: {reason_code}"
                 log.warning("%s: broker refused the connection: %s", self.client_id,
                             reason_code)
                 return
+            self.refusal = None
             self._apply_packet_limit(getattr(properties, "MaximumPacketSize", None))
             self._subacks.clear()
             with self._cond:
@@ -227,6 +238,9 @@ class Session:
                 self._cond.notify_all()
             if added:
                 self._send_subscribe(added)
+            if self.birth is not None:
+                topic, payload = self.birth()
+                self.publish(topic, payload, retain=True)
             self._bump("connects")
             log.info("%s connected to %s:%s (session present: %s)", self.client_id,
                      self.settings.host, self.settings.port, flags.session_present)
@@ -252,6 +266,7 @@ class Session:
             if refused:
                 # Left unacknowledged on purpose: a service must not report ready without
                 # the subscriptions it needs (an ACL mistake, typically).
+                self.refusal = f"subscription refused: {', '.join(refused)}"
                 log.error("%s: subscription refused: %s", self.client_id, ", ".join(refused))
                 self._bump("subscribe_refused")
                 return
