@@ -189,7 +189,7 @@ def config_check(b: Board) -> Check:
         cfg = load_config(b.path)
         if cfg.agent is None:
             raise ValueError(f"{b.path}: no [agent] section")
-    except ValueError as e:
+    except (ValueError, OSError) as e:  # OSError: unreadable (permissions)
         return bad("config", str(e), "fix the file (examples/services/agent.toml shows every "
                    "field)")
     b.cfg = cfg
@@ -211,7 +211,7 @@ def roster_check(b: Board) -> list[Check]:
     try:
         b.ca = load_ca_cert(d.ca)
         b.roster = load_roster(d.roster, d.ca)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:
         return [bad("roster", str(e), f"copy ca.crt and roster.json together from the control "
                     f"node's PKI/devices/{b.cfg.identity.id}/: both come from one fleet CA")]
     return [ok("roster", f"signed by {b.ca.subject.rfc4514_string()}, serial "
@@ -225,14 +225,15 @@ def enrolled_check(b: Board) -> list[Check]:
     cfg, agg = b.cfg, b.cfg.agent.aggregator
     try:
         ident = Identity.load(cfg.device.dir, cfg.identity.id, Role.AGENT)
-        member = b.roster.check_enrolled(ident, cfg.device.dir)
-    except (ValueError, FileNotFoundError) as e:
+        b.roster.check_member(ident, str(cfg.device.roster))
+    except (ValueError, OSError) as e:
         return [bad("enrolment", str(e), "issue the device on the control node and copy its "
                     "folder (hfl pki issue PKI ID --role agent --aggregator AGG)")]
-    if member.group != agg:
-        return [bad("enrolment", f"the roster enrols {ident.id} under {member.group}, the "
-                    f"config says aggregator = {agg!r}",
-                    f'set aggregator = "{member.group}" in [agent]')]
+    member = b.roster.get(ident.id)
+    assert member is not None  # check_member passed
+    if (group := member.group) != agg:
+        return [bad("enrolment", f"the roster enrols {ident.id} under {group}, the config "
+                    f"says aggregator = {agg!r}", f'set aggregator = "{group}" in [agent]')]
     return [ok("enrolment", f"{ident.id}: keys match the roster, agent of {agg}")]
 
 
@@ -267,7 +268,8 @@ def broker_check(b: Board) -> list[Check]:
     s, d = b.cfg.broker_settings(), b.cfg.device
     name = f"broker {s.host}:{s.port}"
     try:
-        fd = claim(d.dir)  # held during the probe: a service starting now waits its turn
+        fd = claim(d.dir)  # held during the probe (a service starting meanwhile exits 1
+        # and systemd starts it again: Restart=on-failure)
     except AlreadyServed:
         return [Check(name, "skip", "hfl-agent is running with this identity: a probe would "
                       "take over its connection", "see its state with systemctl status "
@@ -300,8 +302,12 @@ def transport_probe(host: str, port: int, ca: str | None, cert: str | None, key:
         if ca is None:
             return None
         assert cert is not None and key is not None  # BrokerSettings sets all three
-        ctx = ssl.create_default_context(cafile=ca)
-        ctx.load_cert_chain(cert, key)
+        try:
+            ctx = ssl.create_default_context(cafile=ca)
+            ctx.load_cert_chain(cert, key)
+        except (ssl.SSLError, OSError) as e:
+            return (f"cannot load the device's TLS files: {e}",
+                    "copy the device folder made by `hfl pki issue` again")
         try:
             with ctx.wrap_socket(sock, server_hostname=host):
                 return None

@@ -3,7 +3,6 @@ own: keys, broker, demo, simulate, version."""
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Annotated
 
@@ -87,9 +86,7 @@ def run_and_report(cfg, out: Path, report: Path | None, title: str, verbose: boo
     from fleet.report import plot_rounds, write_json
     from fleet.simulate import run, summary
 
-    setup_logging(verbose)
-    if not verbose:
-        logging.getLogger("hfl").setLevel(logging.ERROR)
+    setup_logging(verbose, quiet=not verbose)
     rounds = int(cfg.model.get("rounds", 10))
     spec = cfg.spec(["check"])
     dp = spec.privacy

@@ -60,10 +60,11 @@ class _PriorityPrefix(logging.Formatter):
         return f"<{prio}>{super().format(record)}"
 
 
-def setup_logging(verbose: bool = False) -> None:
+def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
     """Rich on a terminal; under systemd, journal entries with the fields of the job and
     round the service is on (hfl.activity) when systemd-python is installed, else plain
-    lines with a priority prefix; plain lines anywhere else."""
+    lines with a priority prefix; plain lines anywhere else. `quiet`: hfl logs errors only
+    (a command with its own progress display)."""
     level = logging.DEBUG if verbose else logging.INFO
     fmt = "%(name)s: %(message)s"
     journal = stderr_is_journal()
@@ -83,6 +84,7 @@ def setup_logging(verbose: bool = False) -> None:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s " + fmt))
     logging.basicConfig(level=level, handlers=[handler], force=True)
+    logging.getLogger("hfl").setLevel(logging.ERROR if quiet else logging.NOTSET)
     # paho logs every broker disconnect at ERROR; reconnecting is routine for us.
     logging.getLogger("hfl.mqtt.paho").setLevel(logging.DEBUG if verbose else logging.CRITICAL)
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
@@ -102,7 +104,7 @@ def open_config(path: Path, role: Role, section: str | None = None) -> tuple[
         roster = load_roster(device.roster, device.ca)
         feed = RosterFeed(roster, load_ca_cert(device.ca), cfg.topics, device.roster,
                           publish=role is Role.COORDINATOR)
-        roster.check_enrolled(identity, device.dir)
+        roster.check_member(identity, str(device.roster))
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
     return cfg, identity, roster, feed

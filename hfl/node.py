@@ -129,9 +129,14 @@ class Node:
     # ------------------------------------------------------------------ loop
 
     def start(self, timeout: float = 30.0) -> None:
-        """Connect; return once connected, subscribed (every SUBACK granted) and online."""
+        """Connect; return once connected, subscribed (every SUBACK granted) and online.
+        While waiting, `alive()`: the watchdog is fed and a stop asked for ends the wait."""
         self.session.start()
-        if not self.session.wait_ready(timeout):
+        deadline = time.monotonic() + timeout
+        while not self.session.wait_ready(min(0.2, max(deadline - time.monotonic(), 0))):
+            self.alive()
+            if time.monotonic() < deadline:
+                continue
             s, who = self.session.settings, self.identity.id
             if not self.session.connected:
                 why = f": {self.session.refusal}" if self.session.refusal else ""

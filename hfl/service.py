@@ -24,7 +24,7 @@ from types import FrameType
 from hfl import activity
 from hfl.activity import Activity, journal_fields
 from hfl.messages import Role
-from hfl.node import Machine, Node
+from hfl.node import Machine, Node, Stopped
 from hfl.sdnotify import Notifier
 
 log = logging.getLogger("hfl.service")
@@ -82,9 +82,11 @@ def serve(node: Node, machine: Machine, *, timeout: float = 30.0,
     node.heartbeat = sd.beat
     try:
         node.start(timeout)
-    except ConnectionError as e:
-        log.error("%s", e)
+    except (ConnectionError, Stopped) as e:
         node.session.stop()
+        if isinstance(e, Stopped):
+            return 0  # asked to stop before we were up
+        log.error("%s", e)
         return 1
     sd.ready()
     log.info("%s serving", who)

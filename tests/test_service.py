@@ -19,7 +19,7 @@ import pytest
 
 from edge_agent.data import load_digits
 from edge_agent.train import TrainConfig, train
-from fleet.broker import Broker, BrokerTls
+from fleet.broker import Broker, BrokerTls, free_port
 from hfl import envelope
 from hfl.actions import Note
 from hfl.identity import Identity, Roster
@@ -118,6 +118,38 @@ def test_a_refused_subscription_never_reports_ready(notify: NotifySocket) -> Non
         t.join(10)
         assert code == [1]
         assert "READY=1" not in notify.texts()
+    finally:
+        broker.close()
+
+
+@pytest.mark.parametrize("euid", [0, 1000])
+def test_root_is_warned_and_a_missing_broker_is_named(
+        euid: int, notify: NotifySocket, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: euid)
+    port = free_port()
+    node, _ = agent_node(port)
+    t, code = serve_in_thread(node, Idle(), Notifier(notify.path), timeout=0.5)  # keeps
+    t.join(10)  # pytest's own signal handlers: serve() installs its own on the main thread
+    assert code == [1]
+    assert ("runs as root" in caplog.text) == (euid == 0)
+    assert f"broker 127.0.0.1:{port} not reachable" in caplog.text
+    assert "READY=1" not in notify.texts()
+
+
+def test_waiting_for_the_broker_feeds_the_watchdog_and_a_stop_ends_it(
+        notify: NotifySocket) -> None:
+    broker = HoldingBroker()  # never grants: the node waits for its SUBACK
+    try:
+        node, _ = agent_node(broker.port)
+        t, code = serve_in_thread(node, Idle(), Notifier(notify.path, watchdog=0.4))
+        assert broker.subscribed.wait(10)
+        since = time.monotonic()
+        time.sleep(0.7)
+        assert len(notify.times("WATCHDOG=1", since)) >= 2  # not restarted while starting
+        node.stop_event.set()  # what SIGTERM does
+        t.join(5)
+        assert code == [0] and "READY=1" not in notify.texts()
     finally:
         broker.close()
 
