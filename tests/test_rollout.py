@@ -30,11 +30,10 @@ from pathlib import Path
 
 import pytest
 
-from hfl.app import App, ModelVersion
+from hfl.app import App
 from hfl.config import load_config
-from hfl.identity import Identity
-from hfl.messages import ModelRequest, ModelSpec, Role
-from hfl.pki import DeviceFiles, Pki, load_roster
+from hfl.messages import Role
+from hfl.pki import Pki
 from tests import systemd_units as su
 
 REPO = Path(__file__).resolve().parent.parent
@@ -396,22 +395,21 @@ def test_site_yml_rolls_out_a_fleet_that_trains(tools: None, mosquitto: str, roo
                               procs, logs), f"READY=1 from {notes.messages}\n{tails(logs)}"
             t_ready = time.monotonic() - t_services
 
-            device = DeviceFiles(pki.device("app").dir, "app")
-            app = App(Identity.load(device.dir, "app", Role.APP),
-                      load_roster(device.roster, device.ca),
-                      device.broker_settings("127.0.0.1", broker_port), models=["digits"])
+            app = App.from_device(pki.device("app").dir, "127.0.0.1", broker_port,
+                                  models=["digits"])
             app.start()
-            spec = ModelSpec(name="digits", arch="logreg", input_shape=(1, 8, 8),
-                             num_classes=10, dataset="digits", aggregators=["site-a"], rounds=1,
-                             min_agents=len(AGENTS), epochs=2, lr=0.1, deadline_s=60)
-            app.request(ModelRequest(request_id="rollout", models=[spec]))
-            version = next((e for e in app.events(timeout=180) if isinstance(e, ModelVersion)),
-                           None)
+            jobs = app.request(name="digits", arch="logreg", input_shape=(1, 8, 8),
+                               num_classes=10, dataset="digits", aggregators=["site-a"],
+                               rounds=1, min_agents=len(AGENTS), epochs=2, lr=0.1,
+                               deadline_s=60, request_id="rollout")
+            assert jobs == ["rollout-digits"]
+            version = next(app.models("digits", timeout=180), None)
             assert version is not None, tails(logs)
             assert version.meta.version == 1
             t_round = time.monotonic() - t_services - t_ready
             assert all(p.poll() is None for p in procs.values()), tails(logs)
             app.stop()
+            app = None
             codes = {h: stop(p) for h, p in procs.items()}  # SIGTERM, as systemctl stop
             assert codes == dict.fromkeys(SERVICES, 0), tails(logs)
             # The operator's check on a board, as its account, with the broker up.
