@@ -5,9 +5,12 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-hfl
+# ansible-core 2.20+ needs Python >= 3.12: 2.19 runs on 3.10 and 3.11.
+ANSIBLE_VENV  ?= .venv-ansible
+ANSIBLE_STAMP := $(ANSIBLE_VENV)/.installed-ansible
 SUDO   := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: demo test lint bench install mosquitto node npm clean
+.PHONY: demo test lint bench install mosquitto node npm ansible deploy-tools clean
 
 install: $(STAMP)
 
@@ -49,10 +52,32 @@ node:
 
 npm: $(addsuffix /node_modules/.package-lock.json,$(NPM_DIRS))
 
+# The rollout tests' tools: Ansible in a venv of its own, sshd for the test hosts and
+# systemd-analyze to verify the units (Debian packages).
+ansible: $(ANSIBLE_STAMP)
+
+$(ANSIBLE_STAMP):
+	$(PYTHON) -m venv $(ANSIBLE_VENV)
+	$(ANSIBLE_VENV)/bin/pip install --quiet 'ansible-core>=2.19,<2.20' 'ansible-lint>=26.10,<27'
+	touch $(ANSIBLE_STAMP)
+
+deploy-tools:
+	@missing=""; \
+	[ -x /usr/sbin/sshd ] || missing="$$missing openssh-server"; \
+	command -v systemd-analyze >/dev/null || missing="$$missing systemd"; \
+	if [ -z "$$missing" ]; then :; \
+	elif command -v apt-get >/dev/null; then \
+		echo "Installing$$missing with apt-get"; \
+		$(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends $$missing; \
+	else \
+		echo "Missing:$$missing (sshd, systemd-analyze): install them with your package manager."; \
+		exit 1; \
+	fi
+
 demo: install mosquitto
 	$(BIN)/hfl demo --out hfl-demo --report hfl-demo/report.json
 
-test: install mosquitto npm
+test: install mosquitto npm ansible deploy-tools
 	$(BIN)/pytest -q
 
 lint: install
@@ -62,4 +87,4 @@ bench: install mosquitto
 	$(BIN)/python bench/run.py
 
 clean:
-	rm -rf $(VENV) hfl-demo .pytest_cache .ruff_cache .hypothesis $(addsuffix /node_modules,$(NPM_DIRS))
+	rm -rf $(VENV) $(ANSIBLE_VENV) hfl-demo .pytest_cache .ruff_cache .hypothesis $(addsuffix /node_modules,$(NPM_DIRS))
