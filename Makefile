@@ -21,15 +21,20 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet torch==2.13.0 -e '.[dev]'
 	touch $(STAMP)
 
-mosquitto:
-	@if command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ]; then :; \
+# $(call need,CHECK,PACKAGES,WHAT): when the shell test CHECK fails, install the Debian
+# PACKAGES with apt (or say what to install where there is no apt).
+define need
+	@if $(1); then :; \
 	elif command -v apt-get >/dev/null; then \
-		echo "Mosquitto is missing: installing it with apt-get"; \
-		$(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends mosquitto; \
+		echo "$(3) is missing: installing $(2) with apt-get"; \
+		$(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends $(2); \
 	else \
-		echo "Mosquitto (the MQTT broker) is missing: install it with your package manager,"; \
-		echo "e.g. 'brew install mosquitto' or 'dnf install mosquitto', then rerun."; exit 1; \
+		echo "$(3) is missing: install $(2) with your package manager, then rerun."; exit 1; \
 	fi
+endef
+
+mosquitto:
+	$(call need,command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ],mosquitto,Mosquitto (the MQTT broker))
 
 # The contract tests check docs/asyncapi.yaml with the official AsyncAPI schema and parser
 # (docs/package.json) and run the Node.js example (examples/node). No package needs its
@@ -37,14 +42,7 @@ mosquitto:
 NPM_DIRS := docs examples/node
 
 node:
-	@if command -v npm >/dev/null; then :; \
-	elif command -v apt-get >/dev/null; then \
-		echo "Node.js is missing: installing it with apt-get"; \
-		$(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends nodejs npm; \
-	else \
-		echo "Node.js and npm are missing: install them with your package manager, then rerun."; \
-		exit 1; \
-	fi
+	$(call need,command -v npm >/dev/null,nodejs npm,Node.js)
 
 %/node_modules/.package-lock.json: %/package-lock.json | node
 	npm ci --prefix $* --ignore-scripts --no-audit --no-fund
@@ -62,17 +60,8 @@ $(ANSIBLE_STAMP):
 	touch $(ANSIBLE_STAMP)
 
 deploy-tools:
-	@missing=""; \
-	[ -x /usr/sbin/sshd ] || missing="$$missing openssh-server"; \
-	command -v systemd-analyze >/dev/null || missing="$$missing systemd"; \
-	if [ -z "$$missing" ]; then :; \
-	elif command -v apt-get >/dev/null; then \
-		echo "Installing$$missing with apt-get"; \
-		$(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends $$missing; \
-	else \
-		echo "Missing:$$missing (sshd, systemd-analyze): install them with your package manager."; \
-		exit 1; \
-	fi
+	$(call need,[ -x /usr/sbin/sshd ],openssh-server,sshd)
+	$(call need,command -v systemd-analyze >/dev/null,systemd,systemd-analyze)
 
 demo: install mosquitto
 	$(BIN)/hfl demo --out hfl-demo --report hfl-demo/report.json
