@@ -48,6 +48,15 @@ def split(payload: bytes, max_payload: int, *, msg_id: bytes | None = None) -> l
     ]
 
 
+def message_id(payload: Payload) -> bytes | None:
+    """The id a chunk frame shares with the other chunks of its message; None for a
+    payload that is no chunk frame."""
+    view = memoryview(payload)
+    if len(view) < FRAME_OVERHEAD or view[: len(MAGIC)] != MAGIC:
+        return None
+    return bytes(view[len(MAGIC) : len(MAGIC) + ID_LEN])
+
+
 @dataclass(frozen=True)
 class _Frame:
     msg_id: bytes
@@ -121,6 +130,10 @@ class Reassembler:
     @property
     def pending(self) -> int:
         return len(self._partials)
+
+    def holds(self, key: str, msg_id: bytes) -> bool:
+        """Whether chunks of message `msg_id` from `key` wait for the rest."""
+        return (key, msg_id) in self._partials
 
     def feed(self, key: str, payload: Payload, now: float) -> Payload | None:
         """The whole message once its last chunk arrives; a non-chunk payload as is."""

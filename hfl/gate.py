@@ -4,7 +4,9 @@ Reassembles chunks, decodes and verifies the envelope against the roster, binds 
 sender to the topic it used, drops exact repeats (QoS 1 redeliveries, retained copies)
 and opens bodies sealed for us. Every refusal is counted by reason; nothing a peer sends
 raises out of here. A sealed body addressed only to others is not a fault (a round model
-for the agents selected this round): it is counted as `not_for_us` and dropped.
+for the agents selected this round): it is counted as `not_for_us` and dropped. A chunked
+message that never completes is counted when it is dropped: `chunks-evicted` (to keep the
+memory bound) or `chunks-expired` (too old).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class Gate:
         self._reassembler = Reassembler(
             max_message=max_message, max_pending_bytes=max(4 * max_message, 64 << 20)
         )
+        self._evicted = 0  # evictions counted so far
 
     def accept(self, topic: str, payload: bytes, now: float) -> tuple[Envelope, Route] | None:
         """One inbound payload → a verified envelope and its route, or None (incomplete,
@@ -45,7 +48,10 @@ class Gate:
         if not payload:
             return None  # a cleared retained message
         try:
-            data = self._reassembler.feed(topic, payload, now)
+            try:
+                data = self._reassembler.feed(topic, payload, now)
+            finally:
+                self._count_evicted()
             if data is None:
                 return None
             route = self.topics.parse(topic)
@@ -81,5 +87,17 @@ class Gate:
         self.rejections[r.reason] += 1
         log.warning("rejected %s: %s", where, r)
 
+    def holds(self, topic: str, msg_id: bytes) -> bool:
+        """Whether chunks of message `msg_id` on `topic` wait for the rest."""
+        return self._reassembler.holds(topic, msg_id)
+
+    def _count_evicted(self) -> None:
+        evicted = self._reassembler.evicted - self._evicted
+        if evicted:
+            self.rejections["chunks-evicted"] += evicted
+            self._evicted += evicted
+
     def expire(self, now: float) -> None:
-        self._reassembler.expire(now)
+        expired = self._reassembler.expire(now)
+        if expired:
+            self.rejections["chunks-expired"] += expired

@@ -8,6 +8,10 @@ QoS 1 publish gets the client disconnected, then resent on reconnect, forever.
 
 Paho keeps a persistent session's unacknowledged outgoing messages in memory only: a
 process that dies loses them (the protocol above retries rounds, so that is acceptable).
+
+With `manual_ack`, an inbound QoS 1 message is acknowledged only when the runner says so
+(`ack`): a service that checkpoints acknowledges once what the message changed is on disk,
+so after a `kill -9` the broker delivers again whatever was not.
 """
 
 from __future__ import annotations
@@ -53,6 +57,9 @@ class Inbound:
     topic: str
     payload: bytes
     retain: bool  # True only for a retained message the broker replays on subscribe
+    mid: int = 0  # packet id and QoS, to acknowledge it (manual_ack)
+    qos: int = 0
+    connection: int = 0  # which connection it came on: an ack is only good on that one
 
 
 class _Acks:
@@ -97,8 +104,10 @@ class Session:
 
     def __init__(self, client_id: str, settings: BrokerSettings, *, inbox: queue.Queue[Inbound],
                  subscriptions: Sequence[str] = (), will: tuple[str, bytes, bool] | None = None,
-                 clean_start: bool = False, max_payload: int = 256 * 1024) -> None:
+                 clean_start: bool = False, max_payload: int = 256 * 1024,
+                 manual_ack: bool = False) -> None:
         self.client_id = client_id
+        self.manual_ack = manual_ack
         self.settings = settings
         self.inbox = inbox
         self.max_payload = max_payload
@@ -119,7 +128,7 @@ class Session:
     def _make_client(self, will: tuple[str, bytes, bool] | None, clean_start: bool) -> mqtt.Client:
         s = self.settings
         c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
-                        protocol=mqtt.MQTTv5)
+                        protocol=mqtt.MQTTv5, manual_ack=self.manual_ack)
         c.enable_logger(logging.getLogger("hfl.mqtt.paho"))
         if s.ca:
             c.tls_set(ca_certs=s.ca, certfile=s.cert, keyfile=s.key)
@@ -200,6 +209,16 @@ class Session:
             self._pubacks.add(info.mid)
             self._bump("published")
 
+    def ack(self, messages: list[Inbound]) -> None:
+        """Acknowledge (manual_ack) what came on the current connection; the broker sends
+        what came on an earlier one again anyway, and its packet id means nothing now."""
+        if not self.manual_ack:
+            return
+        current = self.counters["connects"]
+        for m in messages:
+            if m.qos > 0 and m.connection == current:
+                self._client.ack(m.mid, m.qos)
+
     def flush(self, timeout: float) -> bool:
         """Wait until every publish so far is acknowledged by the broker (PUBACK)."""
         with self._cond:
@@ -271,7 +290,8 @@ class Session:
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         try:
-            self.inbox.put(Inbound(msg.topic, msg.payload, bool(msg.retain)))
+            self.inbox.put(Inbound(msg.topic, msg.payload, bool(msg.retain), msg.mid, msg.qos,
+                                   self.counters["connects"]))
             self._bump("received")
         except Exception:
             self._callback_error("on_message")
