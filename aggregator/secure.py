@@ -67,9 +67,9 @@ class SecureRound:
     def restore(cls, job: str, round: int, selected: list[str], num_params: int,
                 spec: ModelSpec, topic: str, doc: dict,
                 arrays: dict[str, np.ndarray]) -> SecureRound:
-        sr = cls(job, round, selected, num_params, spec, topic, doc["deadline"])
+        sr = cls(job, round, selected, num_params, spec, topic, 0.0)
         sr.server = Server.restore(sr.params, selected, doc["server"], arrays)
-        sr.stage, sr.survivors = doc["stage"], list(doc["survivors"])
+        sr.stage, sr.survivors, sr.deadline = doc["stage"], list(doc["survivors"]), doc["deadline"]
         sr.expected, sr.got = set(doc["expected"]), set(doc["got"])
         return sr
 

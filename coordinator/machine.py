@@ -203,10 +203,16 @@ class CoordinatorMachine:
 
     def _partial(self, env: Envelope, now: float) -> list[Action]:
         job = self.jobs.get(env.job)
-        if job is None or job.state != "running" or env.round != job.version:
-            raise Rejected("stale-round", f"partial for {env.job}/{env.round}")
-        if env.sender not in job.spec.aggregators:
+        if job is not None and env.sender not in job.spec.aggregators:
             raise Rejected("not-in-job", env.sender)
+        if job is not None and (env.round < job.version or (
+                env.round == job.version and job.state != "running")):
+            # A block already averaged (or a job ended): an aggregator that restarted sends
+            # its partial again. A repeat, not a fault.
+            return [Note("late", {"job": job.job, "aggregator": env.sender,
+                                  "block": env.round})]
+        if job is None or env.round != job.version:
+            raise Rejected("stale-round", f"partial for {env.job}/{env.round}")
         if env.sender in job.reported:
             return [Note("duplicate", {"job": job.job, "aggregator": env.sender})]
         meta = parse_meta(PartialMeta, env.meta)

@@ -64,12 +64,7 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
 
 
 def _hint(e: BaseException) -> str:
-    text = str(e)
-    if "full" in text or "too large" in text.lower():
-        return f"{text} (free some space on that disk)"
-    if "readonly" in text or "read-only" in text or "unable to open" in text:
-        return f"{text} (the folder must be writable by the service's user)"
-    return text
+    return f"{e} (check that the service's user may write there and that the disk has room)"
 
 
 class StateStore:
