@@ -1,0 +1,277 @@
+"""A fleet for fault injection: the coordinator and the aggregators run as real processes
+(`hfl-coordinator run`, `hfl-aggregator run`, each with its state directory) that a test can
+`kill -9` and start again; lightweight agents (a real `AgentMachine` on its own MQTT
+connection, answering each round with a fixed delta instead of training) and the app run in
+the test. All over a real Mosquitto: TLS with client certificates and the roster's ACL (or
+plain), persistence on, so a broker restart keeps the sessions and what they had queued.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from edge_agent.machine import AgentMachine, Train
+from fleet.broker import Broker, BrokerTls
+from fleet.follow import Outcome, follow
+from hfl import envelope
+from hfl.app import App
+from hfl.identity import Identity
+from hfl.messages import KNOWN_TYPES, Metrics, ModelRequest, ModelSpec, Role
+from hfl.mqtt import BrokerSettings, Session
+from hfl.node import Node, run_in_thread
+from hfl.pki import Pki
+from hfl.state import Record, StateStore
+from hfl.topics import Topics
+
+REPO = Path(__file__).resolve().parents[2]
+P_SHAPE = (1, 2, 3)  # logreg on 6 features, 2 classes: 14 parameters
+
+
+def wait_for(what: str, check: Callable[[], object], timeout: float = 30.0) -> object:
+    """Poll `check` until it returns something true; AssertionError naming `what` otherwise."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = check()
+        if got:
+            return got
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def spec(aggregators: list[str], **kw) -> ModelSpec:
+    base = dict(name="m", arch="logreg", input_shape=P_SHAPE, num_classes=2, dataset="d",
+                aggregators=aggregators, rounds=2, min_agents=2, deadline_s=60, max_retries=2,
+                secagg={"enabled": False, "stage_timeout_s": 20})
+    return ModelSpec(**{**base, **kw})
+
+
+class Agent:
+    """An agent that answers every round with `step` in every coordinate and `samples` as its
+    weight. With `hold`, it waits in its first training until the test calls `release`."""
+
+    def __init__(self, fleet: FaultFleet, id_: str, aggregator: str, step: float,
+                 samples: int, hold: bool = False) -> None:
+        ident = fleet.identities[id_]
+        self.id, self.step, self.samples = id_, step, samples
+        self.node = Node(ident, fleet.roster, fleet.settings(id_), fleet.topics,
+                         fleet.topics.agent_filters(aggregator), group=aggregator)
+        self.machine = AgentMachine(ident, aggregator, {"d"}, fleet.topics, fleet.roster)
+        self.node.handlers[Train] = self._train
+        self.asked = threading.Event()  # a round asked us to train
+        self.released = threading.Event()
+        self.rounds: list[int] = []
+        if not hold:
+            self.released.set()
+
+    def _train(self, t: Train) -> list:
+        self.asked.set()
+        self.released.wait()
+        self.rounds.append(t.round)
+        delta = np.full(t.params.size, self.step, np.float32)
+        m = Metrics(samples=self.samples, train_loss=1.0, eval_samples=1, eval_loss=1.0,
+                    eval_accuracy=0.5)
+        return self.machine.trained(t.job, t.round, delta, m)
+
+    def start(self) -> None:
+        self.node.start(30)
+        self.thread = run_in_thread(self.node, self.machine, self.id)
+
+    def release(self) -> None:
+        self.released.set()
+
+    def stop(self) -> None:
+        self.released.set()
+        self.node.stop_event.set()
+        self.thread.join(10)
+        self.node.stop(5)
+
+
+class FaultFleet:
+    def __init__(self, workdir: Path, groups: dict[str, list[str]], *, tls: bool = True,
+                 persistence: bool = True) -> None:
+        self.workdir, self.groups, self.tls = workdir, groups, tls
+        self.topics = Topics()
+        self.pki = Pki.init(workdir / "pki", name="hfl fault-test CA")
+        members = [("coordinator", Role.COORDINATOR, None), ("app", Role.APP, None),
+                   ("ops", Role.OBSERVER, None)]
+        for agg, agents in groups.items():
+            members += [(agg, Role.AGGREGATOR, None)] + [(a, Role.AGENT, agg) for a in agents]
+        for id_, role, group in members:
+            self.pki.issue(id_, role, group=group)
+        self.roster = self.pki.roster()
+        self.identities = {i: Identity.load(self.pki.device(i).dir, i, r) for i, r, _ in members}
+        broker_tls = (BrokerTls.from_pki(self.pki, "broker", workdir / "broker" / "tls",
+                                         self.topics) if tls else None)
+        self.broker = Broker(workdir / "broker", persistence=persistence, tls=broker_tls).start()
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.agents: dict[str, Agent] = {}
+        self.apps: list[App] = []
+        self._status: queue.Queue = queue.Queue()
+        self.observer = Session("ops", self.settings("ops"), inbox=self._status,
+                                subscriptions=[f"{self.topics.prefix}/status/+/+"])
+        self.observer.start()
+        assert self.observer.wait_ready(10)
+        self.online: dict[str, float] = {}  # id → when it last said online
+
+    # ------------------------------------------------------------------ wiring
+
+    def settings(self, id_: str) -> BrokerSettings:
+        if not self.tls:
+            return BrokerSettings(host=self.broker.host, port=self.broker.port)
+        return self.pki.device(id_).broker_settings(self.broker.host, self.broker.port)
+
+    def state_dir(self, id_: str) -> Path:
+        return self.workdir / "state" / id_
+
+    def config(self, id_: str) -> Path:
+        section = "coordinator" if id_ == "coordinator" else "aggregator"
+        path = self.workdir / "config" / f"{id_}.toml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(
+            f'[identity]\nid = "{id_}"\ndir = "{self.pki.device(id_).dir}"\n\n'
+            f'[broker]\nhost = "{self.broker.host}"\nport = {self.broker.port}\n'
+            f'tls = {"true" if self.tls else "false"}\n\n'
+            f'[{section}]\nstate_dir = "{self.state_dir(id_)}"\n')
+        return path
+
+    # ------------------------------------------------------------------ processes
+
+    def spawn(self, id_: str, wait: bool = True) -> subprocess.Popen:
+        """Start the service `id_` (the coordinator or an aggregator) as its own process."""
+        role = "coordinator" if id_ == "coordinator" else "aggregator"
+        cmd = [sys.executable, "-c", "from fleet.cli import main; main()", role, "run", "-v",
+               "-c", str(self.config(id_))]  # `hfl aggregator run -v -c ...`
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
+        log = self.log_path(id_)
+        log.parent.mkdir(parents=True, exist_ok=True)
+        started = time.time()
+        with open(log, "ab") as out:
+            out.write(f"\n===== start {time.strftime('%H:%M:%S')} =====\n".encode())
+            out.flush()
+            self.procs[id_] = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out,
+                                               stderr=out, env=env, cwd=self.workdir)
+        if wait:
+            self.wait_online(id_, since=started)
+        return self.procs[id_]
+
+    def kill(self, id_: str) -> None:
+        """`kill -9`: no clean exit, no save, no goodbye (the broker sends the Last Will)."""
+        p = self.procs.pop(id_)
+        p.send_signal(signal.SIGKILL)
+        p.wait(10)
+
+    def stop(self, id_: str) -> int:
+        p = self.procs.pop(id_)
+        p.send_signal(signal.SIGTERM)
+        try:
+            return p.wait(20)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            return p.wait()
+
+    def log_path(self, id_: str) -> Path:
+        return self.workdir / "logs" / f"{id_}.log"
+
+    def log(self, id_: str) -> str:
+        return self.log_path(id_).read_text(errors="replace")
+
+    def state(self, id_: str) -> dict[str, Record]:
+        """What the process has saved so far (read through a connection of our own)."""
+        store = StateStore(self.state_dir(id_))
+        try:
+            return store.read()
+        finally:
+            store.close()
+
+    def wait_online(self, id_: str, since: float, timeout: float = 60.0) -> None:
+        def seen() -> bool:
+            self._drain_status()
+            if id_ in self.procs and self.procs[id_].poll() is not None:
+                raise AssertionError(f"{id_} exited with {self.procs[id_].returncode}:\n"
+                                     f"{self.log(id_)[-3000:]}")
+            return self.online.get(id_, 0.0) >= since - 1.0
+        wait_for(f"{id_} online", seen, timeout)
+
+    def _drain_status(self) -> None:
+        while not self._status.empty():
+            msg = self._status.get()
+            if not msg.payload:
+                continue
+            try:
+                env = envelope.decode(msg.payload, topic=msg.topic,
+                                      public_key=self.roster.public_key, known_types=KNOWN_TYPES)
+            except Exception:  # noqa: BLE001 - the observer only watches
+                continue
+            if env.stage == "online":
+                self.online[env.sender] = max(self.online.get(env.sender, 0.0), env.created)
+
+    # ------------------------------------------------------------------ agents and app
+
+    def start_agents(self, agg: str, steps: dict[str, float], samples: dict[str, int],
+                     hold: bool = False) -> list[Agent]:
+        out = []
+        for a in self.groups[agg]:
+            agent = Agent(self, a, agg, steps[a], samples[a], hold)
+            agent.start()
+            self.agents[a] = agent
+            out.append(agent)
+        return out
+
+    def request(self, *specs: ModelSpec, rid: str = "r1") -> tuple[App, list[str]]:
+        app = App(self.identities["app"], self.roster, self.settings("app"), self.topics,
+                  models=[s.name for s in specs])
+        app.start()
+        self.apps.append(app)
+        return app, app.request(ModelRequest(request_id=rid, models=list(specs)))
+
+    @staticmethod
+    def follow(app: App, jobs: list[str], timeout: float = 120.0) -> Outcome:
+        out = follow(app, jobs, None, timeout)
+        assert all(out.finished(j) for j in jobs), f"jobs not finished: {out.status}"
+        return out
+
+    def close(self) -> None:
+        for agent in self.agents.values():
+            agent.released.set()
+        for agent in self.agents.values():
+            try:
+                agent.stop()
+            except Exception:  # noqa: BLE001 - tearing down what a fault left behind
+                pass
+        for app in self.apps:
+            app.stop()
+        for id_ in list(self.procs):
+            self.stop(id_)
+        self.observer.stop()
+        self.broker.close()
+
+
+def expected_state(sp: ModelSpec, mean_steps: list[float]) -> dict[str, np.ndarray]:
+    """The global model after versions that each moved every coordinate by a mean step."""
+    from coordinator.runner import initial_params
+    from hfl.models import build, state_dict_arrays, unflatten_into
+
+    params = initial_params(sp)
+    for s in mean_steps:
+        params = params + np.float32(s)
+    model = build(sp.arch, sp.input_shape, sp.num_classes)
+    unflatten_into(model, params)
+    return state_dict_arrays(model)
+
+
+def assert_state(got: dict[str, np.ndarray], want: dict[str, np.ndarray],
+                 atol: float = 1e-6) -> None:
+    assert sorted(got) == sorted(want)
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=0, atol=atol, err_msg=name)
