@@ -24,6 +24,7 @@ from edge_agent.machine import AgentMachine, Train
 from fleet.broker import Broker, BrokerTls
 from fleet.follow import Outcome, follow
 from hfl import envelope
+from hfl.actions import Send
 from hfl.app import App
 from hfl.identity import Identity
 from hfl.messages import KNOWN_TYPES, Metrics, ModelRequest, ModelSpec, Role
@@ -57,16 +58,24 @@ def spec(aggregators: list[str], **kw) -> ModelSpec:
 
 class Agent:
     """An agent that answers every round with `step` in every coordinate and `samples` as its
-    weight. With `hold`, it waits in its first training until the test calls `release`."""
+    weight. With `hold`, it waits in its first training until the test calls `release`.
+    `silent` makes it drop out of a round: from that stage on (advert, shares, masked,
+    unshares) it sends nothing in that round (in every round when `rounds` is None)."""
 
     def __init__(self, fleet: FaultFleet, id_: str, aggregator: str, step: float,
-                 samples: int, hold: bool = False) -> None:
+                 samples: int, hold: bool = False, silent: str | None = None,
+                 rounds: set[int] | None = None) -> None:
         ident = fleet.identities[id_]
         self.id, self.step, self.samples = id_, step, samples
         self.node = Node(ident, fleet.roster, fleet.settings(id_), fleet.topics,
                          fleet.topics.agent_filters(aggregator), group=aggregator)
         self.machine = AgentMachine(ident, aggregator, {"d"}, fleet.topics, fleet.roster)
         self.node.handlers[Train] = self._train
+        self.node.handlers[Send] = self._send
+        order = ["advert", "shares", "masked", "unshares"]
+        self.silent = set(order[order.index(silent):]) if silent else set()
+        self.silent_rounds = rounds
+        self.withheld: list[tuple[str, int]] = []
         self.asked = threading.Event()  # a round asked us to train
         self.released = threading.Event()
         self.rounds: list[int] = []
@@ -81,6 +90,13 @@ class Agent:
         m = Metrics(samples=self.samples, train_loss=1.0, eval_samples=1, eval_loss=1.0,
                     eval_accuracy=0.5)
         return self.machine.trained(t.job, t.round, delta, m)
+
+    def _send(self, action: Send) -> None:
+        if action.stage in self.silent and (self.silent_rounds is None
+                                            or action.round in self.silent_rounds):
+            self.withheld.append((action.stage, action.round))
+            return
+        self.node.send(action)
 
     def start(self) -> None:
         self.node.start(30)
@@ -219,10 +235,12 @@ class FaultFleet:
     # ------------------------------------------------------------------ agents and app
 
     def start_agents(self, agg: str, steps: dict[str, float], samples: dict[str, int],
-                     hold: bool = False) -> list[Agent]:
+                     hold: bool = False, silent: dict[str, str] | None = None,
+                     rounds: set[int] | None = None) -> list[Agent]:
         out = []
         for a in self.groups[agg]:
-            agent = Agent(self, a, agg, steps[a], samples[a], hold)
+            agent = Agent(self, a, agg, steps[a], samples[a], hold,
+                          (silent or {}).get(a), rounds)
             agent.start()
             self.agents[a] = agent
             out.append(agent)
