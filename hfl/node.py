@@ -19,6 +19,7 @@ counted and retried; until it succeeds nothing is acknowledged and nothing goes 
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import threading
@@ -139,6 +140,12 @@ class Node:
     def rejections(self) -> Counter[str]:
         return self.gate.rejections
 
+    def tally(self) -> dict[str, dict[str, int]]:
+        """Every counter: messages handled and sent, repeats dropped, rejections by reason,
+        saves; logged when the node stops."""
+        return {"node": dict(self.counters), "gate": dict(self.gate.counters),
+                "rejected": dict(self.gate.rejections), "mqtt": dict(self.session.counters)}
+
     # ------------------------------------------------------------------ loop
 
     def start(self, timeout: float = 30.0) -> None:
@@ -160,6 +167,7 @@ class Node:
         try:
             if self.durable is not None:
                 self.commit(time.time(), retry=True)
+            log.info("%s tally %s", self.identity.id, json.dumps(self.tally(), sort_keys=True))
             self.session.publish(self._status_topic, self._status_payload("offline"),
                                  retain=True)
             self.session.flush(timeout)

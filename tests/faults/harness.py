@@ -8,6 +8,8 @@ plain), persistence on, so a broker restart keeps the sessions and what they had
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import queue
 import signal
@@ -114,7 +116,8 @@ class Agent:
 
 class FaultFleet:
     def __init__(self, workdir: Path, groups: dict[str, list[str]], *, tls: bool = True,
-                 persistence: bool = True) -> None:
+                 persistence: bool = True, edge: bool = False) -> None:
+        """`edge`: the agents get a broker of their own (plain), for a `Proxy` in between."""
         self.workdir, self.groups, self.tls = workdir, groups, tls
         self.topics = Topics()
         self.pki = Pki.init(workdir / "pki", name="hfl fault-test CA")
@@ -129,6 +132,7 @@ class FaultFleet:
         broker_tls = (BrokerTls.from_pki(self.pki, "broker", workdir / "broker" / "tls",
                                          self.topics) if tls else None)
         self.broker = Broker(workdir / "broker", persistence=persistence, tls=broker_tls).start()
+        self.edge = Broker(workdir / "edge").start() if edge else None
         self.procs: dict[str, subprocess.Popen] = {}
         self.agents: dict[str, Agent] = {}
         self.apps: list[App] = []
@@ -142,6 +146,8 @@ class FaultFleet:
     # ------------------------------------------------------------------ wiring
 
     def settings(self, id_: str) -> BrokerSettings:
+        if self.edge is not None and self.roster.get(id_).role is Role.AGENT:
+            return BrokerSettings(host=self.edge.host, port=self.edge.port)
         if not self.tls:
             return BrokerSettings(host=self.broker.host, port=self.broker.port)
         return self.pki.device(id_).broker_settings(self.broker.host, self.broker.port)
@@ -263,16 +269,88 @@ class FaultFleet:
         for agent in self.agents.values():
             agent.released.set()
         for agent in self.agents.values():
-            try:
+            with contextlib.suppress(Exception):  # tearing down what a fault left behind
                 agent.stop()
-            except Exception:  # noqa: BLE001 - tearing down what a fault left behind
-                pass
         for app in self.apps:
             app.stop()
         for id_ in list(self.procs):
             self.stop(id_)
         self.observer.stop()
         self.broker.close()
+        if self.edge is not None:
+            self.edge.close()
+
+    def tally(self, id_: str) -> dict:
+        """The counters a service logged when it stopped (its last `tally` line)."""
+        lines = [ln for ln in self.log(id_).splitlines() if f"{id_} tally " in ln]
+        assert lines, f"{id_} logged no tally"
+        return json.loads(lines[-1].split(" tally ", 1)[1])
+
+
+class Proxy:
+    """A man in the middle between the agents' broker (edge) and the services' (core): it
+    carries the agents' updates up and the aggregator's rounds down, and on the way up sends
+    every update twice, shuffles them, and replays every earlier one when a new round opens.
+    Its copies are byte for byte the agents' messages (signed, same nonce)."""
+
+    def __init__(self, fleet: FaultFleet, agg: str, seed: int = 0) -> None:
+        t = fleet.topics
+        assert fleet.edge is not None
+        self.up_in: queue.Queue = queue.Queue()
+        self.down_in: queue.Queue = queue.Queue()
+        self.edge = Session("proxy-edge", BrokerSettings(fleet.edge.host, fleet.edge.port),
+                            inbox=self.up_in, subscriptions=[f"{t.prefix}/agg/{agg}/updates/+"])
+        self.core = Session("proxy-core", fleet.settings("ops"), inbox=self.down_in,
+                            subscriptions=[f"{t.prefix}/agg/{agg}/rounds/+"])
+        self.rng = np.random.default_rng(seed)
+        self.history: list[tuple[str, bytes]] = []
+        self.rounds: set[tuple[str, int]] = set()
+        self.forwarded = self.extra = 0  # updates carried up; copies beyond the first
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="proxy", daemon=True)
+
+    def start(self) -> Proxy:
+        for s in (self.edge, self.core):
+            s.start()
+            assert s.wait_ready(10)
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.thread.join(10)
+        self.edge.stop()
+        self.core.stop()
+
+    def _run(self) -> None:
+        while not self.stop_event.is_set():
+            batch: list[tuple[str, bytes]] = []
+            while not self.up_in.empty():
+                m = self.up_in.get()
+                assert not m.payload.startswith(b"HFC1"), "the proxy takes whole messages"
+                self.forwarded += 1
+                batch += [(m.topic, m.payload)] * 2  # every update twice
+                self.extra += 1
+            while not self.down_in.empty():
+                m = self.down_in.get()
+                if not m.payload:
+                    continue
+                header = _header(m.payload)
+                if header["stage"] == "open" and (header["job"], header["round"]) not in (
+                        self.rounds):
+                    self.rounds.add((header["job"], header["round"]))
+                    batch += self.history  # late copies of everything sent so far
+                    self.extra += len(self.history)
+                self.edge.publish(m.topic, m.payload)
+            self.history += [b for b in dict.fromkeys(batch) if b not in self.history]
+            for k in self.rng.permutation(len(batch)):  # shuffled
+                self.core.publish(*batch[k])
+            time.sleep(0.1)
+
+
+def _header(data: bytes) -> dict:
+    h = int.from_bytes(data[4:8], "little")
+    return json.loads(data[8 : 8 + h])
 
 
 def expected_state(sp: ModelSpec, mean_steps: list[float]) -> dict[str, np.ndarray]:
