@@ -46,12 +46,13 @@ class Gate:
         """One inbound payload → a verified envelope and its route, or None (incomplete,
         a repeat, or rejected and counted)."""
         if not payload:
+            self.counters["empty"] += 1
             return None  # a cleared retained message
         try:
             try:
                 data = self._reassembler.feed(topic, payload, now)
             finally:
-                self._count_evicted()
+                self._count_chunks()
             if data is None:
                 return None
             route = self.topics.parse(topic)
@@ -91,11 +92,18 @@ class Gate:
         """Whether chunks of message `msg_id` on `topic` wait for the rest."""
         return self._reassembler.holds(topic, msg_id)
 
-    def _count_evicted(self) -> None:
-        evicted = self._reassembler.evicted - self._evicted
-        if evicted:
-            self.rejections["chunks-evicted"] += evicted
-            self._evicted += evicted
+    @property
+    def pending(self) -> tuple[int, int]:
+        """Incomplete chunked messages held, and their bytes."""
+        return self._reassembler.pending, self._reassembler.pending_bytes
+
+    def _count_chunks(self) -> None:
+        r = self._reassembler
+        if r.evicted > self._evicted:
+            self.rejections["chunks-evicted"] += r.evicted - self._evicted
+            self._evicted = r.evicted
+        if r.repeats > self.counters["chunk_repeats"]:
+            self.counters["chunk_repeats"] = r.repeats
 
     def expire(self, now: float) -> None:
         expired = self._reassembler.expire(now)

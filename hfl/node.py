@@ -143,8 +143,10 @@ class Node:
     def tally(self) -> dict[str, dict[str, int]]:
         """Every counter: messages handled and sent, repeats dropped, rejections by reason,
         saves; logged when the node stops."""
+        pending, pending_bytes = self.gate.pending
         return {"node": dict(self.counters), "gate": dict(self.gate.counters),
-                "rejected": dict(self.gate.rejections), "mqtt": dict(self.session.counters)}
+                "rejected": dict(self.gate.rejections), "mqtt": dict(self.session.counters),
+                "pending": {"messages": pending, "bytes": pending_bytes}}
 
     # ------------------------------------------------------------------ loop
 

@@ -40,6 +40,44 @@ REPO = Path(__file__).resolve().parents[2]
 P_SHAPE = (1, 2, 3)  # logreg on 6 features, 2 classes: 14 parameters
 
 
+# `hfl-aggregator run` / `hfl-coordinator run` (a role's own console script, without what the
+# umbrella `hfl` imports): `run` is a subcommand when the role's app has a group of them.
+LAUNCH = """
+import sys, typer
+from {role}.cli import app
+group = hasattr(typer.main.get_command(app), "commands")
+sys.exit(app(["run", *sys.argv[1:]] if group else sys.argv[1:]))
+"""
+
+
+class RawPublisher:
+    """A bare MQTT client that publishes payloads exactly as given (no chunking)."""
+
+    def __init__(self, settings: BrokerSettings) -> None:
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="raw-publisher",
+                                  protocol=mqtt.MQTTv5)
+        self.client.max_queued_messages_set(0)
+        self.client.connect(settings.host, settings.port)
+        self.client.loop_start()
+        self.infos: list = []
+
+    def publish(self, topic: str, payload: bytes) -> None:
+        self.infos.append(self.client.publish(topic, payload, qos=1))
+
+    def flush(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        for info in self.infos:
+            info.wait_for_publish(max(0.1, deadline - time.monotonic()))
+        self.infos.clear()
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
 def wait_for(what: str, check: Callable[[], object], timeout: float = 30.0) -> object:
     """Poll `check` until it returns something true; AssertionError naming `what` otherwise."""
     deadline = time.monotonic() + timeout
@@ -171,8 +209,7 @@ class FaultFleet:
     def spawn(self, id_: str, wait: bool = True) -> subprocess.Popen:
         """Start the service `id_` (the coordinator or an aggregator) as its own process."""
         role = "coordinator" if id_ == "coordinator" else "aggregator"
-        cmd = [sys.executable, "-c", "from fleet.cli import main; main()", role, "run", "-v",
-               "-c", str(self.config(id_))]  # `hfl aggregator run -v -c ...`
+        cmd = [sys.executable, "-c", LAUNCH.format(role=role), "-v", "-c", str(self.config(id_))]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(
             [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
         log = self.log_path(id_)
