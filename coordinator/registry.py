@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save
 
-from hfl.state import StateError, write_atomic
+from hfl.state import unusable, write_atomic
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -52,7 +52,7 @@ class Registry:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.executescript(SCHEMA)
         except (OSError, sqlite3.Error) as e:
-            raise StateError(f"cannot open the model registry in {self.root}: {e}") from None
+            raise unusable("open the model registry", self.root, e) from None
 
     def close(self) -> None:
         self.db.close()

@@ -63,8 +63,10 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
         os.close(dir_fd)
 
 
-def _hint(e: BaseException) -> str:
-    return f"{e} (check that the service's user may write there and that the disk has room)"
+def unusable(action: str, folder: Path, e: BaseException) -> StateError:
+    """The error for a folder that failed us, with what to check."""
+    return StateError(f"cannot {action} in {folder}: {e} (check that the service's user may "
+                      "write there and that the disk has room)")
 
 
 class StateStore:
@@ -77,14 +79,14 @@ class StateStore:
             self.folder.mkdir(parents=True, exist_ok=True)
             self.db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         except (OSError, sqlite3.Error) as e:
-            raise StateError(f"cannot open the state in {self.folder}: {_hint(e)}") from None
+            raise unusable("open the state", self.folder, e) from None
         try:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")  # a commit is on disk when it returns
             self.db.executescript(SCHEMA)
         except sqlite3.Error as e:
             self.db.close()
-            raise StateError(f"cannot open the state in {self.folder}: {_hint(e)}") from None
+            raise unusable("open the state", self.folder, e) from None
 
     def close(self) -> None:
         self.db.close()
@@ -113,14 +115,14 @@ class StateStore:
                     self.db.execute("ROLLBACK")
                 raise
         except sqlite3.Error as e:
-            raise StateError(f"cannot write the state in {self.folder}: {_hint(e)}") from None
+            raise unusable("write the state", self.folder, e) from None
 
     def read(self) -> dict[str, Record]:
         """Every record, by key."""
         try:
             rows = self.db.execute("SELECT key, doc, body FROM records ORDER BY key").fetchall()
         except sqlite3.Error as e:
-            raise StateError(f"cannot read the state in {self.folder}: {_hint(e)}") from None
+            raise unusable("read the state", self.folder, e) from None
         out: dict[str, Record] = {}
         for key, doc, body in rows:
             # Copies: the arrays become the machines' own, which they change in place.

@@ -80,3 +80,25 @@ def test_write_atomic_replaces_whole_or_not_at_all(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]  # no temporary file left
     write_atomic(path, b"new", mode=0o600)
     assert path.read_bytes() == b"new" and path.stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.parametrize(("role", "what"), [("aggregator", "the state"),
+                                            ("coordinator", "the model registry")])
+def test_a_service_whose_state_dir_is_unusable_stops_with_a_clear_error(
+        tmp_path: Path, role: str, what: str) -> None:
+    from typer.testing import CliRunner
+
+    from fleet.cli import app
+    from hfl.pki import Pki
+
+    pki = Pki.init(tmp_path / "pki")
+    name = "site-a" if role == "aggregator" else "coordinator"
+    pki.issue(name, role)
+    (tmp_path / "taken").write_text("a file where the state folder should be")
+    cfg = tmp_path / "svc.toml"
+    cfg.write_text(f'[identity]\nid = "{name}"\ndir = "{pki.device(name).dir}"\n'
+                   f'[{role}]\nstate_dir = "{tmp_path / "taken"}"\n')
+    res = CliRunner().invoke(app, [role, "run", "-c", str(cfg)])
+    assert res.exit_code == 1
+    assert f"cannot open {what} in {tmp_path / 'taken'}" in res.output
+    assert "may write there" in res.output
