@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -155,23 +156,37 @@ class Agent:
 class FaultFleet:
     def __init__(self, workdir: Path, groups: dict[str, list[str]], *, tls: bool = True,
                  persistence: bool = True, edge: bool = False) -> None:
-        """`edge`: the agents get a broker of their own (plain), for a `Proxy` in between."""
+        """`edge`: the agents get a broker of their own (plain), for a `Proxy` in between.
+        Without `tls`, agents get no certificate: their keys are made here and enrolled in
+        one signed roster (issuing a thousand devices one by one re-signs it a thousand
+        times)."""
         self.workdir, self.groups, self.tls = workdir, groups, tls
         self.topics = Topics()
         self.pki = Pki.init(workdir / "pki", name="hfl fault-test CA")
         members = [("coordinator", Role.COORDINATOR, None), ("app", Role.APP, None),
                    ("ops", Role.OBSERVER, None)]
-        for agg, agents in groups.items():
-            members += [(agg, Role.AGGREGATOR, None)] + [(a, Role.AGENT, agg) for a in agents]
-        for id_, role, group in members:
+        agents = [(a, Role.AGENT, agg) for agg, ids in groups.items() for a in ids]
+        members += [(agg, Role.AGGREGATOR, None) for agg in groups]
+        for id_, role, group in members + (agents if tls else []):
             self.pki.issue(id_, role, group=group)
-        self.roster = self.pki.roster()
         self.identities = {i: Identity.load(self.pki.device(i).dir, i, r) for i, r, _ in members}
+        if tls:
+            self.identities.update({i: Identity.load(self.pki.device(i).dir, i, r)
+                                    for i, r, _ in agents})
+        else:
+            roster = self.pki.roster()
+            for i, r, group in agents:
+                self.identities[i] = Identity.generate(i, r)
+                self.identities[i].save(self.pki.device(i).dir)
+                roster.enroll(self.identities[i], group)
+            self.pki._publish(roster)  # into every enrolled device's folder: the services'
+        self.roster = self.pki.roster()
         broker_tls = (BrokerTls.from_pki(self.pki, "broker", workdir / "broker" / "tls",
                                          self.topics) if tls else None)
         self.broker = Broker(workdir / "broker", persistence=persistence, tls=broker_tls).start()
         self.edge = Broker(workdir / "edge").start() if edge else None
         self.procs: dict[str, subprocess.Popen] = {}
+        self.agent_procs: list[subprocess.Popen] = []
         self.agents: dict[str, Agent] = {}
         self.apps: list[App] = []
         self._status: queue.Queue = queue.Queue()
@@ -280,14 +295,41 @@ class FaultFleet:
     def start_agents(self, agg: str, steps: dict[str, float], samples: dict[str, int],
                      hold: bool = False, silent: dict[str, str] | None = None,
                      rounds: set[int] | None = None) -> list[Agent]:
-        out = []
-        for a in self.groups[agg]:
-            agent = Agent(self, a, agg, steps[a], samples[a], hold,
-                          (silent or {}).get(a), rounds)
-            agent.start()
-            self.agents[a] = agent
-            out.append(agent)
+        out = [Agent(self, a, agg, steps[a], samples[a], hold, (silent or {}).get(a), rounds)
+               for a in self.groups[agg]]
+        with ThreadPoolExecutor(min(32, len(out))) as pool:  # connect together, as a fleet does
+            list(pool.map(Agent.start, out))
+        self.agents.update({a.id: a for a in out})
         return out
+
+    def spawn_agents(self, agg: str, steps: dict[str, float], samples: dict[str, int],
+                     per_process: int = 250) -> list[float]:
+        """The group's agents in processes of their own (`agent_procs`), all connecting at
+        once; returns how long each process took to connect its agents."""
+        assert not self.tls, "agents in processes connect without certificates"
+        ids = self.groups[agg]
+        procs = []
+        for k in range(0, len(ids), per_process):
+            spec_path = self.workdir / "agents" / f"{agg}-{k}.json"
+            spec_path.parent.mkdir(parents=True, exist_ok=True)
+            spec_path.write_text(json.dumps({
+                "pki": str(self.pki.root), "host": self.broker.host, "port": self.broker.port,
+                "aggregator": agg,
+                "agents": [[a, steps[a], samples[a]] for a in ids[k : k + per_process]]}))
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+                [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
+            self.log_path(agg).parent.mkdir(parents=True, exist_ok=True)
+            with open(self.log_path(f"agents-{k}"), "ab") as err:  # the child keeps its own
+                procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "tests.faults.agent_procs", str(spec_path)],
+                    stdout=subprocess.PIPE, stderr=err, env=env, text=True))
+        self.agent_procs += procs
+        times = []
+        for p in procs:
+            line = p.stdout.readline()  # type: ignore[union-attr]
+            assert line.startswith("ready"), f"agents process said {line!r}"
+            times.append(float(line.split()[1]))
+        return times
 
     def request(self, *specs: ModelSpec, rid: str = "r1") -> tuple[App, list[str]]:
         app = App(self.identities["app"], self.roster, self.settings("app"), self.topics,
@@ -308,6 +350,13 @@ class FaultFleet:
         for agent in self.agents.values():
             with contextlib.suppress(Exception):  # tearing down what a fault left behind
                 agent.stop()
+        for p in self.agent_procs:
+            p.send_signal(signal.SIGTERM)
+        for p in self.agent_procs:
+            try:
+                p.wait(60)
+            except subprocess.TimeoutExpired:
+                p.kill()
         for app in self.apps:
             app.stop()
         for id_ in list(self.procs):
