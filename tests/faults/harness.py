@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_agent.machine import AgentMachine, Train
-from fleet.broker import Broker, BrokerTls
+from fleet.broker import Broker, BrokerTls, free_port
 from fleet.follow import Outcome, follow
 from hfl import envelope
 from hfl.actions import Send
@@ -155,11 +155,12 @@ class Agent:
 
 class FaultFleet:
     def __init__(self, workdir: Path, groups: dict[str, list[str]], *, tls: bool = True,
-                 persistence: bool = True, edge: bool = False) -> None:
+                 persistence: bool = True, edge: bool = False, listen: str | None = None) -> None:
         """`edge`: the agents get a broker of their own (plain), for a `Proxy` in between.
         Without `tls`, agents get no certificate: their keys are made here and enrolled in
         one signed roster (issuing a thousand devices one by one re-signs it a thousand
-        times)."""
+        times). `listen`: one more address the (plain) broker listens on, at port
+        `listen_port` (for agents in another network namespace)."""
         self.workdir, self.groups, self.tls = workdir, groups, tls
         self.topics = Topics()
         self.pki = Pki.init(workdir / "pki", name="hfl fault-test CA")
@@ -183,7 +184,10 @@ class FaultFleet:
         self.roster = self.pki.roster()
         broker_tls = (BrokerTls.from_pki(self.pki, "broker", workdir / "broker" / "tls",
                                          self.topics) if tls else None)
-        self.broker = Broker(workdir / "broker", persistence=persistence, tls=broker_tls).start()
+        self.listen, self.listen_port = listen, free_port()
+        extra = f"listener {self.listen_port} {listen}" if listen else ""
+        self.broker = Broker(workdir / "broker", persistence=persistence, tls=broker_tls,
+                             extra=extra).start()
         self.edge = Broker(workdir / "edge").start() if edge else None
         self.procs: dict[str, subprocess.Popen] = {}
         self.agent_procs: list[subprocess.Popen] = []
@@ -303,25 +307,32 @@ class FaultFleet:
         return out
 
     def spawn_agents(self, agg: str, steps: dict[str, float], samples: dict[str, int],
-                     per_process: int = 250) -> list[float]:
-        """The group's agents in processes of their own (`agent_procs`), all connecting at
-        once; returns how long each process took to connect its agents."""
+                     per_process: int = 250, ids: list[str] | None = None,
+                     netns: str | None = None) -> list[float]:
+        """The group's agents (or `ids`) in processes of their own (`agent_procs`), all
+        connecting at once, from network namespace `netns` to the `listen` address when
+        given; returns how long each process took to connect its agents."""
         assert not self.tls, "agents in processes connect without certificates"
-        ids = self.groups[agg]
+        ids = ids or self.groups[agg]
+        host, port = ((self.listen, self.listen_port) if netns
+                      else (self.broker.host, self.broker.port))
+        prefix = ["ip", "netns", "exec", netns] if netns else []
         procs = []
         for k in range(0, len(ids), per_process):
-            spec_path = self.workdir / "agents" / f"{agg}-{k}.json"
+            spec_path = self.workdir / "agents" / f"{agg}-{netns or 'local'}-{k}.json"
             spec_path.parent.mkdir(parents=True, exist_ok=True)
             spec_path.write_text(json.dumps({
-                "pki": str(self.pki.root), "host": self.broker.host, "port": self.broker.port,
+                "pki": str(self.pki.root), "host": host, "port": port,
                 "aggregator": agg,
                 "agents": [[a, steps[a], samples[a]] for a in ids[k : k + per_process]]}))
             env = {**os.environ, "PYTHONPATH": os.pathsep.join(
                 [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
-            self.log_path(agg).parent.mkdir(parents=True, exist_ok=True)
-            with open(self.log_path(f"agents-{k}"), "ab") as err:  # the child keeps its own
+            log = self.log_path(f"agents-{netns or 'local'}-{k}")
+            log.parent.mkdir(parents=True, exist_ok=True)
+            with open(log, "ab") as err:  # the child has its own copy of the descriptor
                 procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "tests.faults.agent_procs", str(spec_path)],
+                    [*prefix, sys.executable, "-m", "tests.faults.agent_procs",
+                     str(spec_path)],
                     stdout=subprocess.PIPE, stderr=err, env=env, text=True))
         self.agent_procs += procs
         times = []
