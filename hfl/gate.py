@@ -6,7 +6,8 @@ and opens bodies sealed for us. Every refusal is counted by reason; nothing a pe
 raises out of here. A sealed body addressed only to others is not a fault (a round model
 for the agents selected this round): it is counted as `not_for_us` and dropped. A chunked
 message that never completes is counted when it is dropped: `chunks-evicted` (to keep the
-memory bound) or `chunks-expired` (too old).
+memory bound) or `chunks-expired` (too old); a chunk received again is counted as
+`chunk_repeats`, an empty payload (a cleared retained message) as `empty`.
 """
 
 from __future__ import annotations
