@@ -16,6 +16,11 @@ app = typer.Typer(help="The aggregation layer: run edge rounds for a site's agen
                   no_args_is_help=True)
 
 
+@app.callback()
+def _group() -> None:
+    """Keeps the subcommand on the command line (`hfl-aggregator run -c ...`) with one command."""
+
+
 @app.command()
 def run(config: ConfigOption, verbose: VerboseOption = False) -> None:
     """Serve as an aggregator for the agents the roster enrols under our id."""
@@ -30,7 +35,7 @@ def run(config: ConfigOption, verbose: VerboseOption = False) -> None:
             feed=feed, state_dir=cfg.aggregator.state_dir if cfg.aggregator else None)
     except StateError as e:
         fail(str(e))
-    raise typer.Exit(serve(node, machine))
+    raise typer.Exit(serve(node, machine, device_dir=cfg.device.dir))
 
 
 def main() -> None:

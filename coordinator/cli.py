@@ -33,7 +33,7 @@ def run(config: ConfigOption, verbose: VerboseOption = False) -> None:
     except StateError as e:
         fail(str(e))
     try:
-        code = serve(node, machine)
+        code = serve(node, machine, device_dir=cfg.device.dir)
     finally:
         registry.close()
     raise typer.Exit(code)

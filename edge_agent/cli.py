@@ -1,9 +1,15 @@
-"""`hfl-agent` (also `hfl agent`): the client layer's service."""
+"""`hfl-agent` (also `hfl agent`): the client layer's service and its pre-flight check."""
 
 from __future__ import annotations
 
-import typer
+from typing import Annotated
 
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from edge_agent.check import Check, passed, run_checks
 from edge_agent.runner import agent_node, load_local
 from hfl.cli import ConfigOption, VerboseOption, open_config, setup_logging
 from hfl.messages import Role
@@ -11,6 +17,11 @@ from hfl.service import serve
 
 app = typer.Typer(help="The client layer: train on local data, send updates to the aggregator.",
                   no_args_is_help=True)
+
+
+@app.callback()
+def _group() -> None:
+    """Keeps the subcommand on the command line (`hfl-agent run -c ...`) with one command."""
 
 
 @app.command()
@@ -23,7 +34,36 @@ def run(config: ConfigOption, verbose: VerboseOption = False) -> None:
     node, machine = agent_node(identity, roster, cfg.broker_settings(), cfg.topics,
                                cfg.agent.aggregator, data, device=cfg.agent.device,
                                max_payload=cfg.max_payload, feed=feed)
-    raise typer.Exit(serve(node, machine))
+    raise typer.Exit(serve(node, machine, device_dir=cfg.device.dir))
+
+
+MARKS = {"pass": "[green]ok[/]", "warn": "[yellow]warn[/]", "fail": "[bold red]FAIL[/]",
+         "skip": "[dim]skip[/]"}
+
+
+def verdict_table(checks: list[Check]) -> Table:
+    table = Table("", "check", "result", "fix", title="hfl agent check")
+    for c in checks:
+        table.add_row(MARKS[c.verdict], escape(c.name), escape(c.detail), escape(c.hint))
+    return table
+
+
+@app.command()
+def check(
+    config: ConfigOption,
+    timeout: Annotated[float, typer.Option(min=1, help="Seconds to wait for the broker.")] = 10,
+) -> None:
+    """Check this board before (or instead of) serving: config, keys, roster, certificate,
+    clock, broker over TLS, data, device. Exit code 0 when nothing failed."""
+    checks = run_checks(config, timeout=timeout)
+    console = Console(width=max(Console().width, 120))
+    console.print(verdict_table(checks))
+    failed = [c.name for c in checks if c.verdict == "fail"]
+    if passed(checks):
+        console.print("[bold green]ready to serve[/]")
+    else:
+        console.print(f"[bold red]not ready[/]: {', '.join(failed)}")
+    raise typer.Exit(0 if passed(checks) else 1)
 
 
 def main() -> None:

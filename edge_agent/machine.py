@@ -106,7 +106,9 @@ class AgentMachine:
                 self.identity.key, self.roster.public_key)
         self.pending = (env.job, env.round)
         self.specs[env.job] = meta.spec
-        return [Train(env.job, env.round, meta.spec, params), Note("train", info)]
+        # The note first: the runner carries out Train at once, and its answer (the update)
+        # would otherwise come before the note that training started.
+        return [Note("train", info), Train(env.job, env.round, meta.spec, params)]
 
     def _check_origin(self, meta: RoundMeta, job: str, params: np.ndarray) -> None:
         if meta.edge_round != 0:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -50,6 +51,7 @@ class LocalTrainer:
     agent_id: str
     data: dict[str, LocalData]
     device: torch.device = field(default_factory=lambda: pick_device("auto"))
+    progress: Callable[[], None] | None = None  # after every batch (Node.alive)
     _models: dict[tuple, torch.nn.Module] = field(default_factory=dict)
 
     def __call__(self, t: Train) -> tuple[np.ndarray, Metrics]:
@@ -60,14 +62,15 @@ class LocalTrainer:
         model = self._models[key]
         # Evaluate the round model before training: federated evaluation of the version.
         unflatten_into(model, t.params)
-        ev = evaluate(model, local.test, device=self.device)
+        ev = evaluate(model, local.test, device=self.device, progress=self.progress)
         cfg = TrainConfig(epochs=spec.epochs, batch_size=spec.batch_size, lr=spec.lr,
                           momentum=spec.momentum)
         seed = int.from_bytes(
             hashlib.sha256(f"{spec.seed}/{t.job}/{t.round}/{self.agent_id}".encode()).digest()[:4],
             "little",
         )
-        delta, tm = local_update(model, t.params, local.train, cfg, device=self.device, seed=seed)
+        delta, tm = local_update(model, t.params, local.train, cfg, device=self.device, seed=seed,
+                                 progress=self.progress)
         metrics = Metrics(samples=len(local.train), train_loss=tm["loss"],
                           eval_samples=ev["samples"], eval_loss=ev["loss"],
                           eval_accuracy=ev["accuracy"])
@@ -90,6 +93,6 @@ def agent_node(
     node = Node(identity, roster, settings, topics, topics.agent_filters(aggregator),
                 max_payload=max_payload, feed=feed, group=aggregator)
     machine = AgentMachine(identity, aggregator, set(data), topics, roster)
-    trainer = LocalTrainer(identity.id, data, pick_device(device))
+    trainer = LocalTrainer(identity.id, data, pick_device(device), progress=node.alive)
     node.handlers[Train] = lambda t: machine.trained(t.job, t.round, *trainer(t))
     return node, machine

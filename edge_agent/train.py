@@ -2,10 +2,15 @@
 
 Board datasets are small, so the whole set moves to the device once and mini-batches are
 index gathers there: no DataLoader workers or per-batch host-to-device copies.
+
+Training runs on the service's loop thread and can take minutes on a Pi, so `progress` is
+called after every batch: the service feeds systemd's watchdog from it (progress is
+liveness: a batch that never finishes stops the pings) and cuts training short on SIGTERM.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,8 +57,12 @@ def _tensors(ds: Dataset, device: torch.device) -> tuple[torch.Tensor, torch.Ten
     return torch.from_numpy(ds.x).to(device), torch.from_numpy(ds.y).to(device)
 
 
+Progress = Callable[[], None] | None  # called after each batch
+
+
 def train(
-    model: nn.Module, ds: Dataset, cfg: TrainConfig, *, device: torch.device, seed: int
+    model: nn.Module, ds: Dataset, cfg: TrainConfig, *, device: torch.device, seed: int,
+    progress: Progress = None,
 ) -> dict:
     """SGD on cross-entropy over shuffled mini-batches; {loss (mean over the last epoch),
     samples, steps}. A fresh optimizer per call: momentum does not carry across rounds."""
@@ -78,12 +87,15 @@ def train(
             # Accumulate on the device: one host sync per call, not per step.
             total += loss.detach() * len(batch)
             steps += 1
+            if progress is not None:
+                progress()
     return {"loss": float(total.item()) / n, "samples": n, "steps": steps}
 
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, ds: Dataset, *, device: torch.device, batch_size: int = 512
+    model: nn.Module, ds: Dataset, *, device: torch.device, batch_size: int = 512,
+    progress: Progress = None,
 ) -> dict:
     """{loss, accuracy, samples} of `model` on `ds`; all zero for an empty dataset."""
     n = len(ds)
@@ -99,6 +111,8 @@ def evaluate(
         logits = model(xb)
         loss += F.cross_entropy(logits, yb, reduction="sum")
         correct += (logits.argmax(dim=1) == yb).sum()
+        if progress is not None:
+            progress()
     model.train(was_training)
     return {"loss": float(loss.item()) / n, "accuracy": int(correct.item()) / n, "samples": n}
 
@@ -111,10 +125,11 @@ def local_update(
     *,
     device: torch.device,
     seed: int,
+    progress: Progress = None,
 ) -> tuple[np.ndarray, dict]:
     """Train from `params` and return (trained - params as float32, train metrics)."""
     model.to(device)
     unflatten_into(model, params)
-    metrics = train(model, ds, cfg, device=device, seed=seed)
+    metrics = train(model, ds, cfg, device=device, seed=seed, progress=progress)
     delta = np.subtract(flatten(model), params, dtype=np.float32)
     return delta, metrics

@@ -3,7 +3,6 @@ own: keys, broker, demo, simulate, version."""
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Annotated
 
@@ -34,10 +33,34 @@ app.add_typer(pki_cli.app, name="pki")
 console = Console()
 
 
+def versions() -> dict[str, str]:
+    """What a bug report from a board needs: hfl, Python, the native libraries, the machine."""
+    import platform
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    import torch
+
+    out = {"hfl": f"{hfl.__version__} ({hfl.__released__})",
+           "python": f"{platform.python_version()} ({platform.python_implementation()})"}
+    for name in ("torch", "onnxruntime", "paho-mqtt", "cryptography"):
+        try:
+            out[name] = dist_version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    out["machine"] = f"{platform.machine()} ({platform.system()} {platform.release()})"
+    cuda = torch.cuda.is_available()
+    out["cuda"] = (f"yes: {torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda})" if cuda
+                   else f"no (torch built for CUDA {torch.version.cuda})" if torch.version.cuda
+                   else "no (CPU build of torch)")
+    return out
+
+
 @app.command()
 def version() -> None:
-    """Print the hfl version."""
-    typer.echo(f"hfl {hfl.__version__}")
+    """Print the versions of hfl, Python and its native libraries, the machine and CUDA."""
+    for name, v in versions().items():
+        typer.echo(f"{name + ':':<14}{v}")
 
 
 def progress_bar(total: int) -> Progress:
@@ -63,9 +86,7 @@ def run_and_report(cfg, out: Path, report: Path | None, title: str, verbose: boo
     from fleet.report import plot_rounds, write_json
     from fleet.simulate import run, summary
 
-    setup_logging(verbose)
-    if not verbose:
-        logging.getLogger("hfl").setLevel(logging.ERROR)
+    setup_logging(verbose, quiet=not verbose)
     rounds = int(cfg.model.get("rounds", 10))
     spec = cfg.spec(["check"])
     dp = spec.privacy

@@ -1,5 +1,5 @@
 """What every role's command line shares: the config option, loading it with clear errors,
-and logging (journald-friendly plain lines under systemd, rich on a terminal)."""
+and logging (journal entries with structured fields under systemd, rich on a terminal)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Annotated, NoReturn
 
 import typer
 
+from hfl import activity
 from hfl.config import Config, load_config
 from hfl.identity import Identity, Roster
 from hfl.messages import Role
@@ -29,17 +30,61 @@ def fail(message: str) -> NoReturn:
     raise typer.Exit(1)
 
 
-def setup_logging(verbose: bool = False) -> None:
+def stderr_is_journal() -> bool:
+    """Whether stderr is systemd's journal stream (JOURNAL_STREAM names its device and inode;
+    a child whose stderr went elsewhere still inherits the variable)."""
+    try:
+        st = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError, AttributeError):  # no real stderr (captured in tests)
+        return False
+    return os.environ.get("JOURNAL_STREAM") == f"{st.st_dev}:{st.st_ino}"
+
+
+def _journal_handler() -> logging.Handler | None:
+    """systemd-python's journal handler (the optional `hfl[systemd]` extra), or None."""
+    try:
+        from systemd.journal import JournalHandler  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    return JournalHandler(SYSLOG_IDENTIFIER=Path(sys.argv[0]).name or "hfl")
+
+
+class _PriorityPrefix(logging.Formatter):
+    """`<3>` etc. before each line: journald takes it as the entry's priority."""
+
+    LEVELS = ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4),
+              (logging.INFO, 6))
+
+    def format(self, record: logging.LogRecord) -> str:
+        prio = next((p for lvl, p in self.LEVELS if record.levelno >= lvl), 7)
+        return f"<{prio}>{super().format(record)}"
+
+
+def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
+    """Rich on a terminal; under systemd, journal entries with the fields of the job and
+    round the service is on (hfl.activity) when systemd-python is installed, else plain
+    lines with a priority prefix; plain lines anywhere else. `quiet`: hfl logs errors only
+    (a command with its own progress display)."""
     level = logging.DEBUG if verbose else logging.INFO
-    if sys.stderr.isatty() and "JOURNAL_STREAM" not in os.environ:
+    fmt = "%(name)s: %(message)s"
+    journal = stderr_is_journal()
+    handler = _journal_handler() if journal else None
+    if handler is not None:
+        handler.addFilter(activity.context)
+        handler.setFormatter(logging.Formatter(fmt))
+    elif journal:  # journald adds its own timestamps
+        handler = logging.StreamHandler()
+        handler.setFormatter(_PriorityPrefix(fmt))
+    elif sys.stderr.isatty():
         from rich.logging import RichHandler
 
-        handler: logging.Handler = RichHandler(show_path=False)
-        fmt = "%(name)s: %(message)s"
-    else:  # journald adds its own timestamps
+        handler = RichHandler(show_path=False)
+        handler.setFormatter(logging.Formatter(fmt))
+    else:
         handler = logging.StreamHandler()
-        fmt = "%(levelname)s %(name)s: %(message)s"
-    logging.basicConfig(level=level, format=fmt, handlers=[handler], force=True)
+        handler.setFormatter(logging.Formatter("%(levelname)s " + fmt))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
+    logging.getLogger("hfl").setLevel(logging.ERROR if quiet else logging.NOTSET)
     # paho logs every broker disconnect at ERROR; reconnecting is routine for us.
     logging.getLogger("hfl.mqtt.paho").setLevel(logging.DEBUG if verbose else logging.CRITICAL)
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
@@ -59,13 +104,7 @@ def open_config(path: Path, role: Role, section: str | None = None) -> tuple[
         roster = load_roster(device.roster, device.ca)
         feed = RosterFeed(roster, load_ca_cert(device.ca), cfg.topics, device.roster,
                           publish=role is Role.COORDINATOR)
+        roster.check_member(identity, str(device.roster))
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
-    member = roster.get(identity.id)
-    if member is None or member.role is not role:
-        fail(f"{identity.id} is not enrolled as {role.value} in {device.roster} "
-             f"(hfl pki issue PKI {identity.id} --role {role.value})")
-    if (member.public_key.public_bytes_raw() != identity.public_key.public_bytes_raw()
-            or member.seal_key.public_bytes_raw() != identity.seal_public.public_bytes_raw()):
-        fail(f"the keys in {device.dir} do not match {identity.id}'s keys in the roster")
     return cfg, identity, roster, feed

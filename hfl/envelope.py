@@ -49,19 +49,22 @@ class _HeaderModel(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
-    v: int
-    type: str
-    topic: str
-    job: str
-    round: int = Field(ge=0)
-    stage: str
-    sender: str
-    nonce: str = Field(pattern=r"^[0-9a-f]{32}$")
-    created: float = Field(allow_inf_nan=False)
-    body_len: int = Field(ge=0)
-    digest: str = Field(pattern=r"^[0-9a-f]{64}$")
-    sealed: bool = False
-    meta: dict[str, Any]
+    v: int = Field(description="envelope version")
+    type: str = Field(description="the message type")
+    topic: str = Field(description="the MQTT topic it is published on")
+    job: str = Field(description="the job it belongs to (empty for none)")
+    round: int = Field(ge=0, description="a number whose meaning depends on the type")
+    stage: str = Field(description="the step of the protocol it is")
+    sender: str = Field(description="the id of the device that signed it")
+    nonce: str = Field(pattern=r"^[0-9a-f]{32}$",
+                       description="16 random bytes in hex: (sender, nonce) names a message")
+    created: float = Field(allow_inf_nan=False,
+                           description="the sender's clock, Unix seconds (informative)")
+    body_len: int = Field(ge=0, description="the body's length in bytes")
+    digest: str = Field(pattern=r"^[0-9a-f]{64}$",
+                        description="SHA-256 of the body (as sent), lower-case hex")
+    sealed: bool = Field(default=False, description="the body is sealed (HFS1)")
+    meta: dict[str, Any] = Field(description="the type's fields: see each message")
 
 
 @dataclass(frozen=True)

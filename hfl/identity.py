@@ -174,6 +174,17 @@ class Roster:
             m.id for m in self._members.values() if m.role is Role.AGENT and m.group == aggregator
         )
 
+    def check_member(self, identity: Identity, where: str = "the roster") -> None:
+        """ValueError unless `identity` is enrolled under its role with exactly its keys."""
+        m = self._members.get(identity.id)
+        if m is None or m.role is not identity.role:
+            raise ValueError(f"{identity.id} is not enrolled as {identity.role.value} in "
+                             f"{where} (hfl pki issue PKI {identity.id} --role "
+                             f"{identity.role.value})")
+        if (m.public_key.public_bytes_raw() != identity.public_key.public_bytes_raw()
+                or m.seal_key.public_bytes_raw() != identity.seal_public.public_bytes_raw()):
+            raise ValueError(f"the keys of {identity.id} do not match its keys in {where}")
+
     def by_role(self, role: Role) -> list[str]:
         return sorted(m.id for m in self._members.values() if m.role is role)
 

@@ -18,10 +18,10 @@ from typing import Annotated, Any, Literal, TypeVar
 import numpy as np
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from hfl.errors import Rejected
-from hfl.topics import Route, check_id
+from hfl.topics import ID_MAX, ID_PATTERN, Route, check_id
 
 
 class Role(str, Enum):
@@ -93,7 +93,8 @@ def check_route(kind: Kind, route: Route, sender: str, role: Role, group: str | 
 
 # ---------------------------------------------------------------- request (app → coordinator)
 
-_Id = Annotated[str, Field(min_length=1, max_length=32)]
+# check_id validates the alphabet with a clearer message; the pattern is for the schema.
+_Id = Annotated[str, Field(min_length=1, max_length=32, json_schema_extra={"pattern": ID_PATTERN})]
 
 
 class _Strict(BaseModel):
@@ -209,6 +210,14 @@ class ModelRequest(_Strict):
             raise ValueError("model names must be distinct within a request")
         return v
 
+    @model_validator(mode="after")
+    def _job_ids_fit(self) -> ModelRequest:
+        for m in self.models:  # a job id is a topic level too: "{request_id}-{name}"
+            if len(self.request_id) + 1 + len(m.name) > ID_MAX:
+                raise ValueError(f"request_id and model name {m.name!r} make a job id longer "
+                                 f"than {ID_MAX} characters: shorten one")
+        return self
+
     def job_ids(self) -> list[str]:
         return [job_id(self.request_id, m.name) for m in self.models]
 
@@ -278,11 +287,12 @@ class RoundMeta(_Strict):
 class Metrics(_Strict):
     """Sample-weighted metrics of one contribution (agent) or a sum of them (partial)."""
 
-    samples: float = Field(ge=0)
-    train_loss: float = 0.0
-    eval_samples: float = Field(default=0.0, ge=0)
-    eval_loss: float = 0.0
-    eval_accuracy: float = Field(default=0.0, ge=0, le=1)
+    samples: float = Field(ge=0, description="training samples (in a DP job: agents)")
+    train_loss: float = Field(default=0.0, description="mean training loss")
+    eval_samples: float = Field(default=0.0, ge=0, description="held-out samples evaluated")
+    eval_loss: float = Field(default=0.0, description="mean loss on the agents' held-out data")
+    eval_accuracy: float = Field(default=0.0, ge=0, le=1,
+                                 description="accuracy on the agents' held-out data")
 
 
 class UpdateMeta(_Strict):
@@ -319,14 +329,16 @@ class ModelMeta(_Strict):
     job: str
     version: int = Field(ge=0)
     arch: str
-    input_shape: tuple[int, ...]
+    input_shape: tuple[int, ...] = Field(description="one input, without the batch axis")
     num_classes: int
     num_params: int
-    agents: int = Field(ge=0)
-    dropped: int = Field(default=0, ge=0)
+    agents: int = Field(ge=0, description="agents whose updates made this version")
+    dropped: int = Field(default=0, ge=0, description="agents that dropped out mid-round")
     epsilon: float | None = Field(default=None, ge=0, description="ε spent (DP jobs)")
-    delta: float | None = None
-    metrics: Metrics
+    delta: float | None = Field(default=None, description="the job's δ (DP jobs)")
+    metrics: Metrics = Field(description="the block's last edge round, over all sites: its "
+                             "training loss and the agents' evaluation of the model it started "
+                             "from (the previous version when kappa1 = 1)")
 
 
 class JobMeta(_Strict):
@@ -336,17 +348,22 @@ class JobMeta(_Strict):
     app: str
     model: str
     state: Literal["running", "done", "stopped", "failed"]
-    reason: str = ""
-    version: int = Field(ge=0)
-    rounds: int
+    reason: str = Field(default="", description="why it ended")
+    version: int = Field(ge=0, description="the newest version published")
+    rounds: int = Field(description="the versions asked for")
     epsilon: float | None = Field(default=None, ge=0, description="ε spent (DP jobs)")
     delta: float | None = None
-    history: list[dict[str, Any]] = Field(default_factory=list, max_length=100_000)
+    history: list[dict[str, Any]] = Field(default_factory=list, max_length=100_000,
+                                          description="one row per version: its metrics, "
+                                          "agents and ε")
 
 
 class StatusMeta(_Strict):
-    state: Literal["online", "offline"]
-    group: str | None = None
+    """every node → its status topic (retained; also its Last Will)."""
+
+    state: Literal["online", "offline", "lost"] = Field(
+        description="offline: it left cleanly; lost: its Last Will (the connection died)")
+    group: str | None = Field(default=None, description="an agent's aggregator")
 
 
 _M = TypeVar("_M", bound=BaseModel)

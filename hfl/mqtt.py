@@ -9,9 +9,10 @@ QoS 1 publish gets the client disconnected, then resent on reconnect, forever.
 Paho keeps a persistent session's unacknowledged outgoing messages in memory only: a
 process that dies loses them (the protocol above retries rounds, so that is acceptable).
 
-With `manual_ack`, an inbound QoS 1 message is acknowledged only when the runner says so
-(`ack`): a service that checkpoints acknowledges once what the message changed is on disk,
-so after a `kill -9` the broker delivers again whatever was not.
+With `leave_unacked`, an inbound QoS 1 message is acknowledged only when the runner says so
+(`ack`), or never (a probe that must not take a device's messages): a service that
+checkpoints acknowledges once what the message changed is on disk, so after a `kill -9` the
+broker delivers again whatever was not.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,7 +58,7 @@ class Inbound:
     topic: str
     payload: bytes
     retain: bool  # True only for a retained message the broker replays on subscribe
-    mid: int = 0  # packet id and QoS, to acknowledge it (manual_ack)
+    mid: int = 0  # packet id and QoS, to acknowledge it (leave_unacked)
     qos: int = 0
     connection: int = 0  # which connection it came on: an ack is only good on that one
 
@@ -104,15 +105,20 @@ class Session:
 
     def __init__(self, client_id: str, settings: BrokerSettings, *, inbox: queue.Queue[Inbound],
                  subscriptions: Sequence[str] = (), will: tuple[str, bytes, bool] | None = None,
+                 birth: Callable[[], tuple[str, bytes]] | None = None,
                  clean_start: bool = False, max_payload: int = 256 * 1024,
-                 manual_ack: bool = False) -> None:
+                 leave_unacked: bool = False) -> None:
         self.client_id = client_id
-        self.manual_ack = manual_ack
+        # Retained on every connect, freshly made (receivers drop an exact repeat): after a
+        # reconnect it replaces the Last Will the broker published for the lost connection.
+        self.birth = birth
+        self.leave_unacked = leave_unacked
         self.settings = settings
         self.inbox = inbox
         self.max_payload = max_payload
         self.chunk_limit = max_payload
         self.connected = False
+        self.refusal: str | None = None  # the broker's last refusal (CONNACK or SUBACK)
         self.counters: dict[str, int] = dict.fromkeys(
             ("connects", "disconnects", "published", "received", "dropped_callback_errors"), 0)
         self._filters: list[str] = list(dict.fromkeys(subscriptions))
@@ -121,14 +127,17 @@ class Session:
         self._cond = threading.Condition()
         self._subacks = _Acks(self._cond)
         self._pubacks = _Acks(self._cond)
-        self._client = self._make_client(will, clean_start)
+        # A probe connecting as a device acks nothing it receives (the broker then keeps those
+        # messages for the device itself); a durable node acks what it has saved (`ack`).
+        self._client = self._make_client(will, clean_start, manual_ack=leave_unacked)
 
     # ------------------------------------------------------------------ setup
 
-    def _make_client(self, will: tuple[str, bytes, bool] | None, clean_start: bool) -> mqtt.Client:
+    def _make_client(self, will: tuple[str, bytes, bool] | None, clean_start: bool,
+                     manual_ack: bool) -> mqtt.Client:
         s = self.settings
         c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
-                        protocol=mqtt.MQTTv5, manual_ack=self.manual_ack)
+                        protocol=mqtt.MQTTv5, manual_ack=manual_ack)
         c.enable_logger(logging.getLogger("hfl.mqtt.paho"))
         if s.ca:
             c.tls_set(ca_certs=s.ca, certfile=s.cert, keyfile=s.key)
@@ -210,9 +219,9 @@ class Session:
             self._bump("published")
 
     def ack(self, messages: list[Inbound]) -> None:
-        """Acknowledge (manual_ack) what came on the current connection; the broker sends
+        """Acknowledge (leave_unacked) what came on the current connection; the broker sends
         what came on an earlier one again anyway, and its packet id means nothing now."""
-        if not self.manual_ack:
+        if not self.leave_unacked:
             return
         current = self.counters["connects"]
         for m in messages:
@@ -231,9 +240,11 @@ class Session:
                     reason_code: ReasonCode, properties: Properties | None) -> None:
         try:
             if reason_code.is_failure:
+                self.refusal = f"connection refused: {reason_code}"
                 log.warning("%s: broker refused the connection: %s", self.client_id,
                             reason_code)
                 return
+            self.refusal = None
             self._apply_packet_limit(getattr(properties, "MaximumPacketSize", None))
             self._subacks.clear()
             with self._cond:
@@ -246,6 +257,9 @@ class Session:
                 self._cond.notify_all()
             if added:
                 self._send_subscribe(added)
+            if self.birth is not None:
+                topic, payload = self.birth()
+                self.publish(topic, payload, retain=True)
             self._bump("connects")
             log.info("%s connected to %s:%s (session present: %s)", self.client_id,
                      self.settings.host, self.settings.port, flags.session_present)
@@ -271,6 +285,7 @@ class Session:
             if refused:
                 # Left unacknowledged on purpose: a service must not report ready without
                 # the subscriptions it needs (an ACL mistake, typically).
+                self.refusal = f"subscription refused: {', '.join(refused)}"
                 log.error("%s: subscription refused: %s", self.client_id, ", ".join(refused))
                 self._bump("subscribe_refused")
                 return

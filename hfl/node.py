@@ -67,6 +67,11 @@ def encode_send(action: Send, identity: Identity, roster: Roster,
                            seal_to=seal_to)
 
 
+class Stopped(BaseException):
+    """A stop was asked for while a handler was busy: unwinds it (not an `Exception`, so no
+    handler's error net catches it)."""
+
+
 class Machine(Protocol):
     def handle(self, env: Envelope, route: Route, now: float) -> list[Action]: ...
     def tick(self, now: float) -> list[Action]: ...
@@ -96,10 +101,12 @@ class Node:
         self.inbox: queue.Queue[Inbound] = queue.Queue()
         self.counters: Counter[str] = Counter()
         self._status_topic = topics.status(identity.role.value, identity.id)
-        will = (self._status_topic, self._status_payload("offline"), True)
+        # "lost" from the broker when the connection dies; "offline" only from stop().
+        will = (self._status_topic, self._status_payload("lost"), True)
         self.session = Session(identity.id, settings, inbox=self.inbox,
                                subscriptions=subscriptions, will=will, max_payload=max_payload,
-                               manual_ack=durable is not None)
+                               birth=lambda: (self._status_topic, self._status_payload("online")),
+                               leave_unacked=durable is not None)
         self.durable = durable
         self._outbox: list[Action] = []  # the machine's actions, until their state is saved
         self._unacked: list[Inbound] = []  # handled, to acknowledge once saved
@@ -110,6 +117,8 @@ class Node:
             Send: self.send,
             Note: self._log_note,
         }
+        self.observers: list[Callable[[Action], None]] = []  # see every action (hfl.activity)
+        self.heartbeat: Callable[[], None] | None = None  # fed by alive() (the watchdog)
         self.stop_event = threading.Event()
 
     # ------------------------------------------------------------------ outbound
@@ -151,13 +160,25 @@ class Node:
     # ------------------------------------------------------------------ loop
 
     def start(self, timeout: float = 30.0) -> None:
+        """Connect; return once connected, subscribed (every SUBACK granted) and online.
+        While waiting, `alive()`: the watchdog is fed and a stop asked for ends the wait."""
         self.session.start()
-        if not self.session.wait_ready(timeout):
-            s = self.session.settings
-            raise ConnectionError(f"{self.identity.id}: broker {s.host}:{s.port} not reachable "
-                                  f"within {timeout:.0f} s")
-        self.session.publish(self._status_topic, self._status_payload("online"), retain=True)
-        if self.durable is not None:
+        deadline = time.monotonic() + timeout
+        while not self.session.wait_ready(min(0.2, max(deadline - time.monotonic(), 0))):
+            self.alive()
+            if time.monotonic() < deadline:
+                continue
+            s, who = self.session.settings, self.identity.id
+            if not self.session.connected:
+                why = f": {self.session.refusal}" if self.session.refusal else ""
+                raise ConnectionError(f"{who}: broker {s.host}:{s.port} not reachable within "
+                                      f"{timeout:.0f} s{why}")
+            if self.session.counters.get("subscribe_refused"):
+                raise ConnectionError(f"{who}: broker {s.host}:{s.port}: {self.session.refusal} "
+                                      "(does its ACL match the roster? hfl pki broker-config)")
+            raise ConnectionError(f"{who}: broker {s.host}:{s.port} did not acknowledge the "
+                                  f"subscriptions within {timeout:.0f} s")
+        if self.durable is not None:  # send again what may not have left before a crash
             self._outbox += self.durable.resume(time.time())
             self.commit(time.time())
         if self.feed is not None:
@@ -183,6 +204,8 @@ class Node:
             handler = self.handlers.get(type(action))
             if handler is None:
                 raise TypeError(f"no handler for {type(action).__name__}")
+            for observe in self.observers:
+                observe(action)
             more = handler(action)
             if more:
                 todo[:0] = more
@@ -274,10 +297,23 @@ class Node:
         self._unacked = []
         return True
 
+    def alive(self) -> None:
+        """Progress: the loop turned, or a long handler (training) finished a batch. Feeds
+        the watchdog, so a loop stuck anywhere stops feeding it; once a stop is asked for,
+        raises `Stopped` to cut a long handler short."""
+        if self.stop_event.is_set():
+            raise Stopped
+        if self.heartbeat is not None:
+            self.heartbeat()
+
     def run(self, machine: Machine, tick: float = 0.2) -> None:
         """Serve until `stop_event` is set."""
-        while not self.stop_event.is_set():
-            self.step(machine, tick)
+        try:
+            while not self.stop_event.is_set():
+                self.step(machine, tick)
+                self.alive()
+        except Stopped:
+            pass  # asked to stop in the middle of a step: the caller leaves cleanly
 
 
 def run_in_thread(node: Node, machine: Machine, name: str) -> threading.Thread:

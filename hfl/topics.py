@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from hfl.errors import Rejected
 
 DEFAULT_PREFIX = "hfl/v1"
-_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+ID_MAX = 64
+_ID = re.compile(rf"[A-Za-z0-9][A-Za-z0-9_.-]{{0,{ID_MAX - 1}}}")
+ID_PATTERN = f"^{_ID.pattern}$"  # the same rule as a JSON Schema (ECMA-262) pattern
 
 
 def check_id(value: str, what: str = "id") -> str:

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import stat
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner, Result
 
+from aggregator.cli import app as aggregator_app
+from coordinator.cli import app as coordinator_app
+from edge_agent.cli import app as agent_app
 from fleet.cli import app
 from hfl.pki import Pki
 
@@ -27,13 +32,31 @@ def test_help_lists_every_command() -> None:
 
 @pytest.mark.parametrize("args", [
     ["demo"], ["simulate"], ["pki", "init"], ["pki", "issue"], ["pki", "revoke"], ["pki", "list"],
-    ["pki", "broker-config"], ["agent", "run"], ["aggregator", "run"], ["coordinator", "run"],
-    ["coordinator", "models"],
+    ["pki", "broker-config"], ["agent", "run"], ["agent", "check"], ["aggregator", "run"],
+    ["coordinator", "run"], ["coordinator", "models"],
 ])
 def test_every_command_explains_itself(args: list[str]) -> None:
     res = runner.invoke(app, [*args, "--help"])
     assert res.exit_code == 0, res.output
     assert "Usage" in res.output and len(res.output) > 200
+
+
+@pytest.mark.parametrize("role_app", [agent_app, aggregator_app, coordinator_app])
+def test_each_role_command_keeps_its_subcommand(role_app, tmp_path: Path) -> None:
+    """`hfl-agent run -c FILE`, as the systemd units spell it (not `hfl-agent -c FILE`)."""
+    res = runner.invoke(role_app, ["run", "-c", str(tmp_path / "missing.toml")])
+    assert res.exit_code == 1 and "no such config file" in res.output, res.output
+    assert runner.invoke(role_app, ["-c", str(tmp_path / "missing.toml")]).exit_code == 2
+
+
+def test_version_names_what_a_bug_report_needs() -> None:
+    res = runner.invoke(app, ["version"])
+    assert res.exit_code == 0
+    names = [line.split(":")[0] for line in res.output.splitlines()]
+    assert names == ["hfl", "python", "torch", "onnxruntime", "paho-mqtt", "cryptography",
+                     "machine", "cuda"]
+    assert f"torch:        {torch.__version__}" in res.output
+    assert platform.machine() in res.output
 
 
 def test_pki_init_issue_list_revoke(tmp_path: Path) -> None:

@@ -164,3 +164,26 @@ def test_resubscribes_after_a_broker_restart(mosquitto: str, tmp_path: Path,
         pub.publish("r/1", b"after restart")
         assert pub.flush(TIMEOUT)
         assert [m.payload for m in collect(inbox, 1)] == [b"after restart"]
+
+
+def test_the_birth_message_is_retained_afresh_on_every_connect(mosquitto: str,
+                                                               tmp_path: Path) -> None:
+    """After a lost connection the broker holds the Last Will; the reconnect replaces it."""
+    births: list[bytes] = []
+
+    def birth() -> tuple[str, bytes]:
+        births.append(b"online %d" % len(births))
+        return "status/agent-1", births[-1]
+
+    with Broker(tmp_path) as b, session(b, "agent-1", will=("status/agent-1", b"lost", True),
+                                        birth=birth) as (s, _):
+        with session(b, "early", ["status/#"]) as (_, inbox):
+            assert [m.payload for m in collect(inbox, 1)] == [b"online 0"]
+        b.restart()  # no persistence: the broker forgot the retained birth
+        deadline = time.monotonic() + 8
+        while s.counters["connects"] < 2:
+            assert time.monotonic() < deadline, "no reconnect"
+            time.sleep(0.05)
+        assert s.flush(TIMEOUT)
+        with session(b, "late", ["status/#"]) as (_, inbox):
+            assert [m.payload for m in collect(inbox, 1)] == [b"online 1"]  # made anew

@@ -1,0 +1,201 @@
+"""The app examples against a real in-process fleet (Mosquitto with TLS and the roster's ACL,
+secure aggregation), and the contract against what really travels:
+
+- examples/app_subscriber.py (paho + AppWire) requests a model and scores its version;
+- the SDK's App requests another one and `App.models` yields it;
+- examples/node/app_subscriber.mjs (Node.js, the mqtt package) opens that version;
+- an observer subscribed to everything checks every message against docs/asyncapi.yaml:
+  its channel and documented message, header schema, tensors, sender role, QoS and
+  retained flag.
+
+The Node.js dependencies come from `make test` (npm ci --prefix examples/node)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.subscribeoptions import SubscribeOptions
+from sklearn.datasets import load_digits
+
+from fleet.inproc import FleetLayout, InProcessFleet
+from fleet.simulate import demo_config, fleet_data
+from hfl import envelope, seal
+from hfl.app import App
+from hfl.chunks import Reassembler
+from hfl.messages import KNOWN_TYPES, Role
+from hfl.pki import Pki
+from tests.contract import body_errors, channel_messages, document, message_for, resolve
+
+ROOT = Path(__file__).resolve().parents[1]
+NODE_EXAMPLE = ROOT / "examples" / "node" / "app_subscriber.mjs"
+
+
+def _spec(cfg, name: str, site: str) -> dict:
+    """A quick job: one version (one block of two edge rounds) on one site."""
+    base = cfg.spec([site]).model_dump(mode="json", exclude={"secagg", "privacy"})
+    return {**base, "name": name, "rounds": 1, "kappa1": 2, "epochs": 5}
+
+
+def _toml(fields: dict) -> str:
+    return "".join(f"{k} = {json.dumps(v)}\n" for k, v in fields.items())
+
+
+class Spy:
+    """An observer on `#` that sees each publisher's QoS and retained flag."""
+
+    def __init__(self, fleet: InProcessFleet) -> None:
+        files = fleet.pki.device("ops")
+        self.got: list[tuple[str, bytes, bool, int]] = []
+        self.ready = threading.Event()
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="ops", protocol=mqtt.MQTTv5)
+        c.tls_set(ca_certs=str(files.ca), certfile=str(files.cert), keyfile=str(files.tls_key))
+        opts = SubscribeOptions(qos=2, retainAsPublished=True)  # QoS as published, up to 2
+        c.on_connect = lambda c, *_: c.subscribe(f"{fleet.topics.prefix}/#", options=opts)
+        c.on_subscribe = lambda *_: self.ready.set()
+        c.on_message = lambda c, u, m: self.got.append((m.topic, m.payload, m.retain, m.qos))
+        c.connect(fleet.broker.host, fleet.broker.port)
+        c.loop_start()
+        self.client = c
+        assert self.ready.wait(10)
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def _need_node() -> None:
+    if shutil.which("node") is None or not (NODE_EXAMPLE.parent / "node_modules").is_dir():
+        pytest.fail("Node.js and examples/node/node_modules are needed: `make test` installs "
+                    "them (npm ci --prefix examples/node)", pytrace=False)
+
+
+def test_examples_receive_versions_and_the_wire_is_the_documented_contract(tmp_path: Path):
+    _need_node()
+    cfg = demo_config(seed=3, private=False)
+    groups, _ = fleet_data(cfg)
+    fleet = InProcessFleet(FleetLayout(groups, apps=("app", "js-app"), observers=("ops",)),
+                           tmp_path)
+    fleet.start()
+    spy = Spy(fleet)
+    host, port = fleet.broker.host, str(fleet.broker.port)
+    devices = {i: fleet.pki.device(i).dir for i in ("app", "js-app")}
+    (tmp_path / "request.toml").write_text(_toml(_spec(cfg, "digits-py", "site-1")))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get(
+        "PYTHONPATH", "")])}
+    py = subprocess.Popen(
+        [sys.executable, str(ROOT / "examples" / "app_subscriber.py"), "--device",
+         str(devices["app"]), "--host", host, "--port", port, "--request",
+         str(tmp_path / "request.toml"), "--versions", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        # The SDK as the README shows it; the version it gets is for the Node.js example.
+        app = App.from_device(devices["js-app"], host, int(port), models=["digits-js"])
+        app.start()
+        try:
+            jobs = app.request(**_spec(cfg, "digits-js", "site-2"))
+            version = next(app.models("digits-js", timeout=180))
+        finally:
+            app.stop()
+        out, err = py.communicate(timeout=180)
+        node_dir = tmp_path / "node"
+        node_dir.mkdir()
+        node = subprocess.run(["node", str(NODE_EXAMPLE), str(devices["js-app"]), host, port,
+                               "digits-js", "1"], cwd=node_dir, capture_output=True, text=True,
+                              timeout=60)
+    finally:
+        if py.poll() is None:
+            py.kill()
+        spy.stop()
+        fleet.stop()
+
+    # The SDK: the version of the job it asked for, with metrics and no ε (no DP here).
+    assert jobs == [version.meta.job] and version.meta.version == 1
+    assert version.meta.epsilon is None and version.meta.metrics.eval_samples > 0
+
+    # The Python example: its score is what the registry's ONNX file gives on the digits.
+    assert py.returncode == 0, err
+    line = next(s for s in out.splitlines() if " v1: accuracy " in s)
+    record = next(v for v in fleet.versions if v.model == "digits-py")
+    digits = load_digits()
+    x = (digits.images / 16.0).astype(np.float32)[:, None]
+    sess = ort.InferenceSession(record.onnx.read_bytes(), providers=["CPUExecutionProvider"])
+    expected = float(np.mean(sess.run(["logits"], {"input": x})[0].argmax(1) == digits.target))
+    printed = float(re.search(r"accuracy ([0-9.]+)", line).group(1))
+    assert printed == pytest.approx(expected, abs=1e-4) and printed > 0.3
+
+    # The Node.js example: the very ONNX file the SDK received.
+    assert node.returncode == 0, node.stderr
+    assert "v1: agents' accuracy" in node.stdout and node.stderr == ""
+    assert (node_dir / "digits-js-v1.onnx").read_bytes() == version.onnx
+
+    _check_wire(fleet, spy.got)
+
+
+def _check_wire(fleet: InProcessFleet, got: list[tuple[str, bytes, bool, int]]) -> None:
+    doc = document()
+    sends = {}  # (channel, message) → (roles allowed to send it, documented retain)
+    for op in doc["operations"].values():
+        if op["action"] == "send":
+            channel = op["channel"]["$ref"].split("/")[-1]
+            for m in op["messages"]:
+                sends[(channel, m["$ref"].split("/")[-1])] = (
+                    {t["name"] for t in op["tags"]}, op["bindings"]["mqtt"]["retain"])
+    reassembler = Reassembler(max_message=64 << 20, max_pending_bytes=256 << 20)
+    seen: dict[tuple[str, str], int] = {}
+    for topic, payload, retained, qos in got:
+        assert qos == 1, topic
+        data = reassembler.feed(topic, payload, 0.0) if payload else None
+        if data is None:
+            continue
+        env = envelope.decode(data, topic=topic, public_key=fleet.roster.public_key,
+                              known_types=KNOWN_TYPES)
+        size = int.from_bytes(bytes(data[4:8]), "little")
+        header = json.loads(bytes(data[8 : 8 + size]))
+        key = message_for(doc, topic, header)
+        roles, retain = sends[key]
+        assert fleet.roster.get(env.sender).role.value in roles, (key, env.sender)
+        assert retained == retain, (key, retained)
+        if env.sealed_body is not None:  # open it as one of its recipients would
+            rid = seal.recipients(env.sealed_body)[0]
+            env = envelope.unseal(env, rid, fleet.identities[rid].seal)
+        message = resolve(doc, f"#/components/messages/{key[1]}")
+        assert body_errors(message, env.tensors) == [], key
+        seen[key] = seen.get(key, 0) + 1
+    documented = {(ch, m) for ch in doc["channels"] for m in channel_messages(doc, ch)}
+    # Every documented message went over the wire, except the plain update (secure
+    # aggregation is on): the document describes what the code sends.
+    assert set(seen) == documented - {("updates", "update")}, seen
+
+
+def test_the_examples_refuse_bad_input_before_connecting(tmp_path: Path) -> None:
+    pki = Pki.init(tmp_path / "pki")
+    pki.issue("site-a", Role.AGGREGATOR)
+    device = pki.issue("app", Role.APP)
+    request = tmp_path / "request.toml"
+    request.write_text('name = "digits"\narch = "resnet"\nrounds = 0\n')
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get(
+        "PYTHONPATH", "")])}
+    py = subprocess.run([sys.executable, str(ROOT / "examples" / "app_subscriber.py"),
+                         "--device", str(device), "--request", str(request)],
+                        capture_output=True, text=True, env=env, timeout=60)
+    assert py.returncode == 2
+    assert "arch: Input should be" in py.stderr and "rounds: Input should be" in py.stderr
+    _need_node()
+    roster = json.loads((device / "roster.json").read_text())
+    roster["roster"]["members"][0]["role"] = "coordinator"  # forged: no longer the CA's
+    (device / "roster.json").write_text(json.dumps(roster))
+    node = subprocess.run(["node", str(NODE_EXAMPLE), str(device), "127.0.0.1", "1", "digits"],
+                          capture_output=True, text=True, timeout=60)
+    assert node.returncode != 0 and "not signed by the CA" in node.stderr
