@@ -84,12 +84,18 @@ class CoordinatorSection(_Section):
     state_dir: Path = Path("state")
 
 
+class AggregatorSection(_Section):
+    state_dir: Path = Field(default=Path("state"), description="checkpoints of the rounds "
+                            "under way, so a restart resumes them")
+
+
 class Config(_Section):
     prefix: str = DEFAULT_PREFIX
     max_payload: int = Field(default=256 * 1024, ge=4096, le=256 * 1024 * 1024)
     identity: IdentitySection
     broker: BrokerSection = BrokerSection()
     agent: AgentSection | None = None
+    aggregator: AggregatorSection | None = None
     coordinator: CoordinatorSection | None = None
 
     @property
@@ -136,6 +142,7 @@ def _resolve(cfg: Config, base: Path) -> Config:
     if cfg.agent:
         for ds in cfg.agent.datasets.values():
             ds.path = fix(ds.path)
-    if cfg.coordinator:
-        cfg.coordinator.state_dir = fix(cfg.coordinator.state_dir)  # type: ignore[assignment]
+    for section in (cfg.coordinator, cfg.aggregator):
+        if section:
+            section.state_dir = fix(section.state_dir)  # type: ignore[assignment]
     return cfg

@@ -34,6 +34,7 @@ from hfl.app import App
 from hfl.config import load_config
 from hfl.messages import Role
 from hfl.pki import Pki
+from hfl.state import StateStore
 from tests import systemd_units as su
 
 REPO = Path(__file__).resolve().parent.parent
@@ -412,6 +413,9 @@ def test_site_yml_rolls_out_a_fleet_that_trains(tools: None, mosquitto: str, roo
             app = None
             codes = {h: stop(p) for h, p in procs.items()}  # SIGTERM, as systemctl stop
             assert codes == dict.fromkeys(SERVICES, 0), tails(logs)
+            # The role gave the aggregator a checkpoint folder, and the job was saved there.
+            saved = StateStore(hosts / "site-a/var/lib/hfl/aggregator").read()
+            assert "job/rollout-digits" in saved, sorted(saved)
             # The operator's check on a board, as its account, with the broker up.
             check = subprocess.run(
                 [*su.exec_start(su.load(units["agent-1"]))[:1], "check", "-c",
