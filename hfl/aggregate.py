@@ -79,13 +79,17 @@ class WeightedSum:
         self._m["eval_acc"] += metrics.eval_accuracy * metrics.eval_samples
 
     def state(self) -> tuple[dict, np.ndarray]:
-        """What a checkpoint keeps: the scalars and the running total (not a copy)."""
-        return {"weight": self.weight, "count": self.count, "m": dict(self._m)}, self.total
+        """What a checkpoint keeps: the scalars and the running sum (not a copy), left as
+        `scale · sum` so that checkpointing after every update keeps the one-add path."""
+        doc = {"weight": self.weight, "count": self.count, "m": dict(self._m),
+               "scale": self._scale}
+        return doc, self._sum
 
     @classmethod
     def restore(cls, doc: dict, total: np.ndarray) -> WeightedSum:
         acc = cls(total.size)
-        acc.total[...] = total
+        acc._sum[...] = total
+        acc._scale = float(doc.get("scale", 1.0))  # checkpoints before the scale: Σ w·x
         acc.weight, acc.count = float(doc["weight"]), int(doc["count"])
         acc._m.update({k: float(doc["m"][k]) for k in acc._m})
         return acc

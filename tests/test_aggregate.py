@@ -65,3 +65,19 @@ def test_wrong_size_is_refused_and_nothing_added() -> None:
     assert ws.count == 0 and ws._scale == 0 and not ws.total.any()
     with pytest.raises(ValueError, match="no weight"):
         ws.mean()
+
+
+def test_state_and_restore_keep_the_sum() -> None:
+    """A checkpoint taken mid-round (scale · sum, not normalized) restores the same mean."""
+    a, b, c = _vectors(3)
+    ws = WeightedSum(P)
+    ws.add(a, 6.0, Metrics(samples=6))
+    ws.add(b, 6.0, Metrics(samples=6))
+    doc, arr = ws.state()
+    back = WeightedSum.restore(doc, arr.copy())
+    for acc in (ws, back):
+        acc.add(c, 3.0, Metrics(samples=3))
+    ref = 6.0 * a.astype(np.float64) + 6.0 * b + 3.0 * c
+    np.testing.assert_allclose(back.mean(), ref / 15.0, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(back.mean(), ws.mean())
+    assert back.count == 3 and back.weight == 15.0
