@@ -12,9 +12,11 @@ peak RSS. Runs alternate hfl, Flower, hfl, Flower… so both see the same machin
   reported), the N agents as nodes of another process, each with its own MQTT
   connection, envelopes signed and sealed as in a fleet; an app in this process requests
   the job and notes when each version arrives (round 1 from the request, each later one
-  from the version before). `--secagg` turns SecAgg+ on. The model is `logreg` (or
-  `mnist-cnn`) shaped to hold exactly P parameters, so the coordinator's ONNX export of
-  each version is in hfl's time. The agents' trainer returns the fixed delta.
+  from the version before). `--secagg` turns SecAgg+ on; `--no-tls` runs the broker
+  without TLS (envelopes are still signed and sealed), to show what TLS costs. The model
+  is `logreg` (or `mnist-cnn`) shaped to hold exactly P parameters, so the coordinator's
+  ONNX export of each version is in hfl's time. The agents' trainer returns the fixed
+  delta.
 - Flower: bench/overhead_flower.py with Flower's own venv (created here on first use,
   torch left out), its gRPC server on loopback and N NumPyClients as threads of one
   process. hfl never imports Flower.
@@ -105,7 +107,9 @@ def _server(fleet: InProcessFleet, ready: mp.synchronize.Event, stop: mp.synchro
     ready.set()
     _serve_until(stop, nodes)
     registry.close()
-    out.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    out.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+             {name: dict(node.rejections) for name, node in (("coordinator", coord), (SITE, agg))
+              if node.rejections}))
 
 
 def _clients(fleet: InProcessFleet, p: int, stop: mp.synchronize.Event) -> None:
@@ -123,11 +127,11 @@ def _clients(fleet: InProcessFleet, p: int, stop: mp.synchronize.Event) -> None:
     _serve_until(stop, nodes)
 
 
-def run_hfl(p: int, n: int, secagg: bool) -> dict:
+def run_hfl(p: int, n: int, secagg: bool, tls: bool = True, timeout: float = 600) -> dict:
     ctx = mp.get_context("fork")  # before any thread of ours: the children inherit the fleet
     with tempfile.TemporaryDirectory(prefix="hfl-overhead-") as tmp:
         layout = FleetLayout({SITE: {f"agent-{i + 1}": {} for i in range(n)}}, apps=("app",))
-        fleet = InProcessFleet(layout, Path(tmp))
+        fleet = InProcessFleet(layout, Path(tmp), tls=tls)
         fleet.enroll()
         fleet.start_broker()
         ready, stop, out = ctx.Event(), ctx.Event(), ctx.Queue()
@@ -146,15 +150,13 @@ def run_hfl(p: int, n: int, secagg: bool) -> dict:
                         **model_for(p))
             marks = [time.perf_counter()]
             app.request(**spec)
-            for version in app.models("bench", timeout=600):
+            for version in app.models("bench", timeout=timeout):
                 marks.append(time.perf_counter())
-                if version.meta.agents != n:
-                    raise RuntimeError(f"version {version.meta.version}: "
-                                       f"{version.meta.agents} agents, not {n}")
+                if version.meta.agents != n or version.meta.dropped:
+                    raise RuntimeError(f"version {version.meta.version}: {version.meta.agents} "
+                                       f"agents, {version.meta.dropped} dropped; want {n}, 0")
                 if version.meta.version >= ROUNDS:
                     break
-            if len(marks) != ROUNDS + 1:
-                raise RuntimeError(f"{len(marks) - 1} versions in 600 s")
         finally:
             if app is not None:
                 app.stop()
@@ -162,8 +164,12 @@ def run_hfl(p: int, n: int, secagg: bool) -> dict:
             for proc in procs:
                 proc.join(30)
             fleet.broker.close()
-        rss = out.get(timeout=10)
-    return {"rounds": [b - a for a, b in zip(marks, marks[1:], strict=False)], "peak_rss": rss}
+        rss, rejected = out.get(timeout=10)
+    if len(marks) != ROUNDS + 1:
+        raise RuntimeError(f"{len(marks) - 1} of {ROUNDS} versions in {timeout} s; "
+                           f"messages the server refused: {rejected}")
+    return {"rounds": [b - a for a, b in zip(marks, marks[1:], strict=False)], "peak_rss": rss,
+            "rejected": rejected}
 
 
 def flower_python() -> Path:
@@ -199,24 +205,26 @@ def main() -> None:
     ap.add_argument("-N", type=int, nargs="+", default=[10, 50])
     ap.add_argument("--reps", type=int, default=1, help="alternations per configuration")
     ap.add_argument("--secagg", action="store_true", help="SecAgg+ on hfl's side")
+    ap.add_argument("--no-tls", action="store_true", help="hfl's broker without TLS")
     args = ap.parse_args()
-    print(f"## round overhead ({platform.machine()}, {os.cpu_count()} cpus, "
-          f"{ROUNDS} rounds, {'SecAgg+' if args.secagg else 'plain'} on hfl's side)\n")
+    print(f"## round overhead ({platform.machine()}, {os.cpu_count()} cpus, {ROUNDS} rounds, "
+          f"hfl: {'SecAgg+' if args.secagg else 'plain'}, {'no ' * args.no_tls}TLS; "
+          f"load average {os.getloadavg()[0]:.1f})\n")
     print("| P | N | hfl s/round | Flower s/round | hfl ÷ Flower | hfl server MiB "
-          "| Flower server MiB |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+          "| Flower server MiB | load |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for p in args.P:
         for n in args.N:
             runs: dict[str, list[dict]] = {"hfl": [], "flower": []}
             for _ in range(args.reps):
-                runs["hfl"].append(run_hfl(p, n, args.secagg))
+                runs["hfl"].append(run_hfl(p, n, args.secagg, not args.no_tls))
                 runs["flower"].append(run_flower(p, n))
             med = {k: statistics.median(t for r in v for t in r["rounds"])
                    for k, v in runs.items()}
             rss = {k: max(r["peak_rss"] for r in v) / 2**20 for k, v in runs.items()}
             print(f"| {p:,} | {n} | {med['hfl']:.3f} | {med['flower']:.3f} "
                   f"| {med['hfl'] / med['flower']:.2f} | {rss['hfl']:.0f} "
-                  f"| {rss['flower']:.0f} |", flush=True)
+                  f"| {rss['flower']:.0f} | {os.getloadavg()[0]:.1f} |", flush=True)
             for k, v in runs.items():
                 print(f"<!-- {k} rounds: "
                       + "; ".join(" ".join(f"{t:.3f}" for t in r["rounds"]) for r in v)
