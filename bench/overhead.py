@@ -5,18 +5,21 @@
 
 The same "model" of P float32 parameters, N clients that return a fixed delta (no
 training), FedAvg, 5 rounds; the figures are the median seconds per round and the server's
-peak RSS. Runs alternate hfl, Flower, hfl, Flower… so both see the same machine load.
+peak RSS, and the server's CPU seconds per round (what the server itself spends, apart from
+the clients it shares this machine with). Runs alternate hfl, Flower, hfl, Flower… so
+both see the same machine load.
 
 - hfl: a real Mosquitto with TLS client certificates and the roster's ACL on loopback; the
   coordinator and one aggregator in one process (the "server", whose peak RSS is
   reported), the N agents as nodes of another process, each with its own MQTT
   connection, envelopes signed and sealed as in a fleet; an app in this process requests
-  the job and notes when each version arrives (round 1 from the request, each later one
-  from the version before). `--secagg` turns SecAgg+ on; `--no-tls` runs the broker
-  without TLS (envelopes are still signed and sealed), to show what TLS costs. The model
-  is `logreg` (or `mnist-cnn`) shaped to hold exactly P parameters, so the coordinator's
-  ONNX export of each version is in hfl's time. The agents' trainer returns the fixed
-  delta.
+  the job and notes when the job's status announces each new version, which the
+  coordinator publishes once the version is stored, exported to ONNX and sent (round 1
+  from the request, each later one from the version before). `--secagg` turns SecAgg+
+  on; `--no-tls` runs the broker without TLS (envelopes are still signed and sealed), to
+  show what TLS costs. The model is `logreg` (or `mnist-cnn`) shaped to hold exactly P
+  parameters, so the coordinator's ONNX export of each version is in hfl's time. The
+  agents' trainer returns the fixed delta.
 - Flower: bench/overhead_flower.py with Flower's own venv (created here on first use,
   torch left out), its gRPC server on loopback and N NumPyClients as threads of one
   process. hfl never imports Flower.
@@ -47,6 +50,7 @@ from coordinator.runner import coordinator_node  # noqa: E402
 from edge_agent import runner as agent_runner  # noqa: E402
 from fleet.broker import free_port  # noqa: E402
 from fleet.inproc import FleetLayout, InProcessFleet  # noqa: E402
+from hfl.app import JobStatus  # noqa: E402
 from hfl.messages import Metrics  # noqa: E402
 from hfl.node import run_in_thread  # noqa: E402
 
@@ -104,10 +108,11 @@ def _server(fleet: InProcessFleet, ready: mp.synchronize.Event, stop: mp.synchro
     agents = set(fleet.layout.groups[SITE])
     while not agents <= am.online:
         time.sleep(0.05)
+    cpu = time.process_time()
     ready.set()
     _serve_until(stop, nodes)
     registry.close()
-    out.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    out.put((time.process_time() - cpu, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
              {name: dict(node.rejections) for name, node in (("coordinator", coord), (SITE, agg))
               if node.rejections}))
 
@@ -139,7 +144,7 @@ def run_hfl(p: int, n: int, secagg: bool, tls: bool = True, timeout: float = 600
                  ctx.Process(target=_clients, args=(fleet, p, stop))]
         for proc in procs:
             proc.start()
-        app = None
+        app, app_rejected = None, {}
         try:
             if not ready.wait(120):
                 raise RuntimeError("the aggregator did not see every agent online")
@@ -150,26 +155,30 @@ def run_hfl(p: int, n: int, secagg: bool, tls: bool = True, timeout: float = 600
                         **model_for(p))
             marks = [time.perf_counter()]
             app.request(**spec)
-            for version in app.models("bench", timeout=timeout):
+            for event in app.events(timeout):
+                if not isinstance(event, JobStatus) or event.meta.version < len(marks):
+                    continue
                 marks.append(time.perf_counter())
-                if version.meta.agents != n or version.meta.dropped:
-                    raise RuntimeError(f"version {version.meta.version}: {version.meta.agents} "
-                                       f"agents, {version.meta.dropped} dropped; want {n}, 0")
-                if version.meta.version >= ROUNDS:
+                row = event.meta.history[-1]
+                if row["agents"] != n or row["dropped"]:
+                    raise RuntimeError(f"version {row['version']}: {row['agents']} agents, "
+                                       f"{row['dropped']} dropped; want {n}, 0")
+                if event.meta.version >= ROUNDS or event.finished:
                     break
         finally:
             if app is not None:
+                app_rejected = dict(app.node.rejections)
                 app.stop()
             stop.set()
             for proc in procs:
                 proc.join(30)
             fleet.broker.close()
-        rss, rejected = out.get(timeout=10)
+        cpu, rss, rejected = out.get(timeout=10)
     if len(marks) != ROUNDS + 1:
         raise RuntimeError(f"{len(marks) - 1} of {ROUNDS} versions in {timeout} s; "
-                           f"messages the server refused: {rejected}")
-    return {"rounds": [b - a for a, b in zip(marks, marks[1:], strict=False)], "peak_rss": rss,
-            "rejected": rejected}
+                           f"messages refused by the server: {rejected}, the app: {app_rejected}")
+    return {"rounds": [b - a for a, b in zip(marks, marks[1:], strict=False)], "cpu": cpu,
+            "peak_rss": rss}
 
 
 def flower_python() -> Path:
@@ -210,9 +219,9 @@ def main() -> None:
     print(f"## round overhead ({platform.machine()}, {os.cpu_count()} cpus, {ROUNDS} rounds, "
           f"hfl: {'SecAgg+' if args.secagg else 'plain'}, {'no ' * args.no_tls}TLS; "
           f"load average {os.getloadavg()[0]:.1f})\n")
-    print("| P | N | hfl s/round | Flower s/round | hfl ÷ Flower | hfl server MiB "
-          "| Flower server MiB | load |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| P | N | hfl s/round | Flower s/round | hfl ÷ Flower | hfl server CPU s/round "
+          "| Flower server CPU s/round | hfl server MiB | Flower server MiB | load |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for p in args.P:
         for n in args.N:
             runs: dict[str, list[dict]] = {"hfl": [], "flower": []}
@@ -222,8 +231,10 @@ def main() -> None:
             med = {k: statistics.median(t for r in v for t in r["rounds"])
                    for k, v in runs.items()}
             rss = {k: max(r["peak_rss"] for r in v) / 2**20 for k, v in runs.items()}
+            cpu = {k: statistics.mean(r["cpu"] for r in v) / ROUNDS for k, v in runs.items()}
             print(f"| {p:,} | {n} | {med['hfl']:.3f} | {med['flower']:.3f} "
-                  f"| {med['hfl'] / med['flower']:.2f} | {rss['hfl']:.0f} "
+                  f"| {med['hfl'] / med['flower']:.2f} | {cpu['hfl']:.3f} | {cpu['flower']:.3f} "
+                  f"| {rss['hfl']:.0f} "
                   f"| {rss['flower']:.0f} | {os.getloadavg()[0]:.1f} |", flush=True)
             for k, v in runs.items():
                 print(f"<!-- {k} rounds: "

@@ -5,10 +5,10 @@
 
 The server is Flower's gRPC server (`start_server`, FedAvg, fit on every client, no
 evaluation); it prints one JSON line: seconds of each round (round 1 from the end of its
-configure_fit, once all N are connected; each later one from the end of the one before)
-and its peak RSS. The clients are N `NumPyClient`s as threads of one process that return
-the round model plus a fixed delta, with no training — the same work hfl's agents do in
-bench/overhead.py.
+configure_fit, once all N are connected; each later one from the end of the one before),
+its CPU seconds over those rounds and its peak RSS. The clients are N `NumPyClient`s as
+threads of one process that return the round model plus a fixed delta, with no training —
+the same work hfl's agents do in bench/overhead.py.
 """
 
 from __future__ import annotations
@@ -31,13 +31,13 @@ class Timed(fl.server.strategy.FedAvg):
 
     def __init__(self, **kw) -> None:
         super().__init__(**kw)
-        self.start = 0.0
+        self.start = self.cpu = self.cpu_end = 0.0
         self.ends: list[float] = []
 
     def configure_fit(self, server_round, parameters, client_manager):
         out = super().configure_fit(server_round, parameters, client_manager)
         if server_round == 1:
-            self.start = time.perf_counter()
+            self.start, self.cpu = time.perf_counter(), time.process_time()
         return out
 
     def aggregate_fit(self, server_round, results, failures):
@@ -45,6 +45,7 @@ class Timed(fl.server.strategy.FedAvg):
         if failures:
             raise RuntimeError(f"round {server_round}: {len(failures)} failures")
         self.ends.append(time.perf_counter())
+        self.cpu_end = time.process_time()
         return out
 
 
@@ -65,6 +66,7 @@ def server(args: argparse.Namespace) -> None:
                            config=fl.server.ServerConfig(num_rounds=args.rounds))
     marks = [strategy.start, *strategy.ends]
     print(json.dumps({"rounds": [b - a for a, b in zip(marks, marks[1:], strict=False)],
+                      "cpu": strategy.cpu_end - strategy.cpu,
                       "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}),
           flush=True)
 
