@@ -25,7 +25,7 @@ def run(config: ConfigOption, verbose: VerboseOption = False) -> None:
     cfg, identity, roster, feed = open_config(config, Role.AGGREGATOR)
     node, machine = aggregator_node(identity, roster, cfg.broker_settings(), cfg.topics,
                                     max_payload=cfg.max_payload, feed=feed)
-    raise typer.Exit(serve(node, machine, device_dir=cfg.device.dir))
+    raise typer.Exit(serve(node, machine, device_dir=cfg.device.dir, metrics=cfg.metrics))
 
 
 def main() -> None:
