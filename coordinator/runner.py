@@ -50,8 +50,10 @@ class Publisher:
         unflatten_into(model, v.params)
         onnx = export_onnx(model, v.spec.input_shape)
         state = state_dict_arrays(model)
-        rec = self.registry.save_version(v.job, v.spec.name, v.version, state, onnx,
-                                         v.metrics.model_dump())
+        # Beside its metrics: who made the version and the ε spent (hfl models, dashboard).
+        metrics = {**v.metrics.model_dump(), "agents": v.agents, "dropped": v.dropped,
+                   "epsilon": v.epsilon}
+        rec = self.registry.save_version(v.job, v.spec.name, v.version, state, onnx, metrics)
         log.info("model %s v%d saved to %s", v.spec.name, v.version, rec.onnx)
         self.node.send(model_message(v, self.topics, onnx, state))
 
