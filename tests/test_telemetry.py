@@ -4,13 +4,15 @@ publishes (when, and who may), and the Prometheus exposition of the same snapsho
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import CollectorRegistry
 
 from hfl.actions import Note, Send
-from hfl.config import Config
+from hfl.config import Config, load_config
 from hfl.gate import Gate
 from hfl.identity import Identity, Roster
 from hfl.messages import Kind, Role, TelemetryMeta
@@ -210,8 +212,6 @@ def test_the_prometheus_exposition_is_the_snapshot(fleet_ids) -> None:
 def test_the_metrics_section_is_validated(tmp_path) -> None:
     base = '[identity]\nid = "a1"\ndir = "pki"\n'
     assert Config.model_validate({"identity": {"id": "a1", "dir": "pki"}}).metrics.port is None
-    from hfl.config import load_config
-
     path = tmp_path / "a.toml"
     path.write_text(base + "[metrics]\nport = 70000\n")
     with pytest.raises(ValueError, match="metrics.port"):
@@ -219,3 +219,13 @@ def test_the_metrics_section_is_validated(tmp_path) -> None:
     path.write_text(base + '[metrics]\nport = 9464\nhost = "0.0.0.0"\ntelemetry_s = 0\n')
     m = load_config(path).metrics
     assert (m.port, m.host, m.telemetry_s) == (9464, "0.0.0.0", 0)
+
+
+def test_the_example_service_configs_load_with_metrics_off() -> None:
+    examples = sorted((Path(__file__).resolve().parents[1] / "examples" / "services").glob(
+        "*.toml"))
+    assert [p.stem for p in examples] == ["agent", "aggregator", "coordinator", "observer"]
+    for path in examples:
+        cfg = load_config(path)
+        assert cfg.metrics.port is None and cfg.metrics.telemetry_s == 5.0
+    assert load_config(examples[-1]).identity.id == "ops"
