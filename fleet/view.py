@@ -127,13 +127,20 @@ def render(snap: dict[str, Any], agents: bool = False) -> Group:
         parts.append(agents_table(snap))
     if snap["rejections"]:
         parts.append(rejections_table(snap))
+    if snap.get("refused"):  # what this observer itself refused (a forged status, say)
+        parts.append(Text(f"this observer refused: {_pairs(snap['refused'])}", style="red"))
     return Group(*parts)
+
+
+def _pairs(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k} {n}" for k, n in sorted(counts.items()))
 
 
 def summary(snap: dict[str, Any]) -> Text:
     aggs, agents = snap["aggregators"], snap["agents"]
     states = Counter(a["state"] for a in agents)
-    coord = ", ".join(f"{c['id']} {c['state']}" for c in snap["coordinators"]) or "none"
+    coord = ", ".join(("" if c["id"] == "coordinator" else f"{c['id']} ") + c["state"]
+                      for c in snap["coordinators"]) or "none"
     online_aggs = sum(a["state"] == "online" for a in aggs)
     line = (f"coordinator {coord} · aggregators {online_aggs}/{len(aggs)} online · agents "
             f"{states['online']}/{len(agents)} online")
@@ -190,7 +197,7 @@ def rejections_table(snap: dict[str, Any]) -> Table:
                   title_justify="left")
     for reason, by in snap["rejections"].items():
         table.add_row(escape(reason), str(sum(by.values())),
-                      escape(", ".join(f"{node} {n}" for node, n in sorted(by.items()))))
+                      escape(_pairs(by)))
     return table
 
 
@@ -214,7 +221,8 @@ def _work(n: dict[str, Any]) -> list[str]:
     if r["count"]:
         times = f"{r['last_s']:.1f} / {r['total_s'] / r['count']:.1f}"
     rejected = sum(n["rejections"].values())
-    return [str(c["rounds"]), str(c["updates"]), times,
+    updates = str(c["updates"]) if n["role"] == Role.AGGREGATOR.value else ""
+    return [str(c["rounds"]), updates, times,
             f"[red]{rejected}[/]" if rejected else "0",
             f"{human_bytes(c['bytes_in'])} / {human_bytes(c['bytes_out'])}",
             f"{n['seen_s']:.0f} s ago"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from rich.console import Console
 
-from fleet.view import FleetView, human_bytes, render
+from fleet.view import FleetView, human_bytes, render, summary
 from hfl.actions import Send
 from hfl.errors import Rejected
 from hfl.gate import Gate
@@ -85,6 +85,9 @@ def test_who_is_online_offline_lost_or_never_seen() -> None:
                                         "unknown": 0}
     assert [c["state"] for c in snap["coordinators"]] == ["online"]
     assert {a["id"]: a["group"] for a in snap["agents"]}["a4"] == "site-a"
+    assert summary(snap).plain == ("coordinator coord online · aggregators 1/2 online · agents "
+                                   "2/5 online (1 offline, 1 lost, 1 never seen) · roster "
+                                   "serial 1")
 
 
 def test_telemetry_rejections_and_jobs_in_the_snapshot() -> None:
@@ -110,12 +113,13 @@ def test_telemetry_rejections_and_jobs_in_the_snapshot() -> None:
     site_b = next(a for a in snap["aggregators"] if a["id"] == "site-b")
     assert site_b["counts"] is None and site_b["state"] == "unknown"
 
+    snap["refused"] = {"wrong-sender": 1}  # what the observer's own gate refused (Watch)
     console = Console(record=True, width=220)
     console.print(render(snap, agents=True))
     text = console.export_text()
     for expected in ("r1-m", "3/5", "4.00", "0.800", "masked", "1.5 / 2.0",
                      "3.0 MiB", "5 s ago", "no telemetry", "bad-signature", "site-a 2",
-                     "never seen", "agents"):
+                     "never seen", "agents", "this observer refused: wrong-sender 1"):
         assert expected in text, expected
 
 
