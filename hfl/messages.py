@@ -393,9 +393,9 @@ class Counts(_Strict):
     """A service's counters since it started."""
 
     messages_in: _Count = Field(description="envelopes accepted: verified, not a repeat")
-    messages_out: _Count = Field(description="envelopes sent by the protocol")
+    messages_out: _Count = Field(description="envelopes sent (not status)")
     bytes_in: _Count = Field(description="MQTT payload bytes received")
-    bytes_out: _Count = Field(description="envelope bytes sent by the protocol")
+    bytes_out: _Count = Field(description="their bytes")
     duplicates: _Count = Field(description="repeats dropped (QoS 1 redelivery, retained copy)")
     connects: _Count
     disconnects: _Count

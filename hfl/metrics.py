@@ -28,9 +28,9 @@ from hfl.telemetry import Telemetry
 # Counts field → (metric name without _total, help).
 COUNTERS = {
     "messages_in": ("hfl_messages_received", "Envelopes accepted: verified, not a repeat."),
-    "messages_out": ("hfl_messages_sent", "Envelopes the protocol sent."),
+    "messages_out": ("hfl_messages_sent", "Envelopes sent (status messages aside)."),
     "bytes_in": ("hfl_received_bytes", "MQTT payload bytes received."),
-    "bytes_out": ("hfl_sent_bytes", "Envelope bytes the protocol sent."),
+    "bytes_out": ("hfl_sent_bytes", "Bytes of the envelopes sent."),
     "duplicates": ("hfl_duplicates", "Repeats dropped (QoS 1 redelivery, retained copy)."),
     "connects": ("hfl_connects", "Connections to the broker made."),
     "disconnects": ("hfl_disconnects", "Connections to the broker lost or closed."),
