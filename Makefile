@@ -10,7 +10,7 @@ ANSIBLE_VENV  ?= .venv-ansible
 ANSIBLE_STAMP := $(ANSIBLE_VENV)/.installed-ansible
 SUDO   := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: demo test lint bench install mosquitto node npm ansible deploy-tools chromium clean
+.PHONY: demo test faults lint bench install mosquitto node npm ansible deploy-tools chromium clean
 
 install: $(STAMP)
 
@@ -78,6 +78,12 @@ demo: install mosquitto
 
 test: install mosquitto npm ansible deploy-tools
 	$(BIN)/pytest -q
+
+# Fault injection with real processes: kills, broker restart, dropouts, a proxy, 12,000
+# fuzzed messages, a full disk, 1000 agents, throttled links (docs/reliability.md). The disk
+# and slow-link cases mount a tmpfs and make network namespaces: they need root (else skipped).
+faults: install mosquitto
+	$(BIN)/pytest -q -m faults -rs tests/faults
 
 lint: install
 	$(BIN)/ruff check .

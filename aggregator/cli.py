@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+
 import typer
 
 from aggregator.runner import aggregator_node
-from hfl.cli import ConfigOption, VerboseOption, open_config, setup_logging
+from hfl.cli import ConfigOption, VerboseOption, fail, open_config, setup_logging
 from hfl.messages import Role
 from hfl.service import serve
+from hfl.state import StateError
 
 app = typer.Typer(help="The aggregation layer: run edge rounds for a site's agents.",
                   no_args_is_help=True)
@@ -23,8 +26,15 @@ def run(config: ConfigOption, verbose: VerboseOption = False) -> None:
     """Serve as an aggregator for the agents the roster enrols under our id."""
     setup_logging(verbose)
     cfg, identity, roster, feed = open_config(config, Role.AGGREGATOR)
-    node, machine = aggregator_node(identity, roster, cfg.broker_settings(), cfg.topics,
-                                    max_payload=cfg.max_payload, feed=feed)
+    if cfg.aggregator is None:
+        logging.getLogger("hfl.aggregator").warning(
+            "%s: no [aggregator] state_dir: a restart loses the rounds under way", config)
+    try:
+        node, machine = aggregator_node(
+            identity, roster, cfg.broker_settings(), cfg.topics, max_payload=cfg.max_payload,
+            feed=feed, state_dir=cfg.aggregator.state_dir if cfg.aggregator else None)
+    except StateError as e:
+        fail(str(e))
     raise typer.Exit(serve(node, machine, device_dir=cfg.device.dir, metrics=cfg.metrics))
 
 

@@ -11,6 +11,13 @@ way the round ends when every selected agent answered or the deadline passed, an
 edge model by the mean delta. After κ1 rounds the partial is `W·(edge model − global model)`
 with weight W, the samples of the last round (with κ1 = 1 exactly Σ n_i·Δ_i), sealed for
 the coordinator.
+
+Checkpoints: the machine names the records a change touched in `changed` (`job/{job}`: the
+block and its edge model; `round/{job}`: the round being collected — the running sum and
+who is in it, or the SecAgg+ server's state) and builds each with `record`; the runner
+saves them (`hfl.state`) before it acknowledges the messages behind them or lets out what
+they produced. `restore` takes them back after a restart and `resume` says what to send
+again: nothing is counted twice, as who contributed is part of the record.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from aggregator.secure import Abort, Done, SecureRound
-from hfl.actions import Action, Note, Send
+from hfl.actions import Action, Note, Send, effects
 from hfl.aggregate import WeightedSum
 from hfl.dp import AdaptiveClip, NoiseSource, adaptive_noise, edge_noise_std
 from hfl.errors import Rejected
@@ -42,10 +49,16 @@ from hfl.messages import (
     expect_tensor,
     parse_meta,
 )
+from hfl.state import Record
 from hfl.topics import Route, Topics
 
 if TYPE_CHECKING:
     from hfl.envelope import Envelope
+
+
+# After a restart, an open round gets at least this long past its old deadline to take in
+# the messages the broker kept for us while we were down.
+RESUME_GRACE_S = 5.0
 
 
 def round_id(spec: ModelSpec, block: int, edge_round: int, attempt: int) -> int:
@@ -92,6 +105,20 @@ class EdgeJob:
     def round(self) -> int:
         return round_id(self.spec, self.block, self.edge_round, self.attempt)
 
+    def export(self) -> Record:
+        """The block: everything but the round being collected."""
+        doc = {"spec": self.spec.model_dump(mode="json"), "num_params": self.num_params,
+               "block": self.block, "coordinator": self.coordinator,
+               "origin": self.origin.model_dump(mode="json"), "edge_round": self.edge_round,
+               "attempt": self.attempt, "selected": self.selected, "deadline": self.deadline,
+               "dropped": self.dropped, "candidates": self.candidates,
+               "releases": [r.model_dump(mode="json") for r in self.releases],
+               "partial": self.partial.meta if self.partial else None}
+        arrays = {"global": self.global_params, "params": self.params}
+        if self.partial is not None and "sum" in self.partial.tensors:
+            arrays["partial"] = self.partial.tensors["sum"]
+        return doc, arrays
+
     @property
     def collecting(self) -> bool:
         return self.acc is not None or self.secure is not None
@@ -106,29 +133,121 @@ class AggregatorMachine:
         self.jobs: dict[str, EdgeJob] = {}
         self.noise = NoiseSource()  # edge-mode DP noise, from a secret seed
         self.clips: dict[str, AdaptiveClip] = {}  # per DP job with adaptive clipping
+        self.changed: set[str] = set()  # records to save before anything goes out
 
     # ------------------------------------------------------------------ events
 
     def handle(self, env: Envelope, route: Route, now: float) -> list[Action]:
         kind = Kind(env.type)
         if kind is Kind.TASK:
-            return self._task(env, now)
-        if kind is Kind.UPDATE:
-            return self._update(env, now)
-        if kind is Kind.STATUS:
+            out = self._task(env, now)
+        elif kind is Kind.UPDATE:
+            out = self._update(env, now)
+        elif kind is Kind.STATUS:
             return self._status(env)
-        raise Rejected("unexpected-type", f"aggregator does not take {kind.value}")
+        else:
+            raise Rejected("unexpected-type", f"aggregator does not take {kind.value}")
+        self._touched(env.job, block=kind is Kind.TASK or effects(out))
+        return out
 
     def tick(self, now: float) -> list[Action]:
         out: list[Action] = []
         for ej in list(self.jobs.values()):
             if ej.secure is not None:
-                out += ej.secure.tick(now) + self._settle(ej, now)
+                acts = ej.secure.tick(now) + self._settle(ej, now)
             elif ej.acc is not None and now >= ej.deadline:
                 if ej.acc.count >= ej.spec.min_agents:
-                    out += self._close_plain(ej, now)
+                    acts = self._close_plain(ej, now)
                 else:
-                    out += self._retry(ej, now, f"{ej.acc.count} < {ej.spec.min_agents}")
+                    acts = self._retry(ej, now, f"{ej.acc.count} < {ej.spec.min_agents}")
+            else:
+                continue
+            if acts:
+                self._touched(ej.job, block=True)
+            out += acts
+        return out
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _touched(self, job: str, block: bool) -> None:
+        """An accepted update changes the round; anything that sends changes the block."""
+        self.changed.add(f"round/{job}")
+        if block:
+            self.changed.add(f"job/{job}")
+
+    def record(self, key: str) -> Record | None:
+        """The record `key` as it is now; None when it no longer exists."""
+        kind, _, job = key.partition("/")
+        ej = self.jobs.get(job)
+        if ej is None:
+            return None
+        if kind == "job":
+            doc, arrays = ej.export()
+            clip = self.clips.get(job)
+            return {**doc, "clip": clip.bound if clip else None}, arrays
+        if ej.secure is not None:
+            doc, arrays = ej.secure.export()
+            return {"secure": doc}, arrays
+        if ej.acc is not None:
+            doc, total = ej.acc.state()
+            return {"plain": doc, "senders": sorted(ej.senders), "clip_bits": ej.clip_bits}, {
+                "total": total}
+        return None
+
+    def restore(self, records: dict[str, Record]) -> None:
+        """Take back what `record` saved (before the node starts)."""
+        for key, (doc, arrays) in records.items():
+            kind, _, job = key.partition("/")
+            if kind != "job":
+                continue
+            spec = ModelSpec.model_validate(doc["spec"])
+            ej = EdgeJob(job=job, spec=spec, num_params=doc["num_params"], block=doc["block"],
+                         global_params=arrays["global"], params=arrays["params"],
+                         coordinator=doc["coordinator"],
+                         origin=Origin.model_validate(doc["origin"]),
+                         edge_round=doc["edge_round"], attempt=doc["attempt"],
+                         selected=doc["selected"], deadline=doc["deadline"],
+                         dropped=doc["dropped"], candidates=doc["candidates"],
+                         releases=[Release.model_validate(r) for r in doc["releases"]])
+            if doc["partial"] is not None:
+                ej.partial = self._partial_send(ej, doc["partial"], arrays.get("partial"))
+            p = spec.privacy
+            if doc["clip"] is not None and p is not None and p.noise_multiplier is not None:
+                self.clips[job] = AdaptiveClip(doc["clip"], p.target_quantile, p.clip_lr,
+                                               bit_noise_std=adaptive_noise(
+                                                   p.noise_multiplier, spec.min_agents)[0])
+            rnd = records.get(f"round/{job}")
+            if rnd is not None:
+                self._restore_round(ej, *rnd)
+            self.jobs[job] = ej
+
+    def _restore_round(self, ej: EdgeJob, doc: dict, arrays: dict[str, np.ndarray]) -> None:
+        if "secure" in doc:
+            ej.secure = SecureRound.restore(ej.job, ej.round, ej.selected, ej.num_params,
+                                            ej.spec, self.topics.rounds(self.id, ej.job),
+                                            doc["secure"], arrays)
+        else:
+            ej.acc = WeightedSum.restore(doc["plain"], arrays["total"])
+            ej.senders, ej.clip_bits = set(doc["senders"]), doc["clip_bits"]
+
+    def resume(self, now: float) -> list[Action]:
+        """After `restore`: send again what may not have left before the crash (receivers
+        take repeats idempotently), and give each open round a little time to take in what
+        the broker kept for us meanwhile before its deadline closes it."""
+        out: list[Action] = []
+        for ej in self.jobs.values():
+            if ej.partial is not None:
+                out.append(ej.partial)
+            elif ej.collecting:
+                ej.deadline = max(ej.deadline, now + RESUME_GRACE_S)
+                out += self._announce(ej)
+                if ej.secure is not None:
+                    ej.secure.deadline = max(ej.secure.deadline, now + RESUME_GRACE_S)
+                    out += ej.secure.broadcast()
+                self._touched(ej.job, block=True)
+            out.append(Note("resumed", {"job": ej.job, "round": ej.round,
+                                        "stage": ej.secure.stage if ej.secure else None,
+                                        "done": ej.partial is not None}))
         return out
 
     def _status(self, env: Envelope) -> list[Action]:
@@ -231,6 +350,11 @@ class AggregatorMachine:
                 return self._fail_block(ej, f"secure aggregation impossible: {e}")
         else:
             ej.acc = WeightedSum(ej.num_params)
+        info = {"job": ej.job, "round": ej.round, "block": ej.block, "selected": len(ej.selected)}
+        return [*self._announce(ej), Note("round_open", info)]
+
+    def _announce(self, ej: EdgeJob) -> list[Action]:
+        """The round's announcement (retained) with its model, sealed for the selected."""
         meta = RoundMeta(
             spec=ej.spec,
             num_params=ej.num_params,
@@ -240,10 +364,9 @@ class AggregatorMachine:
             deadline=ej.deadline,
             origin=ej.origin if ej.edge_round == 0 else None,
         )
-        send = Send(Kind.ROUND, topic, ej.job, ej.round, "open", meta.model_dump(mode="json"),
-                    {"params": ej.params}, retain=True, to=tuple(ej.selected))
-        info = {"job": ej.job, "round": ej.round, "block": ej.block, "selected": len(ej.selected)}
-        return [send, Note("round_open", info)]
+        return [Send(Kind.ROUND, self.topics.rounds(self.id, ej.job), ej.job, ej.round, "open",
+                     meta.model_dump(mode="json"), {"params": ej.params}, retain=True,
+                     to=tuple(ej.selected))]
 
     def _close_plain(self, ej: EdgeJob, now: float) -> list[Action]:
         acc = ej.acc
@@ -307,8 +430,11 @@ class AggregatorMachine:
     ) -> list[Action]:
         meta = PartialMeta(weight=weight, agents=agents, dropped=ej.dropped, metrics=m,
                            failure=failure[:500], releases=ej.releases)
-        tensors = {"sum": partial} if partial is not None else {}
-        ej.partial = Send(Kind.PARTIAL, self.topics.partials(self.id), ej.job, ej.block,
-                          "partial", meta.model_dump(mode="json"), tensors, to=(ej.coordinator,))
+        ej.partial = self._partial_send(ej, meta.model_dump(mode="json"), partial)
         info = {"job": ej.job, "block": ej.block, "weight": weight, "agents": agents}
         return [ej.partial, Note("partial_sent", info)]
+
+    def _partial_send(self, ej: EdgeJob, meta: dict, partial: np.ndarray | None) -> Send:
+        tensors = {"sum": partial} if partial is not None else {}
+        return Send(Kind.PARTIAL, self.topics.partials(self.id), ej.job, ej.block, "partial",
+                    meta, tensors, to=(ej.coordinator,))

@@ -1,13 +1,20 @@
-"""The aggregator's thin runner: its state machine on a `Node`."""
+"""The aggregator's thin runner: its state machine on a `Node`, checkpointed in a state
+directory when it has one."""
 
 from __future__ import annotations
+
+import logging
+from pathlib import Path
 
 from aggregator.machine import AggregatorMachine
 from hfl.identity import Identity, Roster
 from hfl.mqtt import BrokerSettings
 from hfl.node import Node
 from hfl.roster_feed import RosterFeed
+from hfl.state import Checkpointer, StateStore
 from hfl.topics import Topics
+
+log = logging.getLogger("hfl.aggregator")
 
 
 def aggregator_node(
@@ -18,9 +25,16 @@ def aggregator_node(
     *,
     max_payload: int = 256 * 1024,
     feed: RosterFeed | None = None,
+    state_dir: Path | None = None,
 ) -> tuple[Node, AggregatorMachine]:
-    """Wire an aggregator for the agents the roster enrols under it."""
-    node = Node(identity, roster, settings, topics, topics.aggregator_filters(identity.id),
-                max_payload=max_payload, feed=feed)
+    """Wire an aggregator for the agents the roster enrols under it. With `state_dir`, it
+    resumes the rounds saved there (StateError when that folder cannot be used)."""
     machine = AggregatorMachine(identity.id, lambda: roster.group(identity.id), topics)
+    durable = None
+    if state_dir is not None:
+        durable = Checkpointer(machine, StateStore(Path(state_dir)))
+        if durable.load():
+            log.info("%s: resuming %d job(s) from %s", identity.id, len(machine.jobs), state_dir)
+    node = Node(identity, roster, settings, topics, topics.aggregator_filters(identity.id),
+                max_payload=max_payload, feed=feed, durable=durable)
     return node, machine

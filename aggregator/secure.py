@@ -56,6 +56,23 @@ class SecureRound:
         self.survivors: list[str] = []
         self.outcome: Done | Abort | None = None
 
+    def export(self) -> tuple[dict, dict[str, np.ndarray]]:
+        """A checkpoint of the round: its stage, who answered it, and the server's state."""
+        assert self.outcome is None, "a decided round is settled, never saved"
+        doc, arrays = self.server.export()
+        return {"stage": self.stage, "expected": sorted(self.expected), "got": sorted(self.got),
+                "deadline": self.deadline, "survivors": self.survivors, "server": doc}, arrays
+
+    @classmethod
+    def restore(cls, job: str, round: int, selected: list[str], num_params: int,
+                spec: ModelSpec, topic: str, doc: dict,
+                arrays: dict[str, np.ndarray]) -> SecureRound:
+        sr = cls(job, round, selected, num_params, spec, topic, 0.0)
+        sr.server = Server.restore(sr.params, selected, doc["server"], arrays)
+        sr.stage, sr.survivors, sr.deadline = doc["stage"], list(doc["survivors"]), doc["deadline"]
+        sr.expected, sr.got = set(doc["expected"]), set(doc["got"])
+        return sr
+
     def handle(self, env: Envelope, now: float) -> list[Action]:
         if self.outcome is not None or env.stage != self.stage:
             raise Rejected("stale-stage", f"{env.stage} from {env.sender} during {self.stage}")
@@ -89,18 +106,28 @@ class SecureRound:
     def _send(self, stage: str, meta: dict, tensors: dict) -> Send:
         return Send(Kind.ROUND, self.topic, self.job, self.round, stage, meta, tensors)
 
+    def broadcast(self) -> list[Send]:
+        """The message that opened the stage being collected (none for the adverts, which
+        the round announcement asks for): sent on each stage change, and again after a
+        restart, as agents answer a repeat with the answer they gave."""
+        if self.outcome is not None or self.stage == "advert":
+            return []
+        if self.stage == "shares":
+            return [self._send("keys", *wire.key_table_out(self.server.adverts()))]
+        if self.stage == "masked":
+            return [self._send("routed", *wire.routed_out(self.server.routed()))]
+        return [self._send("unmask", {"survivors": self.survivors}, {})]
+
     def _advance(self, now: float) -> list[Action]:
         """Close the stage being collected and open the next."""
         timeout = self.spec.secagg.stage_timeout_s
         try:
             if self.stage == "advert":
-                adverts = self.server.adverts()
-                self._next("shares", set(adverts), now + timeout)
-                return [self._send("keys", *wire.key_table_out(adverts))]
+                self._next("shares", set(self.server.adverts()), now + timeout)
+                return list(self.broadcast())
             if self.stage == "shares":
-                routed = self.server.routed()
-                self._next("masked", set(routed), now + timeout)
-                return [self._send("routed", *wire.routed_out(routed))]
+                self._next("masked", set(self.server.routed()), now + timeout)
+                return list(self.broadcast())
             if self.stage == "masked":
                 survivors = self.server.survivors()
                 if len(survivors) < self.spec.min_agents:
@@ -108,7 +135,7 @@ class SecureRound:
                                    f"{len(survivors)} < quorum {self.spec.min_agents}")
                 self.survivors = survivors
                 self._next("unshares", set(survivors), now + timeout)
-                return [self._send("unmask", {"survivors": survivors}, {})]
+                return list(self.broadcast())
             if not self.server.ready():
                 raise Rejected("secagg-too-few", "not enough shares to unmask")
             total = self.fixed.decode(self.server.result())

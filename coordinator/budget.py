@@ -39,6 +39,14 @@ class Budget:
         self.privacy: PrivacySpec = self.spec.privacy  # type: ignore[assignment]
         self.ledger = Ledger(p.delta, p.accountant)
 
+    @classmethod
+    def restore(cls, spec: ModelSpec, group: Callable[[str], list[str]],
+                ledger: dict) -> Budget:
+        """The budget of a checkpointed job: `spec` has its noise multiplier resolved."""
+        budget = cls(spec, group)
+        budget.ledger = Ledger.from_doc(ledger)
+        return budget
+
     @property
     def z(self) -> float:
         assert self.privacy.noise_multiplier is not None

@@ -11,9 +11,17 @@ from rich.table import Table
 
 from coordinator.registry import Registry
 from coordinator.runner import coordinator_node
-from hfl.cli import ConfigOption, VerboseOption, open_config, setup_logging, table_console
+from hfl.cli import (
+    ConfigOption,
+    VerboseOption,
+    fail,
+    open_config,
+    setup_logging,
+    table_console,
+)
 from hfl.messages import Role
 from hfl.service import serve
+from hfl.state import StateError
 
 app = typer.Typer(help="The coordinator: turn app requests into jobs, average partials, "
                   "publish model versions.", no_args_is_help=True)
@@ -25,9 +33,12 @@ def run(config: ConfigOption, verbose: VerboseOption = False) -> None:
     setup_logging(verbose)
     cfg, identity, roster, feed = open_config(config, Role.COORDINATOR, "coordinator")
     assert cfg.coordinator is not None
-    node, machine, registry = coordinator_node(identity, roster, cfg.broker_settings(),
-                                               cfg.topics, cfg.coordinator.state_dir,
-                                               max_payload=cfg.max_payload, feed=feed)
+    try:
+        node, machine, registry = coordinator_node(identity, roster, cfg.broker_settings(),
+                                                   cfg.topics, cfg.coordinator.state_dir,
+                                                   max_payload=cfg.max_payload, feed=feed)
+    except StateError as e:
+        fail(str(e))
     try:
         code = serve(node, machine, device_dir=cfg.device.dir, metrics=cfg.metrics)
     finally:

@@ -9,6 +9,11 @@ block, the coordinator averages the partials it got — Σ_a W_a·Δ_a / Σ_a W_
 global version, then stops when the rounds are done, when the federated evaluation
 loss has not improved for `patience` versions, or — for a DP job — before a block that
 could spend more than its privacy budget (`coordinator.budget`).
+
+Checkpoints, as in the aggregator: `changed` names the jobs (`job/{job}`) a message or a
+deadline changed, `record` builds each one (the global model, the partials summed so far and
+who sent them, the ledger), the runner saves them before anything goes out, and after a
+restart `restore` and `resume` carry on between partials with the same global model.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from hfl.messages import (
     job_id,
     parse_meta,
 )
+from hfl.state import Record
 from hfl.topics import Route, Topics
 
 if TYPE_CHECKING:
@@ -43,6 +49,8 @@ if TYPE_CHECKING:
 
 # How long past the aggregators' own deadlines the coordinator waits for a block.
 GRACE_S = 10.0
+# After a restart, a block gets at least this long to take in what the broker kept for us.
+RESUME_GRACE_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -86,6 +94,28 @@ class Job:
     def num_params(self) -> int:
         return int(self.params.size)
 
+    def export(self) -> Record:
+        doc = {"app": self.app, "spec": self.spec.model_dump(mode="json"),
+               "version": self.version, "attempt": self.attempt, "reported": sorted(self.reported),
+               "failures": self.failures, "agents": self.agents, "dropped": self.dropped,
+               "deadline": self.deadline, "state": self.state, "reason": self.reason,
+               "best_loss": self.best_loss,
+               "since_best": self.since_best, "history": self.history,
+               "ledger": self.budget.ledger.to_doc() if self.budget else None, "acc": None}
+        arrays = {"params": self.params}
+        if self.acc is not None:
+            doc["acc"], arrays["acc"] = self.acc.state()
+        if self.velocity is not None:
+            arrays["velocity"] = self.velocity
+        return doc, arrays
+
+    def latest(self) -> NewVersion:
+        """The newest version again, from the job's history (its last row)."""
+        row = self.history[-1]
+        metrics = Metrics(**{k: row[k] for k in Metrics.model_fields})
+        return NewVersion(self.job, self.app, self.spec, self.version, self.params, metrics,
+                          row["agents"], row["dropped"], row["epsilon"])
+
 
 def block_timeout(spec: ModelSpec) -> float:
     """The longest an aggregator may take for a block, retries included."""
@@ -107,6 +137,7 @@ class CoordinatorMachine:
         self.sign = sign  # our signature on a model version, which agents check
         self.topics = topics
         self.jobs: dict[str, Job] = {}
+        self.changed: set[str] = set()  # records to save before anything goes out
 
     # ------------------------------------------------------------------ events
 
@@ -125,6 +156,7 @@ class CoordinatorMachine:
             if job.state != "running" or now < job.deadline:
                 continue
             assert job.acc is not None
+            self.changed.add(f"job/{job.job}")
             if job.acc.weight > 0:
                 out += self._finish_block(job, now)
             elif job.attempt < job.spec.max_retries:
@@ -156,10 +188,12 @@ class CoordinatorMachine:
             except ValueError as e:
                 job = Job(jid, route.app, spec, np.zeros(1, np.float32))
                 self.jobs[jid] = job
+                self.changed.add(f"job/{jid}")
                 out += self._end(job, "failed", str(e))
                 continue
             job = Job(jid, route.app, spec, params, budget=budget)
             self.jobs[jid] = job
+            self.changed.add(f"job/{jid}")
             out.append(Note("job_started", {"job": jid, "app": route.app, "model": spec.name,
                                             "params": job.num_params}))
             out += self._start_block(job, now)
@@ -169,10 +203,16 @@ class CoordinatorMachine:
 
     def _partial(self, env: Envelope, now: float) -> list[Action]:
         job = self.jobs.get(env.job)
-        if job is None or job.state != "running" or env.round != job.version:
-            raise Rejected("stale-round", f"partial for {env.job}/{env.round}")
-        if env.sender not in job.spec.aggregators:
+        if job is not None and env.sender not in job.spec.aggregators:
             raise Rejected("not-in-job", env.sender)
+        if job is not None and (env.round < job.version or (
+                env.round == job.version and job.state != "running")):
+            # A block already averaged (or a job ended): an aggregator that restarted sends
+            # its partial again. A repeat, not a fault.
+            return [Note("late", {"job": job.job, "aggregator": env.sender,
+                                  "block": env.round})]
+        if job is None or env.round != job.version:
+            raise Rejected("stale-round", f"partial for {env.job}/{env.round}")
         if env.sender in job.reported:
             return [Note("duplicate", {"job": job.job, "aggregator": env.sender})]
         meta = parse_meta(PartialMeta, env.meta)
@@ -188,9 +228,53 @@ class CoordinatorMachine:
             job.acc.add_metrics(meta.metrics)
             job.failures.append(f"{env.sender}: {meta.failure or 'no partial'}")
         job.reported.add(env.sender)
+        self.changed.add(f"job/{job.job}")
         if job.reported >= set(job.spec.aggregators):
             return self._finish_block(job, now)
         return []
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def record(self, key: str) -> Record | None:
+        job = self.jobs.get(key.partition("/")[2])
+        return job.export() if job is not None else None
+
+    def restore(self, records: dict[str, Record]) -> None:
+        """Take back what `record` saved (before the node starts)."""
+        for key, (doc, arrays) in records.items():
+            jid = key.partition("/")[2]
+            spec = ModelSpec.model_validate(doc["spec"])
+            job = Job(jid, doc["app"], spec, arrays["params"], version=doc["version"],
+                      attempt=doc["attempt"], reported=set(doc["reported"]),
+                      failures=doc["failures"], agents=doc["agents"], dropped=doc["dropped"],
+                      deadline=doc["deadline"], state=doc["state"], reason=doc["reason"],
+                      best_loss=doc["best_loss"],
+                      since_best=doc["since_best"], history=doc["history"],
+                      velocity=arrays.get("velocity"))
+            if doc["acc"] is not None:
+                job.acc = WeightedSum.restore(doc["acc"], arrays["acc"])
+            if doc["ledger"] is not None:
+                job.budget = Budget.restore(spec, self.group, doc["ledger"])
+            self.jobs[jid] = job
+
+    def resume(self, now: float) -> list[Action]:
+        """After `restore`: every job's newest version and status, and for a running job the
+        task again to each aggregator that has not reported (an aggregator answers a repeat
+        with the partial it has, or carries on). The runner leaves out what it finds stored
+        already; receivers take the rest as repeats."""
+        out: list[Action] = []
+        for job in self.jobs.values():
+            if job.version > 0 and job.history:
+                out.append(job.latest())
+            out.append(self._status(job))
+            if job.state == "running":
+                job.deadline = max(job.deadline, now + RESUME_GRACE_S)
+                missing = [a for a in job.spec.aggregators if a not in job.reported]
+                out += self._tasks(job, missing)
+                self.changed.add(f"job/{job.job}")
+            out.append(Note("resumed", {"job": job.job, "version": job.version,
+                                        "state": job.state, "reported": sorted(job.reported)}))
+        return out
 
     # ------------------------------------------------------------------ transitions
 
@@ -203,12 +287,15 @@ class CoordinatorMachine:
         job.reported, job.failures = set(), []
         job.agents = job.dropped = 0
         job.deadline = now + block_timeout(job.spec)
+        return self._tasks(job, job.spec.aggregators)
+
+    def _tasks(self, job: Job, aggregators: list[str]) -> list[Action]:
         origin = self.sign(job.job, job.version, job.params)
         meta = TaskMeta(spec=job.spec, num_params=job.num_params, origin=origin)
         return [
             Send(Kind.TASK, self.topics.tasks(agg), job.job, job.version, "train",
                  meta.model_dump(mode="json"), {"params": job.params}, to=(agg,))
-            for agg in job.spec.aggregators
+            for agg in aggregators
         ]
 
     def _finish_block(self, job: Job, now: float) -> list[Action]:

@@ -7,7 +7,6 @@ them is committed, so a crash leaves no row pointing at a half-written file.
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import time
 from collections.abc import Mapping
@@ -16,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import save
+
+from hfl.state import unusable, write_atomic
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -29,20 +30,6 @@ CREATE TABLE IF NOT EXISTS versions (
     PRIMARY KEY (job, version)
 );
 """
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 @dataclass(frozen=True)
@@ -59,10 +46,13 @@ class VersionRecord:
 class Registry:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(self.root / "registry.sqlite", check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.executescript(SCHEMA)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self.db = sqlite3.connect(self.root / "registry.sqlite", check_same_thread=False)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.executescript(SCHEMA)
+        except (OSError, sqlite3.Error) as e:
+            raise unusable("open the model registry", self.root, e) from None
 
     def close(self) -> None:
         self.db.close()
@@ -94,6 +84,14 @@ class Registry:
             )
         return rec
 
+    def has_version(self, job: str, version: int) -> bool:
+        return self.db.execute("SELECT 1 FROM versions WHERE job=? AND version=?",
+                               (job, version)).fetchone() is not None
+
+    def job(self, job: str) -> dict | None:
+        rows = self._jobs(" WHERE job=?", (job,))
+        return rows[0] if rows else None
+
     def versions(self, job: str | None = None) -> list[VersionRecord]:
         q = "SELECT job, version, model, safetensors, onnx, metrics, created FROM versions"
         rows = self.db.execute(q + (" WHERE job=?" if job else "") + " ORDER BY job, version",
@@ -102,7 +100,10 @@ class Registry:
                 for j, v, m, s, o, x, c in rows]
 
     def jobs(self) -> list[dict]:
-        cur = self.db.execute("SELECT job, app, model, state, reason, version, updated FROM jobs "
-                              "ORDER BY updated")
+        return self._jobs(" ORDER BY updated")
+
+    def _jobs(self, where: str, args: tuple = ()) -> list[dict]:
+        cur = self.db.execute("SELECT job, app, model, state, reason, version, updated FROM jobs"
+                              + where, args)
         cols = [d[0] for d in cur.description]
         return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]

@@ -1,8 +1,10 @@
-"""The coordinator's thin runner: its state machine, the registry and ONNX export on a `Node`."""
+"""The coordinator's thin runner: its state machine, the registry and ONNX export on a `Node`,
+checkpointed in its state directory (`state.sqlite` beside `registry/`)."""
 
 from __future__ import annotations
 
 import logging
+import sqlite3
 from pathlib import Path
 
 import numpy as np
@@ -10,13 +12,14 @@ import numpy as np
 from coordinator.export import export_onnx
 from coordinator.machine import CoordinatorMachine, NewVersion
 from coordinator.registry import Registry
-from hfl.actions import Send
+from hfl.actions import Action, Send
 from hfl.identity import Identity, Roster
 from hfl.messages import JobMeta, Kind, ModelMeta, ModelSpec, Origin, Role
 from hfl.models import build, init_params, state_dict_arrays, unflatten_into
 from hfl.mqtt import BrokerSettings
 from hfl.node import Node
 from hfl.roster_feed import RosterFeed
+from hfl.state import Checkpointer, StateStore
 from hfl.topics import Topics
 
 log = logging.getLogger("hfl.coordinator")
@@ -53,15 +56,39 @@ class Publisher:
         # Beside its metrics: who made the version and the ε spent (hfl models, dashboard).
         metrics = {**v.metrics.model_dump(), "agents": v.agents, "dropped": v.dropped,
                    "epsilon": v.epsilon}
-        rec = self.registry.save_version(v.job, v.spec.name, v.version, state, onnx, metrics)
-        log.info("model %s v%d saved to %s", v.spec.name, v.version, rec.onnx)
+        try:
+            rec = self.registry.save_version(v.job, v.spec.name, v.version, state, onnx,
+                                             metrics)
+            log.info("model %s v%d saved to %s", v.spec.name, v.version, rec.onnx)
+        except (OSError, sqlite3.Error) as e:  # a full disk: publish anyway, store on restart
+            self.node.counters["registry_errors"] += 1
+            log.error("model %s v%d not saved in %s: %s (it is saved when the coordinator "
+                      "restarts with room)", v.spec.name, v.version, self.registry.root, e)
         self.node.send(model_message(v, self.topics, onnx, state))
 
     def send(self, action: Send) -> None:
         if action.kind is Kind.JOB:
             m = JobMeta.model_validate(action.meta)
-            self.registry.save_job(m.job, m.app, m.model, m.state, m.reason, m.version)
+            try:
+                self.registry.save_job(m.job, m.app, m.model, m.state, m.reason, m.version)
+            except sqlite3.Error as e:
+                self.node.counters["registry_errors"] += 1
+                log.error("job %s not saved in %s: %s", m.job, self.registry.root, e)
         self.node.send(action)
+
+    def unpublished(self, actions: list[Action]) -> list[Action]:
+        """What a resumed coordinator must still do: leave out versions the registry has
+        and job states it already records (those went out before the crash)."""
+        out: list[Action] = []
+        for a in actions:
+            if isinstance(a, NewVersion) and self.registry.has_version(a.job, a.version):
+                continue
+            if isinstance(a, Send) and a.kind is Kind.JOB:
+                row = self.registry.job(a.job)
+                if row is not None and (row["state"], row["version"]) == (a.stage, a.round):
+                    continue
+            out.append(a)
+        return out
 
 
 def coordinator_node(
@@ -74,13 +101,19 @@ def coordinator_node(
     max_payload: int = 256 * 1024,
     feed: RosterFeed | None = None,
 ) -> tuple[Node, CoordinatorMachine, Registry]:
-    node = Node(identity, roster, settings, topics, topics.coordinator_filters(),
-                max_payload=max_payload, feed=feed)
+    """Wire the coordinator; it resumes the jobs saved in `state_dir` (StateError when that
+    folder cannot be used)."""
     machine = CoordinatorMachine(
         lambda: roster.by_role(Role.AGGREGATOR), initial_params, topics,
         lambda job, version, params: Origin.sign(identity.id, identity.key, job, version, params),
         roster.group)
     registry = Registry(Path(state_dir) / "registry")
+    durable = Checkpointer(machine, StateStore(Path(state_dir)),
+                           resume=lambda now: pub.unpublished(machine.resume(now)))
+    if durable.load():
+        log.info("resuming %d job(s) from %s", len(machine.jobs), state_dir)
+    node = Node(identity, roster, settings, topics, topics.coordinator_filters(),
+                max_payload=max_payload, feed=feed, durable=durable)
     pub = Publisher(node, registry, topics)
     node.handlers[NewVersion] = pub.new_version
     node.handlers[Send] = pub.send

@@ -79,8 +79,12 @@ class InProcessFleet:
     def enroll(self) -> None:
         """Issue every identity from a fresh fleet CA in workdir/pki (keys mode 0600).
 
-        The CA is this run's own: one left by an earlier run in the same folder is replaced."""
+        The CA is this run's own: one left by an earlier run in the same folder is replaced,
+        and the coordinator's saved jobs with it."""
         shutil.rmtree(self.workdir / "pki", ignore_errors=True)
+        # The coordinator's checkpoint belongs to the earlier run's fleet, too.
+        for old in (self.workdir / "coordinator").glob("state.sqlite*"):
+            old.unlink()
         self.pki = Pki.init(self.workdir / "pki", name="hfl in-process fleet CA")
         for id_, role, group in self.layout.members():
             self.pki.issue(id_, role, group=group)

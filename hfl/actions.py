@@ -35,3 +35,8 @@ class Note:
 
 
 Action = Any  # Send | Note | a role's own action (Train, NewVersion)
+
+
+def effects(actions: list[Action]) -> bool:
+    """Whether any of `actions` reaches beyond the machine (anything but a `Note`)."""
+    return any(not isinstance(a, Note) for a in actions)

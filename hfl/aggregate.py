@@ -40,6 +40,18 @@ class WeightedSum:
         self._m["eval_loss"] += metrics.eval_loss * metrics.eval_samples
         self._m["eval_acc"] += metrics.eval_accuracy * metrics.eval_samples
 
+    def state(self) -> tuple[dict, np.ndarray]:
+        """What a checkpoint keeps: the scalars and the running total (not a copy)."""
+        return {"weight": self.weight, "count": self.count, "m": dict(self._m)}, self.total
+
+    @classmethod
+    def restore(cls, doc: dict, total: np.ndarray) -> WeightedSum:
+        acc = cls(total.size)
+        acc.total[...] = total
+        acc.weight, acc.count = float(doc["weight"]), int(doc["count"])
+        acc._m.update({k: float(doc["m"][k]) for k in acc._m})
+        return acc
+
     def mean(self) -> np.ndarray:
         if self.weight <= 0:
             raise ValueError("no weight accumulated")

@@ -12,6 +12,7 @@ receiver can check each frame on its own and copy it straight into place. Whole 
 from __future__ import annotations
 
 import math
+import mmap
 import os
 import struct
 from collections import OrderedDict
@@ -46,6 +47,15 @@ def split(payload: bytes, max_payload: int, *, msg_id: bytes | None = None) -> l
         b"".join((_HEADER.pack(MAGIC, msg_id, i, count, total), view[i * size : (i + 1) * size]))
         for i in range(count)
     ]
+
+
+def message_id(payload: Payload) -> bytes | None:
+    """The id a chunk frame shares with the other chunks of its message; None for a
+    payload that is no chunk frame."""
+    view = memoryview(payload)
+    if len(view) < FRAME_OVERHEAD or view[: len(MAGIC)] != MAGIC:
+        return None
+    return bytes(view[len(MAGIC) : len(MAGIC) + ID_LEN])
 
 
 @dataclass(frozen=True)
@@ -87,7 +97,7 @@ class _Partial:
     total: int
     size: int
     created: float
-    buf: bytearray
+    buf: mmap.mmap
     seen: bytearray = field(init=False)  # one flag per chunk
     missing: int = field(init=False)
 
@@ -110,6 +120,7 @@ class Reassembler:
         self.max_pending = max_pending
         self.ttl = ttl
         self.evicted = 0
+        self.repeats = 0  # chunks received again (a QoS 1 redelivery), dropped
         self._partials: OrderedDict[tuple[str, bytes], _Partial] = OrderedDict()  # oldest first
         self._done: OrderedDict[tuple[str, bytes], None] = OrderedDict()
         self._pending_bytes = 0
@@ -122,6 +133,10 @@ class Reassembler:
     def pending(self) -> int:
         return len(self._partials)
 
+    def holds(self, key: str, msg_id: bytes) -> bool:
+        """Whether chunks of message `msg_id` from `key` wait for the rest."""
+        return (key, msg_id) in self._partials
+
     def feed(self, key: str, payload: Payload, now: float) -> Payload | None:
         """The whole message once its last chunk arrives; a non-chunk payload as is."""
         view = memoryview(payload)
@@ -130,6 +145,7 @@ class Reassembler:
         frame = _parse(view, self.max_message)
         pid = (key, frame.msg_id)
         if pid in self._done:
+            self.repeats += 1
             return None  # a repeat of a message already delivered
         if frame.count == 1:
             self._remember_done(pid)
@@ -141,6 +157,7 @@ class Reassembler:
             raise Rejected("malformed-chunk", f"count/total {frame.count}/{frame.total} differ "
                            f"from {part.count}/{part.total} for the same message")
         if part.seen[frame.index]:
+            self.repeats += 1
             return None
         start = frame.index * part.size
         part.buf[start : start + len(frame.data)] = frame.data
@@ -150,7 +167,7 @@ class Reassembler:
             return None
         self._drop(pid)
         self._remember_done(pid)
-        return part.buf
+        return memoryview(part.buf)
 
     def expire(self, now: float) -> int:
         """Drop incomplete messages older than `ttl`; how many were dropped."""
@@ -167,7 +184,9 @@ class Reassembler:
                                   or len(self._partials) >= self.max_pending):
             self._drop(next(iter(self._partials)))
             self.evicted += 1
-        part = _Partial(frame.count, frame.total, frame.size, now, bytearray(frame.total))
+        # Anonymous memory is mapped lazily: a message costs what has arrived of it, not the
+        # total its first chunk claims (a peer cannot pin memory it never sends).
+        part = _Partial(frame.count, frame.total, frame.size, now, mmap.mmap(-1, frame.total))
         self._partials[pid] = part
         self._pending_bytes += frame.total
         return part

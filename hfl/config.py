@@ -87,6 +87,11 @@ class CoordinatorSection(_Section):
     state_dir: Path = Path("state")
 
 
+class AggregatorSection(_Section):
+    state_dir: Path = Field(default=Path("state"), description="checkpoints of the rounds "
+                            "under way, so a restart resumes them")
+
+
 class MetricsSection(_Section):
     port: int | None = Field(default=None, ge=1, le=65535,
                              description="serve Prometheus metrics here (off when absent)")
@@ -102,6 +107,7 @@ class Config(_Section):
     identity: IdentitySection
     broker: BrokerSection = BrokerSection()
     agent: AgentSection | None = None
+    aggregator: AggregatorSection | None = None
     coordinator: CoordinatorSection | None = None
     metrics: MetricsSection = MetricsSection()
 
@@ -149,6 +155,7 @@ def _resolve(cfg: Config, base: Path) -> Config:
     if cfg.agent:
         for ds in cfg.agent.datasets.values():
             ds.path = fix(ds.path)
-    if cfg.coordinator:
-        cfg.coordinator.state_dir = fix(cfg.coordinator.state_dir)  # type: ignore[assignment]
+    for section in (cfg.coordinator, cfg.aggregator):
+        if section:
+            section.state_dir = fix(section.state_dir)  # type: ignore[assignment]
     return cfg

@@ -4,7 +4,10 @@ Reassembles chunks, decodes and verifies the envelope against the roster, binds 
 sender to the topic it used, drops exact repeats (QoS 1 redeliveries, retained copies)
 and opens bodies sealed for us. Every refusal is counted by reason; nothing a peer sends
 raises out of here. A sealed body addressed only to others is not a fault (a round model
-for the agents selected this round): it is counted as `not_for_us` and dropped.
+for the agents selected this round): it is counted as `not_for_us` and dropped. A chunked
+message that never completes is counted when it is dropped: `chunks-evicted` (to keep the
+memory bound) or `chunks-expired` (too old); a chunk received again is counted as
+`chunk_repeats`, an empty payload (a cleared retained message) as `empty`.
 """
 
 from __future__ import annotations
@@ -38,14 +41,19 @@ class Gate:
         self._reassembler = Reassembler(
             max_message=max_message, max_pending_bytes=max(4 * max_message, 64 << 20)
         )
+        self._evicted = 0  # evictions counted so far
 
     def accept(self, topic: str, payload: bytes, now: float) -> tuple[Envelope, Route] | None:
         """One inbound payload → a verified envelope and its route, or None (incomplete,
         a repeat, or rejected and counted)."""
         if not payload:
+            self.counters["empty"] += 1
             return None  # a cleared retained message
         try:
-            data = self._reassembler.feed(topic, payload, now)
+            try:
+                data = self._reassembler.feed(topic, payload, now)
+            finally:
+                self._count_chunks()
             if data is None:
                 return None
             route = self.topics.parse(topic)
@@ -81,5 +89,24 @@ class Gate:
         self.rejections[r.reason] += 1
         log.warning("rejected %s: %s", where, r)
 
+    def holds(self, topic: str, msg_id: bytes) -> bool:
+        """Whether chunks of message `msg_id` on `topic` wait for the rest."""
+        return self._reassembler.holds(topic, msg_id)
+
+    @property
+    def pending(self) -> tuple[int, int]:
+        """Incomplete chunked messages held, and their bytes."""
+        return self._reassembler.pending, self._reassembler.pending_bytes
+
+    def _count_chunks(self) -> None:
+        r = self._reassembler
+        if r.evicted > self._evicted:
+            self.rejections["chunks-evicted"] += r.evicted - self._evicted
+            self._evicted = r.evicted
+        if r.repeats > self.counters["chunk_repeats"]:
+            self.counters["chunk_repeats"] = r.repeats
+
     def expire(self, now: float) -> None:
-        self._reassembler.expire(now)
+        expired = self._reassembler.expire(now)
+        if expired:
+            self.rejections["chunks-expired"] += expired

@@ -8,6 +8,11 @@ QoS 1 publish gets the client disconnected, then resent on reconnect, forever.
 
 Paho keeps a persistent session's unacknowledged outgoing messages in memory only: a
 process that dies loses them (the protocol above retries rounds, so that is acceptable).
+
+With `leave_unacked`, an inbound QoS 1 message is acknowledged only when the runner says so
+(`ack`), or never (a probe that must not take a device's messages): a service that
+checkpoints acknowledges once what the message changed is on disk, so after a `kill -9` the
+broker delivers again whatever was not.
 """
 
 from __future__ import annotations
@@ -53,6 +58,9 @@ class Inbound:
     topic: str
     payload: bytes
     retain: bool  # True only for a retained message the broker replays on subscribe
+    mid: int = 0  # packet id and QoS, to acknowledge it (leave_unacked)
+    qos: int = 0
+    connection: int = 0  # which connection it came on: an ack is only good on that one
 
 
 class _Acks:
@@ -104,6 +112,7 @@ class Session:
         # Retained on every connect, freshly made (receivers drop an exact repeat): after a
         # reconnect it replaces the Last Will the broker published for the lost connection.
         self.birth = birth
+        self.leave_unacked = leave_unacked
         self.settings = settings
         self.inbox = inbox
         self.max_payload = max_payload
@@ -119,8 +128,8 @@ class Session:
         self._cond = threading.Condition()
         self._subacks = _Acks(self._cond)
         self._pubacks = _Acks(self._cond)
-        # A probe connecting as a device acks nothing it receives: the broker then keeps those
-        # messages in the device's persistent session for the device itself.
+        # A probe connecting as a device acks nothing it receives (the broker then keeps those
+        # messages for the device itself); a durable node acks what it has saved (`ack`).
         self._client = self._make_client(will, clean_start, manual_ack=leave_unacked)
 
     # ------------------------------------------------------------------ setup
@@ -210,6 +219,16 @@ class Session:
             self._pubacks.add(info.mid)
             self._bump("published")
 
+    def ack(self, messages: list[Inbound]) -> None:
+        """Acknowledge (leave_unacked) what came on the current connection; the broker sends
+        what came on an earlier one again anyway, and its packet id means nothing now."""
+        if not self.leave_unacked:
+            return
+        current = self.counters["connects"]
+        for m in messages:
+            if m.qos > 0 and m.connection == current:
+                self._client.ack(m.mid, m.qos)
+
     def flush(self, timeout: float) -> bool:
         """Wait until every publish so far is acknowledged by the broker (PUBACK)."""
         with self._cond:
@@ -287,7 +306,8 @@ class Session:
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         try:
-            self.inbox.put(Inbound(msg.topic, msg.payload, bool(msg.retain)))
+            self.inbox.put(Inbound(msg.topic, msg.payload, bool(msg.retain), msg.mid, msg.qos,
+                                   self.counters["connects"]))
             self._bump("received")
             self._bump("bytes_received", len(msg.payload))
         except Exception:

@@ -6,10 +6,20 @@ Paho's network thread only queues raw messages; one loop thread passes them thro
 carries out what it returns. A role adds handlers for its own actions (training,
 exporting a model version). Nothing a peer sends can raise out of the loop: every bad
 message becomes a counted rejection with a logged reason.
+
+A node given a `Checkpointer` (aggregator, coordinator) survives `kill -9`: it acknowledges
+an inbound message only once the records it changed are saved, and holds back whatever the
+machine wants to send until then, so nothing it published is ever contradicted by the state
+it restarts from, and the broker delivers again whatever was not saved. Saves are grouped:
+one when something is to go out, when the inbox runs dry, or every `ACK_BATCH` messages
+(well inside the broker's window of unacknowledged messages). The chunks of a message are
+acknowledged once the whole message is handled. A failing save (a full disk) is logged and
+counted and retried; until it succeeds nothing is acknowledged and nothing goes out.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import threading
@@ -18,8 +28,8 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from hfl import envelope
-from hfl.actions import Action, Note, Send
+from hfl import chunks, envelope
+from hfl.actions import Action, Note, Send, effects
 from hfl.envelope import Envelope
 from hfl.errors import Rejected
 from hfl.gate import Gate
@@ -27,9 +37,14 @@ from hfl.identity import Identity, Roster
 from hfl.messages import Kind, StatusMeta
 from hfl.mqtt import BrokerSettings, Inbound, Session
 from hfl.roster_feed import RosterFeed
+from hfl.state import Checkpointer, StateError
 from hfl.topics import Route, Topics
 
 log = logging.getLogger("hfl.node")
+
+ACK_BATCH = 32  # messages handled before a save at the latest
+SAVE_RETRY_S = 1.0  # after a failed save, the next try waits this long
+HOLD_IDLE_S = 1.0  # chunks held this long with nothing arriving are acknowledged anyway
 
 
 def encode_send(action: Send, identity: Identity, roster: Roster,
@@ -75,6 +90,7 @@ class Node:
         max_message: int = envelope.DEFAULT_MAX_MESSAGE,
         group: str | None = None,
         feed: RosterFeed | None = None,
+        durable: Checkpointer | None = None,
     ) -> None:
         self.identity = identity
         self.roster = roster
@@ -89,7 +105,14 @@ class Node:
         will = (self._status_topic, self._status_payload("lost"), True)
         self.session = Session(identity.id, settings, inbox=self.inbox,
                                subscriptions=subscriptions, will=will, max_payload=max_payload,
-                               birth=lambda: (self._status_topic, self._status_payload("online")))
+                               birth=lambda: (self._status_topic, self._status_payload("online")),
+                               leave_unacked=durable is not None)
+        self.durable = durable
+        self._outbox: list[Action] = []  # the machine's actions, until their state is saved
+        self._unacked: list[Inbound] = []  # handled, to acknowledge once saved
+        self._held: dict[tuple[str, bytes], list[Inbound]] = {}  # chunks of an open message
+        self._tried_at = self._heard_at = 0.0
+        self._failing = False
         self.handlers: dict[type, Callable[[Any], list[Action] | None]] = {
             Send: self.send,
             Note: self._log_note,
@@ -126,6 +149,14 @@ class Node:
     def rejections(self) -> Counter[str]:
         return self.gate.rejections
 
+    def tally(self) -> dict[str, dict[str, int]]:
+        """Every counter: messages handled and sent, repeats dropped, rejections by reason,
+        saves; logged when the node stops."""
+        pending, pending_bytes = self.gate.pending
+        return {"node": dict(self.counters), "gate": dict(self.gate.counters),
+                "rejected": dict(self.gate.rejections), "mqtt": dict(self.session.counters),
+                "pending": {"messages": pending, "bytes": pending_bytes}}
+
     # ------------------------------------------------------------------ loop
 
     def start(self, timeout: float = 30.0) -> None:
@@ -147,13 +178,19 @@ class Node:
                                       "(does its ACL match the roster? hfl pki broker-config)")
             raise ConnectionError(f"{who}: broker {s.host}:{s.port} did not acknowledge the "
                                   f"subscriptions within {timeout:.0f} s")
+        if self.durable is not None:  # send again what may not have left before a crash
+            self._outbox += self.durable.resume(time.time())
+            self.commit(time.time())
         if self.feed is not None:
             self.dispatch(self.feed.poll(time.time(), force=True))
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Leave cleanly: say offline (the Last Will is only for unclean exits), flush."""
+        """Leave cleanly: save, say offline (the Last Will is only for unclean exits), flush."""
         self.stop_event.set()
         try:
+            if self.durable is not None:
+                self.commit(time.time(), retry=True)
+            log.info("%s tally %s", self.identity.id, json.dumps(self.tally(), sort_keys=True))
             self.session.publish(self._status_topic, self._status_payload("offline"),
                                  retain=True)
             self.session.flush(timeout)
@@ -180,25 +217,85 @@ class Node:
         except queue.Empty:
             msg = None
         now = time.time()
-        if msg is not None:
-            accepted = self.gate.accept(msg.topic, msg.payload, now)
-            if accepted is not None:
-                env, route = accepted
-                try:
-                    if env.type == Kind.ROSTER.value:
-                        if self.feed is not None:
-                            self.feed.on_message(env)
-                    else:
-                        self.dispatch(machine.handle(env, route, now))
-                except Rejected as r:
-                    self.gate.reject(r, f"{env.type} from {env.sender}")
-                except Exception:  # a bug of ours must not take the service down
-                    self.counters["internal_errors"] += 1
-                    log.exception("handling %s from %s", env.type, env.sender)
-        self.dispatch(machine.tick(now))
-        if self.feed is not None:
-            self.dispatch(self.feed.poll(now))
+        if self.durable is not None:
+            self._step_durable(machine, msg, now)
+        else:
+            if msg is not None:
+                self._receive(machine, msg, now, self.dispatch)
+            self.dispatch(machine.tick(now))
+            if self.feed is not None:
+                self.dispatch(self.feed.poll(now))
         self.gate.expire(now)
+
+    def _receive(self, machine: Machine, msg: Inbound, now: float,
+                 sink: Callable[[list[Action]], Any]) -> None:
+        accepted = self.gate.accept(msg.topic, msg.payload, now)
+        if accepted is None:
+            return
+        env, route = accepted
+        try:
+            if env.type == Kind.ROSTER.value:
+                if self.feed is not None:
+                    self.feed.on_message(env)
+            else:
+                sink(machine.handle(env, route, now))
+        except Rejected as r:
+            self.gate.reject(r, f"{env.type} from {env.sender}")
+        except Exception:  # a bug of ours must not take the service down
+            self.counters["internal_errors"] += 1
+            log.exception("handling %s from %s", env.type, env.sender)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _step_durable(self, machine: Machine, msg: Inbound | None, now: float) -> None:
+        if msg is not None:
+            self._heard_at = now
+            self._receive(machine, msg, now, self._outbox.extend)
+            cid = chunks.message_id(msg.payload)
+            key = (msg.topic, cid) if cid is not None else None
+            if key is not None and self.gate.holds(*key):
+                self._held.setdefault(key, []).append(msg)  # acknowledged with its message
+            else:
+                self._unacked += self._held.pop(key, []) if key is not None else []
+                self._unacked.append(msg)
+        self._outbox += machine.tick(now)
+        if self.feed is not None:
+            self._outbox += self.feed.poll(now)
+        # Chunks of a message dropped (evicted, expired) hold nothing any more; and a long
+        # silence may mean the broker waits for acknowledgements before it sends the rest.
+        quiet = now - self._heard_at >= HOLD_IDLE_S
+        for key in [k for k in self._held if quiet or not self.gate.holds(*k)]:
+            self._unacked += self._held.pop(key)
+        if effects(self._outbox) or len(self._unacked) >= ACK_BATCH or self.inbox.empty():
+            self.commit(now)
+
+    def commit(self, now: float, retry: bool = False) -> bool:
+        """Save what changed; then let out what waited for it and acknowledge what was
+        handled. False when the save failed (logged and counted; tried again later)."""
+        assert self.durable is not None
+        if self.durable.dirty():
+            if self._failing and not retry and now - self._tried_at < SAVE_RETRY_S:
+                return False
+            self._tried_at = now
+            try:
+                self.durable.save()
+            except StateError as e:
+                self.counters["checkpoint_errors"] += 1
+                if not self._failing:
+                    log.error("%s: %s; nothing is acknowledged or sent until a save succeeds "
+                              "(retrying every %.0f s)", self.identity.id, e, SAVE_RETRY_S)
+                self._failing = True
+                return False
+            if self._failing:
+                log.warning("%s: state saved again after %d failed tries", self.identity.id,
+                            self.counters["checkpoint_errors"])
+                self._failing = False
+            self.counters["checkpoints"] += 1
+        out, self._outbox = self._outbox, []
+        self.dispatch(out)
+        self.session.ack(self._unacked)
+        self._unacked = []
+        return True
 
     def alive(self) -> None:
         """Progress: the loop turned, or a long handler (training) finished a batch. Feeds

@@ -18,8 +18,6 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +32,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from hfl.identity import Identity, Roster, b64, unb64, write_private
 from hfl.messages import Role
 from hfl.mqtt import BrokerSettings
+from hfl.state import write_atomic
 from hfl.topics import check_id
 
 SIGNATURE_ALG = "ecdsa-p256-sha256"
@@ -165,22 +164,6 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Readers (a node polling its roster file) never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
@@ -272,7 +255,7 @@ class Pki:
             .sign(key, hashes.SHA256())
         )
         write_private(ca_dir / "ca.key", _key_pem(key))
-        _write_atomic(ca_dir / "ca.crt", _cert_pem(cert))
+        write_atomic(ca_dir / "ca.crt", _cert_pem(cert))
         pki = cls(root)
         pki._save_records({"version": 1, "crl_number": 0, "certs": {}, "revoked": []})
         pki._write_crl()
@@ -373,9 +356,9 @@ class Pki:
         key = ec.generate_private_key(ec.SECP256R1())
         cert = self._leaf(id, role, key.public_key(), days, usages, _san(hosts) if hosts else [])
         files = self.device(id)
-        _write_atomic(files.ca, self.ca_path.read_bytes())
+        write_atomic(files.ca, self.ca_path.read_bytes())
         write_private(files.tls_key, _key_pem(key))
-        _write_atomic(files.cert, _cert_pem(cert))
+        write_atomic(files.cert, _cert_pem(cert))
         if old and not old["revoked"]:
             records["revoked"].append({"id": id, "serial": old["serial"], "at": _now().isoformat()})
         records["certs"][id] = {"role": role, "group": group, "serial": f"{cert.serial_number:x}",
@@ -456,7 +439,7 @@ class Pki:
                                     "complete PKI folder (made by hfl pki init)") from None
 
     def _save_records(self, records: dict[str, Any]) -> None:
-        _write_atomic(self.issued_path, (json.dumps(records, indent=1) + "\n").encode())
+        write_atomic(self.issued_path, (json.dumps(records, indent=1) + "\n").encode())
 
     def _write_crl(self) -> None:
         """Re-sign the CRL from the bookkeeping. Valid until the CA expires: OpenSSL refuses
@@ -477,13 +460,13 @@ class Pki:
                 x509.RevokedCertificateBuilder().serial_number(int(r["serial"], 16))
                 .revocation_date(dt.datetime.fromisoformat(r["at"])).build())
         crl = builder.sign(self._key(), hashes.SHA256())
-        _write_atomic(self.crl_path, crl.public_bytes(serialization.Encoding.PEM))
+        write_atomic(self.crl_path, crl.public_bytes(serialization.Encoding.PEM))
         self._save_records(records)
 
     def _publish(self, roster: Roster) -> None:
         """Sign the roster into PKI/roster.json and every enrolled device's folder."""
         data = sign_roster(roster, self._key())
-        _write_atomic(self.roster_path, data)
+        write_atomic(self.roster_path, data)
         for m in roster.members():
-            _write_atomic(self.device(m.id).roster, data)
+            write_atomic(self.device(m.id).roster, data)
 

@@ -687,6 +687,53 @@ class Server:
         """U2 \\ U3: clients whose masks were recovered (empty before U3 is frozen)."""
         return sorted(set(self._shares) - set(self._u3)) if self._stage >= 4 else []
 
+    # -- checkpoints: the server holds nothing secret (public keys, ciphertexts it only
+    # routes, masked inputs summed, shares revealed to it), so its state may go to disk
+
+    def export(self) -> tuple[dict, dict[str, np.ndarray]]:
+        """The round so far as a JSON document and arrays: what `restore` takes back."""
+        senders = sorted(self._shares)
+        pairs = [(s, r) for s in senders for r in sorted(self._shares[s])]
+        doc = {
+            "stage": self._stage,
+            "adverts": {i: [a.c_pk.hex(), a.s_pk.hex(), a.b_commit.hex(), a.signature.hex()]
+                        for i, a in sorted(self._adverts.items())},
+            "shares": [[s, r] for s, r in pairs],
+            "masked": sorted(self._masked),
+            "u3": list(self._u3),
+            "unmasks": {s: {j: format(y, "x") for j, y in sorted(row.items())}
+                        for s, row in sorted(self._unmasks.items())},
+        }
+        cts = np.frombuffer(b"".join(self._shares[s][r] for s, r in pairs), np.uint8)
+        return doc, {"acc": self._acc, "cts": cts.reshape(len(pairs), CT_BYTES)}
+
+    @classmethod
+    def restore(cls, params: Params, selected: Sequence[str], doc: dict,
+                arrays: dict[str, np.ndarray]) -> Server:
+        """A server in the state `export` saved (ValueError/KeyError if it does not fit)."""
+        server = cls(params, selected)
+        server._adverts = {i: Advert(*(bytes.fromhex(v) for v in a))
+                           for i, a in doc["adverts"].items()}
+        cts = arrays["cts"]
+        for k, (sender, recipient) in enumerate(doc["shares"]):
+            server._shares.setdefault(sender, {})[recipient] = cts[k].tobytes()
+        server._stage = int(doc["stage"])
+        if server._stage >= 2:  # derived from U1, as adverts() derived them
+            server._graph = neighbours(list(server._adverts), params.degree,
+                                       _graph_seed(server._ctx))
+            server._xs = _x_index(server._adverts)
+        if server._stage >= 3:
+            server._route()
+        acc = arrays["acc"]
+        if acc.shape != server._acc.shape or acc.dtype != np.uint32:
+            raise ValueError(f"saved sum is {acc.dtype}{list(acc.shape)}")
+        server._acc[...] = acc
+        server._masked = set(doc["masked"])
+        server._u3 = list(doc["u3"])
+        server._unmasks = {s: {j: int(y, 16) for j, y in row.items()}
+                           for s, row in doc["unmasks"].items()}
+        return server
+
     # -- checks shared by the stages
 
     def _expect(self, stage: int, sender: str, members: Sequence[str] | set[str] | dict) -> None:
@@ -741,13 +788,16 @@ class Server:
             t = self.params.threshold
             if len(self._shares) < t:
                 raise Rejected("secagg-too-few", f"{len(self._shares)} shared < t = {t}")
-            self._routed = {r: {} for r in sorted(self._shares)}
-            for sender in sorted(self._shares):
-                for r, ct in self._shares[sender].items():
-                    if r in self._routed:
-                        self._routed[r][sender] = ct
+            self._route()
             self._stage = 3
         return {r: dict(row) for r, row in self._routed.items()}
+
+    def _route(self) -> None:
+        self._routed = {r: {} for r in sorted(self._shares)}
+        for sender in sorted(self._shares):
+            for r, ct in self._shares[sender].items():
+                if r in self._routed:
+                    self._routed[r][sender] = ct
 
     # -- stage 3
 
