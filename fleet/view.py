@@ -168,7 +168,7 @@ def jobs_table(snap: dict[str, Any]) -> Table:
 
 def services_table(snap: dict[str, Any]) -> Table:
     table = Table("node", "state", "agents", "job", "block", "round", "stage", "rounds",
-                  "updates", "round s (last/mean)", "rejected", "in / out", "seen",
+                  "updates", "round s (last/mean)", "rejected", "in / out", "seen", "errors",
                   title="coordinator and aggregators", title_justify="left")
     for n in [*snap["coordinators"], *snap["aggregators"]]:
         agents = ""
@@ -177,8 +177,18 @@ def services_table(snap: dict[str, Any]) -> Table:
             agents = f"{a['online']}/{a['enrolled']}" + "".join(
                 f" [{STYLE[s]}]{a[s]} {s}[/]" for s in ("lost", "offline") if a[s])
         table.add_row(escape(n["id"]), _state(n["state"]), agents, *_activity(n),
-                      *_work(n))
+                      *_work(n), _errors(n))
     return table
+
+
+ERRORS = ("internal_errors", "unsendable", "checkpoint_errors", "registry_errors")
+
+
+def _errors(n: dict[str, Any]) -> str:
+    """A service's own faults, named: a bug, a full disk, a recipient gone."""
+    c = n["counts"] or {}
+    found = [f"{k.replace('_', ' ')} {c[k]}" for k in ERRORS if c.get(k)]
+    return f"[red]{escape(', '.join(found))}[/]" if found else ""
 
 
 def agents_table(snap: dict[str, Any]) -> Table:

@@ -401,6 +401,12 @@ class Counts(_Strict):
     disconnects: _Count
     internal_errors: _Count = Field(description="messages a bug of ours failed to handle")
     unsendable: _Count = Field(description="messages with no known recipient left")
+    checkpoints: _Count = Field(description="state saves (a durable aggregator or "
+                                "coordinator)")
+    checkpoint_errors: _Count = Field(description="state saves that failed (a full disk): "
+                                      "nothing is acknowledged or sent until one works")
+    registry_errors: _Count = Field(description="coordinator: versions or job states the "
+                                    "registry could not store")
     rounds: _Count = Field(description="aggregator: edge rounds closed; agent: updates sent; "
                            "coordinator: versions published")
     retries: _Count = Field(description="rounds (aggregator) or blocks (coordinator) retried")

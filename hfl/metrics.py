@@ -36,6 +36,11 @@ COUNTERS = {
     "disconnects": ("hfl_disconnects", "Connections to the broker lost or closed."),
     "internal_errors": ("hfl_internal_errors", "Messages a bug of ours failed to handle."),
     "unsendable": ("hfl_unsendable", "Messages with no known recipient left."),
+    "checkpoints": ("hfl_checkpoints", "State saves (a durable aggregator or coordinator)."),
+    "checkpoint_errors": ("hfl_checkpoint_errors", "State saves that failed (a full disk): "
+                          "nothing is acknowledged or sent until one works."),
+    "registry_errors": ("hfl_registry_errors", "Coordinator: versions or job states the "
+                        "registry could not store."),
     "rounds": ("hfl_rounds", "Aggregator: edge rounds closed; agent: updates sent; "
                "coordinator: model versions published."),
     "retries": ("hfl_retries", "Edge rounds (aggregator) or blocks (coordinator) retried."),

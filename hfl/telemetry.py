@@ -134,7 +134,9 @@ class Telemetry:
             bytes_in=s.get("bytes_received", 0), bytes_out=n.get("bytes_sent", 0),
             duplicates=g.get("duplicates", 0), connects=s.get("connects", 0),
             disconnects=s.get("disconnects", 0), internal_errors=n.get("internal_errors", 0),
-            unsendable=n.get("unsendable", 0), rounds=st.rounds, retries=st.retries,
+            unsendable=n.get("unsendable", 0), checkpoints=n.get("checkpoints", 0),
+            checkpoint_errors=n.get("checkpoint_errors", 0),
+            registry_errors=n.get("registry_errors", 0), rounds=st.rounds, retries=st.retries,
             failures=st.failures, updates=st.updates, dropped=st.dropped)
 
     def meta(self, now: float) -> TelemetryMeta:

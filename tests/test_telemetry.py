@@ -180,7 +180,7 @@ def test_the_prometheus_exposition_is_the_snapshot(fleet_ids) -> None:
     roster, ids = fleet_ids
     node = node_of(ids["site-a"], roster)
     tel = Telemetry(node)
-    node.counters.update(sent=4, bytes_sent=4096)
+    node.counters.update(sent=4, bytes_sent=4096, checkpoints=7, checkpoint_errors=3)
     node.gate.counters.update(received=9)
     node.gate.rejections.update({"bad-signature": 2, "stale-round": 1})
     for t, event, fields in ((0, "round_open", {"round": 1}),
@@ -194,6 +194,7 @@ def test_the_prometheus_exposition_is_the_snapshot(fleet_ids) -> None:
     assert m[("hfl_messages_sent_total", me)] == 4
     assert m[("hfl_sent_bytes_total", me)] == 4096
     assert m[("hfl_messages_received_total", me)] == 9
+    assert (m[("hfl_checkpoints_total", me)], m[("hfl_checkpoint_errors_total", me)]) == (7, 3)
     assert m[("hfl_rejections_total", (*me[:1], ("reason", "bad-signature"), me[1]))] == 2
     assert m[("hfl_rejections_total", (*me[:1], ("reason", "stale-round"), me[1]))] == 1
     assert m[("hfl_updates_total", me)] == 5 and m[("hfl_dropped_agents_total", me)] == 1

@@ -97,6 +97,7 @@ def test_telemetry_rejections_and_jobs_in_the_snapshot() -> None:
                 counts={"rounds": 9, "updates": 27, "bytes_in": 3 << 20},
                 round_s={"count": 9, "total_s": 18.0, "last_s": 1.5},
                 rejections={"bad-signature": 2})
+    f.telemetry("site-b", counts={"checkpoint_errors": 2})
     f.telemetry("a1", rejections={"bad-origin": 1})
     f.telemetry("coord", epsilon={"r1-m": 3.5})
     f.job(2, epsilon=3.5)
@@ -111,7 +112,7 @@ def test_telemetry_rejections_and_jobs_in_the_snapshot() -> None:
     assert (job["version"], job["epsilon"], job["accuracy"]) == (3, 4.0, pytest.approx(0.8))
     assert snap["coordinators"][0]["epsilon"] == {"r1-m": 3.5}
     site_b = next(a for a in snap["aggregators"] if a["id"] == "site-b")
-    assert site_b["counts"] is None and site_b["state"] == "unknown"
+    assert site_b["counts"]["checkpoint_errors"] == 2 and site_b["state"] == "unknown"
 
     snap["refused"] = {"wrong-sender": 1}  # what the observer's own gate refused (Watch)
     console = Console(record=True, width=220)
@@ -119,6 +120,7 @@ def test_telemetry_rejections_and_jobs_in_the_snapshot() -> None:
     text = console.export_text()
     for expected in ("r1-m", "3/5", "4.00", "0.800", "masked", "1.5 / 2.0",
                      "3.0 MiB", "5 s ago", "no telemetry", "bad-signature", "site-a 2",
+                     "checkpoint errors 2",
                      "never seen", "agents", "this observer refused: wrong-sender 1"):
         assert expected in text, expected
 

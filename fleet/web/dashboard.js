@@ -2,6 +2,8 @@
 // SVG made by the server (fleet/charts.py), every text in them escaped there.
 "use strict";
 
+const ERRORS = ["internal_errors", "unsendable", "checkpoint_errors", "registry_errors"];
+
 function cell(row, text, cls) {
   const td = row.insertCell();
   td.textContent = text === null || text === undefined ? "-" : String(text);
@@ -101,6 +103,8 @@ function renderFleet(fleet) {
     const rejected = Object.values(n.rejections).reduce((s, v) => s + v, 0);
     cell(row, rejected, rejected ? "num state-lost" : "num");
     cell(row, ago(n.seen_s));
+    const errors = ERRORS.filter((k) => c[k]).map((k) => `${k.replace("_", " ")} ${c[k]}`);
+    cell(row, errors.join(", "), "state-lost");
   }
   const agents = fleet.agents;
   const online = agents.filter((a) => a.state === "online").length;
