@@ -173,5 +173,7 @@ def test_the_page_follows_a_running_job_in_a_real_browser(tmp_path: Path) -> Non
     fleet_rows = {r[0]: r for r in last["fleet"]}
     assert fleet_rows["site-1"][1] == "online" and fleet_rows["site-1"][2] == "3/3"
     assert fleet_rows["coordinator"][1] == "online"
+    # Each site ran one edge round per version and summed its three agents' updates.
+    assert [fleet_rows[s][7:9] for s in ("site-1", "site-2")] == [["4", "12"]] * 2
     assert "agents 6/6 online" in last["summary"]
     assert shot.stat().st_size > 10_000 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -2,7 +2,8 @@
 //   node dashboard.mjs URL MODEL SCREENSHOT TIMEOUT_S
 // Prints one JSON line when the page has loaded ({"ready": ...}); the test then starts a
 // job. Watches the model's accuracy chart without reloading the page, and once the job has
-// ended and its last version is drawn, saves a screenshot and prints what it saw.
+// ended, its last version is drawn and the fleet table has caught up, saves a screenshot
+// and prints what it saw.
 import { chromium } from "playwright-core";
 
 const [url, model, screenshot, timeoutS] = process.argv.slice(2);
@@ -42,8 +43,11 @@ try {
     if (Date.now() > deadline) throw new Error(`timed out; last seen ${JSON.stringify(last)}`);
     last = await read();
     if (last.points !== counts[counts.length - 1]) counts.push(last.points);
+    // Done when the job has ended, its last version is drawn and every service's
+    // telemetry has caught up with it (rounds column: one per version, κ1 = 1).
     const row = last.jobs.find((r) => r.length > 4 && r[1] === model);
-    if (row && row[3] !== "running" && last.points === Number(row[4])) break;
+    if (row && row[3] !== "running" && last.points === Number(row[4])
+        && last.fleet.every((r) => r[7] === row[4])) break;
     await page.waitForTimeout(100);
   }
   await page.screenshot({ path: screenshot, fullPage: true });
