@@ -18,7 +18,6 @@ from fleet.dashboard import Dashboard, finite, serve_dashboard
 from fleet.view import render
 from fleet.watch import Watch
 from hfl.cli import (
-    ConfigOption,
     VerboseOption,
     fail,
     open_config,
@@ -27,6 +26,9 @@ from hfl.cli import (
 )
 from hfl.messages import Role
 
+ObserverConfig = Annotated[Path, typer.Option(
+    "--config", "-c", help="The observer's TOML config: its identity and the broker "
+    "(examples/services/observer.toml).")]
 WaitOption = Annotated[float, typer.Option(min=0.5, help="Seconds to wait for the broker "
                                                          "and its retained messages.")]
 
@@ -43,7 +45,7 @@ def open_watch(config: Path, wait: float) -> Watch:
 
 
 def status(
-    config: ConfigOption,
+    config: ObserverConfig,
     once: Annotated[bool, typer.Option("--once", help="Print one snapshot and exit.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one snapshot as JSON and "
                                                          "exit.")] = False,
@@ -79,7 +81,7 @@ def status(
 
 
 def dashboard(
-    config: ConfigOption,
+    config: ObserverConfig,
     state_dir: StateDirOption = Path("state"),
     host: Annotated[str, typer.Option(help="Address to serve on (0.0.0.0: every "
                                            "interface).")] = "127.0.0.1",
