@@ -1,5 +1,6 @@
 """`hfl`: the umbrella command. Each role's commands are mounted here, beside the fleet's
-own: keys, broker, demo, simulate, version."""
+own: keys, broker, demo, simulate, version, and the operator's status, jobs, models and
+dashboard."""
 
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ from rich.table import Table
 
 import hfl
 from aggregator.cli import app as aggregator_app
-from coordinator.cli import app as coordinator_app
+from coordinator import cli as coordinator_cli
 from edge_agent.cli import app as agent_app
-from fleet import pki_cli
+from fleet import ops_cli, pki_cli
 from fleet.follow import RoundRow
 from hfl.cli import VerboseOption, fail, setup_logging
 
@@ -27,7 +28,7 @@ app = typer.Typer(
 )
 app.add_typer(agent_app, name="agent")
 app.add_typer(aggregator_app, name="aggregator")
-app.add_typer(coordinator_app, name="coordinator")
+app.add_typer(coordinator_cli.app, name="coordinator")
 app.add_typer(pki_cli.app, name="pki")
 
 console = Console()
@@ -206,6 +207,13 @@ def privacy(
     console.print(table)
     console.print(f"target ε = {p.epsilon:g}; the job stops before a round that would "
                   f"exceed it. Plot: {plot_epsilon(curve, plot, f'hfl privacy {config.name}')}")
+
+
+# The operator's view: the same listings as `hfl coordinator jobs/models`, and the live ones.
+app.command("jobs")(coordinator_cli.jobs)
+app.command("models")(coordinator_cli.models)
+app.command("status")(ops_cli.status)
+app.command("dashboard")(ops_cli.dashboard)
 
 
 def main() -> None:
