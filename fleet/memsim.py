@@ -75,6 +75,12 @@ class MemRun:
 
 
 class MemFleet:
+    tls = False  # no broker, so no TLS: every message is still signed, bodies sealed
+
+    @property
+    def versions(self) -> list:
+        return []  # no registry or ONNX export: each version is scored as it comes
+
     def __init__(self, layout: FleetLayout, *, device: str = "cpu",
                  silent: Collection[str] = ()) -> None:
         """`silent`: agents that never answer a round (dropouts, for deadline tests)."""
@@ -111,6 +117,10 @@ class MemFleet:
                              self.topics.agent_filters(agg))
                 self._online(agent, agg)
         self.net.run()
+
+    def rejections(self) -> dict[str, dict[str, int]]:
+        """Per peer, the messages its gate refused, by reason (peers with none left out)."""
+        return {p: r for p in self.net.peers if (r := self.net.rejections(p))}
 
     def _online(self, agent: str, agg: str) -> None:
         """What an agent's node says when it connects (retained): its aggregator samples
@@ -153,9 +163,8 @@ class MemFleet:
                 raise TimeoutError(f"job {job} still running after {timeout_s:g} s "
                                    "of simulated time")
             self.net.advance(tick_s)
-        rejections = {p: r for p in self.net.peers if (r := self.net.rejections(p))}
         return MemRun(rows, status, self.coordinator.jobs[job].spec, time.perf_counter() - t0,
-                      laps, rejections)
+                      laps, self.rejections())
 
 
 class _Scorer:

@@ -4,11 +4,15 @@ clock makes a round wait for its deadline only when an agent does not answer."""
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
+from fleet.cli import app
 from fleet.inproc import FleetLayout
 from fleet.memsim import MemFleet
 from fleet.simulate import APP, DataSection, FleetSection, SimConfig, fleet_data
@@ -84,3 +88,22 @@ def test_a_silent_agent_holds_its_round_until_the_deadline_and_no_longer() -> No
     assert [r.agents for r in late.rows] == [AGENTS - 2, AGENTS - 2]
     # Each round waited for its deadline (30 s of simulated time), not a tick longer.
     assert 2 * 30 <= fleet.net.now - start <= 2 * 30 + 2
+
+
+def test_hfl_simulate_runs_a_config_on_the_memory_network(tmp_path: Path) -> None:
+    cfg = tmp_path / "sim.toml"
+    cfg.write_text('seed = 3\n[fleet]\naggregators = 2\nagents = 12\nnetwork = "memory"\n'
+                   '[data]\nsource = "digits"\npartition = "iid"\n'
+                   '[model]\narch = "logreg"\ninput_shape = [1, 8, 8]\nnum_classes = 10\n'
+                   'rounds = 2\nepochs = 3\nlr = 0.1\nmomentum = 0.9\nmin_agents = 3\n')
+    report = tmp_path / "r.json"
+    res = CliRunner().invoke(app, ["simulate", str(cfg), "--out", str(tmp_path / "o"),
+                                   "--report", str(report)])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(report.read_text())
+    assert [r["round"] for r in doc["rounds"]] == [1, 2]
+    assert all(r["agents"] == 12 for r in doc["rounds"])
+    assert doc["security"] == {"tls": False, "secagg": True, "network": "memory"}
+    assert doc["jobs"] == {"sim-seed3-model": {"state": "done", "reason": "2 rounds"}}
+    assert doc["rounds"][-1]["accuracy"] > 0.5
+    assert (tmp_path / "o" / "accuracy.png").is_file()
