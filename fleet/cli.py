@@ -91,7 +91,10 @@ def run_and_report(cfg, out: Path, report: Path | None, title: str, verbose: boo
     rounds = int(cfg.model.get("rounds", 10))
     spec = cfg.spec(["check"])
     dp = spec.privacy
-    guards = [g for g, on in (("TLS + ACL", cfg.fleet.tls), ("SecAgg+", spec.secagg.enabled),
+    memory = cfg.fleet.network == "memory"
+    guards = [g for g, on in (("in-memory network", memory),
+                              ("TLS + ACL", cfg.fleet.tls and not memory),
+                              ("SecAgg+", spec.secagg.enabled),
                               (f"DP (ε ≤ {dp.epsilon:g}, δ = {dp.delta:g})" if dp else "",
                                dp is not None)) if on]
     console.print(f"[bold]{title}[/]: {cfg.fleet.aggregators} aggregators, "
@@ -113,7 +116,8 @@ def run_and_report(cfg, out: Path, report: Path | None, title: str, verbose: boo
     console.print(rounds_table(outcome.rows))
     if outcome.rows:
         console.print(f"accuracy plot: {plot_rounds(outcome.rows, out / 'accuracy.png', title)}")
-    console.print(f"ONNX model:   {doc['onnx']}\nsafetensors:  {doc['safetensors']}")
+    if doc["onnx"]:
+        console.print(f"ONNX model:   {doc['onnx']}\nsafetensors:  {doc['safetensors']}")
     for job, st in doc["jobs"].items():
         console.print(f"job {job}: {st['state']} ({st['reason']}) in {secs:.1f} s")
     if doc["rejections"]:

@@ -11,6 +11,7 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import CollectorRegistry
 
+from fleet.memnet import MemNet
 from hfl.actions import Note, Send
 from hfl.config import Config, load_config
 from hfl.gate import Gate
@@ -21,7 +22,6 @@ from hfl.mqtt import BrokerSettings
 from hfl.node import Node, encode_send
 from hfl.telemetry import ROUND_BUCKETS, Instrumented, Stats, Telemetry
 from hfl.topics import Topics
-from tests.memnet import MemNet
 from tests.test_machines import STEP, build, constant_trainer, request, spec
 
 T = Topics()
