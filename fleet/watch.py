@@ -17,10 +17,8 @@ from dataclasses import replace
 from typing import Any
 
 from fleet.view import FleetView
-from hfl.errors import Rejected
 from hfl.gate import Gate
 from hfl.identity import Identity, Roster
-from hfl.messages import Kind
 from hfl.mqtt import BrokerSettings, Inbound, Session
 from hfl.roster_feed import RosterFeed
 from hfl.topics import Topics
@@ -75,18 +73,7 @@ class Watch:
     def _take(self, msg: Inbound) -> None:
         now = time.time()
         with self.lock:
-            accepted = self.gate.accept(msg.topic, msg.payload, now)
-            if accepted is None:
-                return
-            env, route = accepted
-            try:
-                if env.type == Kind.ROSTER.value:
-                    if self.feed is not None:
-                        self.feed.on_message(env)
-                else:
-                    self.view.apply(env, route)
-            except Rejected as r:
-                self.gate.reject(r, f"{env.type} from {env.sender}")
+            self.gate.deliver(msg.topic, msg.payload, now, self.feed, self.view.apply)
             self.gate.expire(now)
 
     def snapshot(self) -> dict[str, Any]:
