@@ -10,7 +10,7 @@ ANSIBLE_VENV  ?= .venv-ansible
 ANSIBLE_STAMP := $(ANSIBLE_VENV)/.installed-ansible
 SUDO   := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: demo test faults lint bench install mosquitto node npm ansible deploy-tools clean
+.PHONY: demo test faults lint bench install mosquitto node npm ansible deploy-tools chromium clean
 
 install: $(STAMP)
 
@@ -62,6 +62,16 @@ $(ANSIBLE_STAMP):
 deploy-tools:
 	$(call need,[ -x /usr/sbin/sshd ],openssh-server,sshd)
 	$(call need,command -v systemd-analyze >/dev/null,systemd,systemd-analyze)
+
+# The dashboard test drives Debian's Chromium with playwright-core (tests/browser): the
+# browser comes from apt, never from playwright's own download.
+NPM_DIRS += tests/browser
+npm: tests/browser/node_modules/.package-lock.json
+
+chromium:
+	$(call need,command -v chromium >/dev/null,chromium,Chromium (the dashboard test's browser))
+
+test: chromium
 
 demo: install mosquitto
 	$(BIN)/hfl demo --out hfl-demo --report hfl-demo/report.json

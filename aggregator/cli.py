@@ -35,7 +35,7 @@ def run(config: ConfigOption, verbose: VerboseOption = False) -> None:
             feed=feed, state_dir=cfg.aggregator.state_dir if cfg.aggregator else None)
     except StateError as e:
         fail(str(e))
-    raise typer.Exit(serve(node, machine, device_dir=cfg.device.dir))
+    raise typer.Exit(serve(node, machine, device_dir=cfg.device.dir, metrics=cfg.metrics))
 
 
 def main() -> None:

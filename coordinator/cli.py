@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from coordinator.registry import Registry
 from coordinator.runner import coordinator_node
-from hfl.cli import ConfigOption, VerboseOption, fail, open_config, setup_logging
+from hfl.cli import (
+    ConfigOption,
+    VerboseOption,
+    fail,
+    open_config,
+    setup_logging,
+    table_console,
+)
 from hfl.messages import Role
 from hfl.service import serve
 from hfl.state import StateError
@@ -33,28 +40,63 @@ def run(config: ConfigOption, verbose: VerboseOption = False) -> None:
     except StateError as e:
         fail(str(e))
     try:
-        code = serve(node, machine, device_dir=cfg.device.dir)
+        code = serve(node, machine, device_dir=cfg.device.dir, metrics=cfg.metrics)
     finally:
         registry.close()
     raise typer.Exit(code)
 
 
-@app.command()
-def models(
-    state_dir: Annotated[Path, typer.Option(help="The coordinator's state directory.")] = Path(
-        "state"),
-) -> None:
-    """List model versions in the registry, with metrics and file paths."""
-    reg_dir = state_dir / "registry"
-    if not (reg_dir / "registry.sqlite").is_file():
+StateDirOption = Annotated[Path, typer.Option(help="The coordinator's state directory.")]
+
+
+def open_registry(state_dir: Path) -> Registry:
+    if not (state_dir / "registry" / "registry.sqlite").is_file():
         raise typer.BadParameter(f"no registry under {state_dir}", param_hint="--state-dir")
-    reg = Registry(reg_dir)
-    table = Table("job", "version", "train loss", "fed. accuracy", "onnx")
-    for v in reg.versions():
-        table.add_row(v.job, str(v.version), f"{v.metrics.get('train_loss', 0):.4f}",
-                      f"{v.metrics.get('eval_accuracy', 0):.3f}", str(v.onnx))
-    reg.close()
-    Console().print(table)
+    return Registry(state_dir / "registry")
+
+
+def _num(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def _when(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+@app.command()
+def models(state_dir: StateDirOption = Path("state")) -> None:
+    """List model versions in the registry: metrics, ε spent and where the files are."""
+    reg = open_registry(state_dir)
+    try:
+        versions = reg.versions()
+    finally:
+        reg.close()
+    table = Table("job", "version", "agents", "train loss", "fed. accuracy", "ε", "created")
+    table.add_column("onnx", overflow="fold")  # a path is no use cut short
+    for v in versions:
+        m = v.metrics
+        table.add_row(v.job, str(v.version), _num(m.get("agents"), "d"),
+                      _num(m.get("train_loss"), ".4f"), _num(m.get("eval_accuracy"), ".3f"),
+                      _num(m.get("epsilon"), ".2f"), _when(v.created), str(v.onnx))
+    table_console().print(table)
+
+
+@app.command()
+def jobs(state_dir: StateDirOption = Path("state")) -> None:
+    """List jobs in the registry: state, newest version, its accuracy and ε spent."""
+    reg = open_registry(state_dir)
+    try:
+        rows = [(j, reg.versions(j["job"])) for j in reg.jobs()]
+    finally:
+        reg.close()
+    table = Table("job", "model", "app", "state", "version", "fed. accuracy", "ε", "reason",
+                  "updated")
+    for j, versions in rows:
+        m = versions[-1].metrics if versions else {}
+        table.add_row(j["job"], j["model"], j["app"], j["state"], str(j["version"]),
+                      _num(m.get("eval_accuracy"), ".3f"), _num(m.get("epsilon"), ".2f"),
+                      j["reason"], _when(j["updated"]))
+    table_console().print(table)
 
 
 def main() -> None:

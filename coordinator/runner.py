@@ -53,9 +53,12 @@ class Publisher:
         unflatten_into(model, v.params)
         onnx = export_onnx(model, v.spec.input_shape)
         state = state_dict_arrays(model)
+        # Beside its metrics: who made the version and the ε spent (hfl models, dashboard).
+        metrics = {**v.metrics.model_dump(), "agents": v.agents, "dropped": v.dropped,
+                   "epsilon": v.epsilon}
         try:
             rec = self.registry.save_version(v.job, v.spec.name, v.version, state, onnx,
-                                             v.metrics.model_dump())
+                                             metrics)
             log.info("model %s v%d saved to %s", v.spec.name, v.version, rec.onnx)
         except (OSError, sqlite3.Error) as e:  # a full disk: publish anyway, store on restart
             self.node.counters["registry_errors"] += 1

@@ -34,7 +34,7 @@ def run(config: ConfigOption, verbose: VerboseOption = False) -> None:
     node, machine = agent_node(identity, roster, cfg.broker_settings(), cfg.topics,
                                cfg.agent.aggregator, data, device=cfg.agent.device,
                                max_payload=cfg.max_payload, feed=feed)
-    raise typer.Exit(serve(node, machine, device_dir=cfg.device.dir))
+    raise typer.Exit(serve(node, machine, device_dir=cfg.device.dir, metrics=cfg.metrics))
 
 
 MARKS = {"pass": "[green]ok[/]", "warn": "[yellow]warn[/]", "fail": "[bold red]FAIL[/]",

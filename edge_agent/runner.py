@@ -52,14 +52,15 @@ class LocalTrainer:
     data: dict[str, LocalData]
     device: torch.device = field(default_factory=lambda: pick_device("auto"))
     progress: Callable[[], None] | None = None  # after every batch (Node.alive)
-    _models: dict[tuple, torch.nn.Module] = field(default_factory=dict)
+    # One model per architecture to train in; a simulator's many trainers share one dict.
+    models: dict[tuple, torch.nn.Module] = field(default_factory=dict)
 
     def __call__(self, t: Train) -> tuple[np.ndarray, Metrics]:
         spec, local = t.spec, self.data[t.spec.dataset]
         key = (spec.arch, tuple(spec.input_shape), spec.num_classes)
-        if key not in self._models:
-            self._models[key] = build(spec.arch, spec.input_shape, spec.num_classes).to(self.device)
-        model = self._models[key]
+        if key not in self.models:
+            self.models[key] = build(spec.arch, spec.input_shape, spec.num_classes).to(self.device)
+        model = self.models[key]
         # Evaluate the round model before training: federated evaluation of the version.
         unflatten_into(model, t.params)
         ev = evaluate(model, local.test, device=self.device, progress=self.progress)

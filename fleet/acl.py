@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from hfl.identity import Member, Roster
-from hfl.messages import Role
+from hfl.messages import NODES, Role
 from hfl.topics import Topics
 
 ANY = object()  # a wildcard level in `pattern`
@@ -37,24 +37,27 @@ def pattern(build: Callable[..., str], *args: str | object) -> str:
 
 def permissions(m: Member, t: Topics) -> tuple[list[str], list[str]]:
     """(read, write) topic filters of one member."""
+    own = [t.status(m.role.value, m.id)]  # every member says online / offline / lost
+    if m.role in NODES:  # the services also publish their telemetry
+        own.append(t.telemetry(m.role.value, m.id))
     if m.role is Role.AGENT:
         assert m.group is not None  # the roster refuses an agent without its aggregator
         return ([pattern(t.rounds, m.group, ANY), t.roster()],
-                [t.update(m.group, m.id), t.status(m.role.value, m.id)])
+                [t.update(m.group, m.id), *own])
     if m.role is Role.AGGREGATOR:
         return ([t.tasks(m.id), pattern(t.update, m.id, ANY),
                  pattern(t.status, Role.AGENT.value, ANY), t.roster()],
-                [pattern(t.rounds, m.id, ANY), t.partials(m.id), t.status(m.role.value, m.id)])
+                [pattern(t.rounds, m.id, ANY), t.partials(m.id), *own])
     if m.role is Role.COORDINATOR:
         return ([pattern(t.app_requests, ANY), pattern(t.partials, ANY),
                  pattern(t.status, ANY, ANY)],
                 [pattern(t.job, ANY), pattern(t.model, ANY), t.roster(), pattern(t.tasks, ANY),
-                 t.status(m.role.value, m.id)])
+                 *own])
     if m.role is Role.APP:
         return ([pattern(t.job, ANY), pattern(t.model, ANY), t.roster()],
-                [t.app_requests(m.id), t.status(m.role.value, m.id)])
+                [t.app_requests(m.id), *own])
     if m.role is Role.OBSERVER:
-        return [f"{t.prefix}/#"], [t.status(m.role.value, m.id)]
+        return [f"{t.prefix}/#"], own
     raise ValueError(f"no ACL rule for role {m.role.value}")
 
 

@@ -1,5 +1,6 @@
 """`hfl`: the umbrella command. Each role's commands are mounted here, beside the fleet's
-own: keys, broker, demo, simulate, version."""
+own: keys, broker, demo, simulate, version, and the operator's status, jobs, models and
+dashboard."""
 
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ from rich.table import Table
 
 import hfl
 from aggregator.cli import app as aggregator_app
-from coordinator.cli import app as coordinator_app
+from coordinator import cli as coordinator_cli
 from edge_agent.cli import app as agent_app
-from fleet import pki_cli
+from fleet import ops_cli, pki_cli
 from fleet.follow import RoundRow
 from hfl.cli import VerboseOption, fail, setup_logging
 
@@ -27,7 +28,7 @@ app = typer.Typer(
 )
 app.add_typer(agent_app, name="agent")
 app.add_typer(aggregator_app, name="aggregator")
-app.add_typer(coordinator_app, name="coordinator")
+app.add_typer(coordinator_cli.app, name="coordinator")
 app.add_typer(pki_cli.app, name="pki")
 
 console = Console()
@@ -90,7 +91,10 @@ def run_and_report(cfg, out: Path, report: Path | None, title: str, verbose: boo
     rounds = int(cfg.model.get("rounds", 10))
     spec = cfg.spec(["check"])
     dp = spec.privacy
-    guards = [g for g, on in (("TLS + ACL", cfg.fleet.tls), ("SecAgg+", spec.secagg.enabled),
+    memory = cfg.fleet.network == "memory"
+    guards = [g for g, on in (("in-memory network", memory),
+                              ("TLS + ACL", cfg.fleet.tls and not memory),
+                              ("SecAgg+", spec.secagg.enabled),
                               (f"DP (ε ≤ {dp.epsilon:g}, δ = {dp.delta:g})" if dp else "",
                                dp is not None)) if on]
     console.print(f"[bold]{title}[/]: {cfg.fleet.aggregators} aggregators, "
@@ -112,7 +116,8 @@ def run_and_report(cfg, out: Path, report: Path | None, title: str, verbose: boo
     console.print(rounds_table(outcome.rows))
     if outcome.rows:
         console.print(f"accuracy plot: {plot_rounds(outcome.rows, out / 'accuracy.png', title)}")
-    console.print(f"ONNX model:   {doc['onnx']}\nsafetensors:  {doc['safetensors']}")
+    if doc["onnx"]:
+        console.print(f"ONNX model:   {doc['onnx']}\nsafetensors:  {doc['safetensors']}")
     for job, st in doc["jobs"].items():
         console.print(f"job {job}: {st['state']} ({st['reason']}) in {secs:.1f} s")
     if doc["rejections"]:
@@ -206,6 +211,13 @@ def privacy(
     console.print(table)
     console.print(f"target ε = {p.epsilon:g}; the job stops before a round that would "
                   f"exceed it. Plot: {plot_epsilon(curve, plot, f'hfl privacy {config.name}')}")
+
+
+# The operator's view: the same listings as `hfl coordinator jobs/models`, and the live ones.
+app.command("jobs")(coordinator_cli.jobs)
+app.command("models")(coordinator_cli.models)
+app.command("status")(ops_cli.status)
+app.command("dashboard")(ops_cli.dashboard)
 
 
 def main() -> None:

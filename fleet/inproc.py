@@ -24,9 +24,10 @@ from hfl.app import App
 from hfl.identity import Identity, Roster
 from hfl.messages import Role
 from hfl.mqtt import BrokerSettings
-from hfl.node import Node, run_in_thread
+from hfl.node import Machine, Node, run_in_thread
 from hfl.pki import Pki
 from hfl.roster_feed import RosterFeed
+from hfl.telemetry import Telemetry, instrument
 from hfl.topics import Topics
 
 log = logging.getLogger("hfl.fleet")
@@ -64,11 +65,13 @@ class InProcessFleet:
     topics: Topics = field(default_factory=Topics)
     device: str = "cpu"
     max_payload: int = 256 * 1024
+    telemetry_s: float = 2.0  # how often each node may publish its telemetry (0: never)
     identities: dict[str, Identity] = field(default_factory=dict)
     roster: Roster = field(default_factory=Roster)
     pki: Pki | None = None
     broker: Broker | None = None
     nodes: dict[str, Node] = field(default_factory=dict)
+    telemetry: dict[str, Telemetry] = field(default_factory=dict)
     registry: Registry | None = None
     versions: list[VersionRecord] = field(default_factory=list)
     _threads: list[threading.Thread] = field(default_factory=list)
@@ -141,10 +144,11 @@ class InProcessFleet:
                 not set(lay.groups[a]) <= m.online for a, m in aggregators.items()):
             time.sleep(0.05)
 
-    def _serve(self, name: str, node: Node, machine: object, timeout: float) -> None:
+    def _serve(self, name: str, node: Node, machine: Machine, timeout: float) -> None:
+        self.telemetry[name], served = instrument(node, machine, self.telemetry_s)
         node.start(timeout)
         self.nodes[name] = node
-        self._threads.append(run_in_thread(node, machine, name))  # type: ignore[arg-type]
+        self._threads.append(run_in_thread(node, served, name))
 
     def app(self, app_id: str, models: list[str]) -> App:
         return App(self.identities[app_id], self.roster, self.settings(app_id), self.topics,

@@ -38,6 +38,8 @@ from edge_agent.partition import partition
 from edge_agent.runner import LocalData
 from fleet.follow import Outcome, follow
 from fleet.inproc import FleetLayout, InProcessFleet
+from fleet.memsim import MemFleet
+from hfl.app import JobStatus
 from hfl.messages import ModelRequest, ModelSpec, short_error
 
 if sys.version_info >= (3, 11):
@@ -58,6 +60,9 @@ class FleetSection(_Section):
     agents: int = Field(default=6, ge=1, le=100_000, description="in all, spread evenly")
     device: str = "cpu"
     tls: bool = Field(default=True, description="a TLS broker with client certificates + ACL")
+    network: Literal["mqtt", "memory"] = Field(
+        default="mqtt", description="mqtt: a broker, one MQTT client per node; memory: the "
+        "same machines on an in-memory network (fleet.memsim), for thousands of agents")
 
 
 class DataSection(_Section):
@@ -140,11 +145,21 @@ def group_members(cfg: SimConfig) -> dict[str, list[str]]:
     return out
 
 
-def run(cfg: SimConfig, workdir: Path, on_row=None) -> tuple[Outcome, InProcessFleet, float]:
+def run(cfg: SimConfig, workdir: Path,
+        on_row=None) -> tuple[Outcome, InProcessFleet | MemFleet, float]:
     """Run one simulated job end to end in `workdir` (keys, broker, registry, ONNX files);
-    returns what the app saw, the (stopped) fleet and the seconds it took."""
+    returns what the app saw, the (stopped) fleet and the seconds it took.
+
+    With `network = "memory"` nothing is written: the versions are scored with torch, and
+    `timeout` counts simulated seconds."""
     t0 = time.monotonic()
     groups, held_out = fleet_data(cfg)
+    if cfg.fleet.network == "memory":
+        mem = MemFleet(FleetLayout(groups, apps=(APP,)), device=cfg.fleet.device)
+        done = mem.run(cfg.spec(sorted(groups)), f"sim-seed{cfg.seed}", held_out,
+                       timeout_s=cfg.timeout, on_row=on_row)
+        return (Outcome(done.rows, {done.status.job: JobStatus(done.status)}, {}), mem,
+                time.monotonic() - t0)
     fleet = InProcessFleet(FleetLayout(groups, apps=(APP,)), workdir, tls=cfg.fleet.tls,
                            device=cfg.fleet.device)
     app = None
@@ -162,7 +177,8 @@ def run(cfg: SimConfig, workdir: Path, on_row=None) -> tuple[Outcome, InProcessF
     return outcome, fleet, time.monotonic() - t0
 
 
-def summary(cfg: SimConfig, outcome: Outcome, fleet: InProcessFleet, seconds: float) -> dict:
+def summary(cfg: SimConfig, outcome: Outcome, fleet: InProcessFleet | MemFleet,
+            seconds: float) -> dict:
     """The `--report` document."""
     spec = cfg.spec(sorted(fleet.layout.groups))
     last = fleet.versions[-1] if fleet.versions else None
@@ -175,6 +191,7 @@ def summary(cfg: SimConfig, outcome: Outcome, fleet: InProcessFleet, seconds: fl
         ],
         "delta": spec.privacy.delta if spec.privacy else None,
         "security": {"tls": fleet.tls, "secagg": bool(spec.secagg.enabled)},
+        "network": cfg.fleet.network,
         "onnx": str(last.onnx) if last else None,
         "safetensors": str(last.safetensors) if last else None,
         "seconds": round(seconds, 2),

@@ -291,19 +291,9 @@ class AppWire:
     def feed(self, topic: str, payload: bytes, now: float | None = None) -> list[Event]:
         """One received MQTT message in; the model versions and job updates it completes."""
         now = time.time() if now is None else now
-        accepted = self.gate.accept(topic, payload, now)
+        self.gate.deliver(topic, payload, now, self.feed_roster,
+                          lambda env, route: self.machine.handle(env, route, now))
         self.gate.expire(now)
-        if accepted is None:
-            return []
-        env, route = accepted
-        try:
-            if env.type == Kind.ROSTER.value:
-                if self.feed_roster is not None:
-                    self.feed_roster.on_message(env)
-            else:
-                self.machine.handle(env, route, now)
-        except Rejected as r:
-            self.gate.reject(r, f"{env.type} from {env.sender}")
         out = list(self.machine.events)
         self.machine.events.clear()
         return out

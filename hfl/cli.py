@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated, NoReturn
 
 import typer
+from rich.console import Console
 
 from hfl import activity
 from hfl.config import Config, load_config
@@ -28,6 +29,12 @@ def fail(message: str) -> NoReturn:
     """Stop the command with a message that says what is wrong and exit code 1."""
     typer.echo(f"Error: {message}", err=True)
     raise typer.Exit(1)
+
+
+def table_console() -> Console:
+    """A console for tables: the terminal's width, or when the output goes to a file or a
+    pipe, room enough that no cell (a file path) is cut."""
+    return Console() if sys.stdout.isatty() else Console(width=1000)
 
 
 def stderr_is_journal() -> bool:

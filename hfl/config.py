@@ -15,6 +15,9 @@ device = "auto"                  # cuda on a Jetson, else cpu
 
 [agent.datasets.digits]          # the name a model request asks for
 source = "digits"                # digits | mnist | npz
+
+[metrics]                        # optional
+port = 9464                      # a Prometheus endpoint on 127.0.0.1 (off without a port)
 ```
 Relative paths are taken from the config file's folder.
 """
@@ -89,6 +92,15 @@ class AggregatorSection(_Section):
                             "under way, so a restart resumes them")
 
 
+class MetricsSection(_Section):
+    port: int | None = Field(default=None, ge=1, le=65535,
+                             description="serve Prometheus metrics here (off when absent)")
+    host: str = Field(default="127.0.0.1", description="the metrics endpoint's address "
+                      "(0.0.0.0 to be scraped from elsewhere)")
+    telemetry_s: float = Field(default=5.0, ge=0, le=3600, description="publish telemetry "
+                               "for hfl status at most this often (0: never)")
+
+
 class Config(_Section):
     prefix: str = DEFAULT_PREFIX
     max_payload: int = Field(default=256 * 1024, ge=4096, le=256 * 1024 * 1024)
@@ -97,6 +109,7 @@ class Config(_Section):
     agent: AgentSection | None = None
     aggregator: AggregatorSection | None = None
     coordinator: CoordinatorSection | None = None
+    metrics: MetricsSection = MetricsSection()
 
     @property
     def topics(self) -> Topics:

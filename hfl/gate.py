@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import logging
 from collections import Counter, OrderedDict
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
 
 from hfl import envelope
 from hfl.chunks import Reassembler
@@ -22,6 +24,11 @@ from hfl.errors import Rejected
 from hfl.identity import Identity, Roster
 from hfl.messages import KNOWN_TYPES, Kind, check_route
 from hfl.topics import Route, Topics
+
+T = TypeVar("T")
+
+if TYPE_CHECKING:
+    from hfl.roster_feed import RosterFeed
 
 log = logging.getLogger("hfl.gate")
 
@@ -84,6 +91,24 @@ class Gate:
                 return None
         self.counters["received"] += 1
         return env, route
+
+    def deliver(self, topic: str, payload: bytes, now: float, feed: RosterFeed | None,
+                handle: Callable[[Envelope, Route], T]) -> T | None:
+        """The one way a received message reaches its reader: accepted (verified, opened),
+        then a signed roster to `feed` and anything else to `handle`; a message either of
+        them refuses is counted by its reason. Returns what `handle` returned, else None."""
+        accepted = self.accept(topic, payload, now)
+        if accepted is None:
+            return None
+        env, route = accepted
+        try:
+            if env.type != Kind.ROSTER.value:
+                return handle(env, route)
+            if feed is not None:
+                feed.on_message(env)
+        except Rejected as r:
+            self.reject(r, f"{env.type} from {env.sender}")
+        return None
 
     def reject(self, r: Rejected, where: str) -> None:
         self.rejections[r.reason] += 1

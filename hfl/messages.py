@@ -41,26 +41,35 @@ class Kind(str, Enum):
     UPDATE = "update"
     PARTIAL = "partial"
     STATUS = "status"
+    TELEMETRY = "telemetry"
     ROSTER = "roster"
 
 
 @dataclass(frozen=True)
 class Link:
-    sender: Role
+    senders: frozenset[Role]
     route: str  # the topic kind it travels on (hfl.topics.Route.kind)
     retained: bool
+    own_topic: bool = False  # on `{kind}/{role}/{id}`: each sender on its own topic only
 
+
+def _by(*roles: Role) -> frozenset[Role]:
+    return frozenset(roles)
+
+
+NODES = _by(Role.COORDINATOR, Role.AGGREGATOR, Role.AGENT)  # the services (hfl.node.Node)
 
 VOCABULARY: dict[Kind, Link] = {
-    Kind.REQUEST: Link(Role.APP, "requests", retained=False),
-    Kind.JOB: Link(Role.COORDINATOR, "job", retained=True),
-    Kind.MODEL: Link(Role.COORDINATOR, "model", retained=True),
-    Kind.TASK: Link(Role.COORDINATOR, "tasks", retained=False),
-    Kind.ROUND: Link(Role.AGGREGATOR, "rounds", retained=True),
-    Kind.UPDATE: Link(Role.AGENT, "update", retained=False),
-    Kind.PARTIAL: Link(Role.AGGREGATOR, "partials", retained=False),
-    Kind.STATUS: Link(Role.COORDINATOR, "status", retained=True),  # any role; see check_route
-    Kind.ROSTER: Link(Role.COORDINATOR, "roster", retained=True),
+    Kind.REQUEST: Link(_by(Role.APP), "requests", retained=False),
+    Kind.JOB: Link(_by(Role.COORDINATOR), "job", retained=True),
+    Kind.MODEL: Link(_by(Role.COORDINATOR), "model", retained=True),
+    Kind.TASK: Link(_by(Role.COORDINATOR), "tasks", retained=False),
+    Kind.ROUND: Link(_by(Role.AGGREGATOR), "rounds", retained=True),
+    Kind.UPDATE: Link(_by(Role.AGENT), "update", retained=False),
+    Kind.PARTIAL: Link(_by(Role.AGGREGATOR), "partials", retained=False),
+    Kind.STATUS: Link(frozenset(Role), "status", retained=True, own_topic=True),
+    Kind.TELEMETRY: Link(NODES, "telemetry", retained=True, own_topic=True),
+    Kind.ROSTER: Link(_by(Role.COORDINATOR), "roster", retained=True),
 }
 KNOWN_TYPES = frozenset(k.value for k in Kind)
 
@@ -73,12 +82,13 @@ def check_route(kind: Kind, route: Route, sender: str, role: Role, group: str | 
     link = VOCABULARY[kind]
     if route.kind != link.route:
         raise Rejected("wrong-topic", f"{kind.value} on a {route.kind} topic")
-    if kind is Kind.STATUS:
-        if route.role != role.value or route.id != sender:
-            raise Rejected("wrong-sender", f"status of {route.role}/{route.id} from {sender}")
-        return
-    if role is not link.sender:
+    if role not in link.senders:
         raise Rejected("wrong-role", f"{kind.value} from {role.value} {sender}")
+    if link.own_topic:
+        if route.role != role.value or route.id != sender:
+            raise Rejected("wrong-sender", f"{kind.value} of {route.role}/{route.id} from "
+                           f"{sender}")
+        return
     owner = {
         Kind.REQUEST: route.app,
         Kind.ROUND: route.agg,
@@ -364,6 +374,69 @@ class StatusMeta(_Strict):
     state: Literal["online", "offline", "lost"] = Field(
         description="offline: it left cleanly; lost: its Last Will (the connection died)")
     group: str | None = Field(default=None, description="an agent's aggregator")
+
+
+_Count = Annotated[int, Field(ge=0)]
+
+
+class ActivityMeta(_Strict):
+    """What a service is on (hfl.activity): its job, global round (block), edge round and
+    the step it took last (a stage it sent or an event such as `round_closed`)."""
+
+    job: str = Field(default="", max_length=ID_MAX)
+    block: int | None = Field(default=None, ge=0)
+    round: int | None = Field(default=None, ge=0)
+    stage: str = Field(default="", max_length=64)
+
+
+class Counts(_Strict):
+    """A service's counters since it started."""
+
+    messages_in: _Count = Field(description="envelopes accepted: verified, not a repeat")
+    messages_out: _Count = Field(description="envelopes sent (not status)")
+    bytes_in: _Count = Field(description="MQTT payload bytes received")
+    bytes_out: _Count = Field(description="their bytes")
+    duplicates: _Count = Field(description="repeats dropped (QoS 1 redelivery, retained copy)")
+    connects: _Count
+    disconnects: _Count
+    internal_errors: _Count = Field(description="messages a bug of ours failed to handle")
+    unsendable: _Count = Field(description="messages with no known recipient left")
+    checkpoints: _Count = Field(description="state saves (a durable aggregator or "
+                                "coordinator)")
+    checkpoint_errors: _Count = Field(description="state saves that failed (a full disk): "
+                                      "nothing is acknowledged or sent until one works")
+    registry_errors: _Count = Field(description="coordinator: versions or job states the "
+                                    "registry could not store")
+    rounds: _Count = Field(description="aggregator: edge rounds closed; agent: updates sent; "
+                           "coordinator: versions published")
+    retries: _Count = Field(description="rounds (aggregator) or blocks (coordinator) retried")
+    failures: _Count = Field(description="blocks failed (aggregator) or jobs failed "
+                             "(coordinator)")
+    updates: _Count = Field(description="aggregator: agents' updates in its closed rounds")
+    dropped: _Count = Field(description="aggregator: agents whose masks were recovered")
+
+
+class RoundTimes(_Strict):
+    """How long rounds took: an aggregator's edge rounds (open to closed), an agent's work
+    on one (round open to update sent), the coordinator's global rounds (tasks to version)."""
+
+    count: _Count = 0
+    total_s: float = Field(default=0.0, ge=0)
+    last_s: float | None = Field(default=None, ge=0)
+
+
+class TelemetryMeta(_Strict):
+    """every service → its telemetry topic (retained): what it is on and its counters,
+    published when something changed, at most every `telemetry_s` seconds."""
+
+    uptime_s: float = Field(ge=0)
+    activity: ActivityMeta
+    counts: Counts
+    round_s: RoundTimes
+    rejections: dict[str, _Count] = Field(default_factory=dict, max_length=256,
+                                          description="messages refused, by reason")
+    epsilon: dict[str, float] = Field(default_factory=dict, max_length=10_000,
+                                      description="coordinator: ε spent per DP job")
 
 
 _M = TypeVar("_M", bound=BaseModel)

@@ -120,7 +120,8 @@ class Session:
         self.connected = False
         self.refusal: str | None = None  # the broker's last refusal (CONNACK or SUBACK)
         self.counters: dict[str, int] = dict.fromkeys(
-            ("connects", "disconnects", "published", "received", "dropped_callback_errors"), 0)
+            ("connects", "disconnects", "published", "received", "bytes_received",
+             "dropped_callback_errors"), 0)
         self._filters: list[str] = list(dict.fromkeys(subscriptions))
         self._broker_max: int | None = None
         self._warned_retain = False
@@ -308,6 +309,7 @@ class Session:
             self.inbox.put(Inbound(msg.topic, msg.payload, bool(msg.retain), msg.mid, msg.qos,
                                    self.counters["connects"]))
             self._bump("received")
+            self._bump("bytes_received", len(msg.payload))
         except Exception:
             self._callback_error("on_message")
 
@@ -326,6 +328,6 @@ class Session:
         self._bump("dropped_callback_errors")
         log.exception("%s: error in %s (dropped)", self.client_id, where)
 
-    def _bump(self, name: str) -> None:
+    def _bump(self, name: str, n: int = 1) -> None:
         with self._cond:
-            self.counters[name] = self.counters.get(name, 0) + 1
+            self.counters[name] = self.counters.get(name, 0) + n

@@ -31,7 +31,6 @@ from typing import Any, Protocol
 from hfl import chunks, envelope
 from hfl.actions import Action, Note, Send, effects
 from hfl.envelope import Envelope
-from hfl.errors import Rejected
 from hfl.gate import Gate
 from hfl.identity import Identity, Roster
 from hfl.messages import Kind, StatusMeta
@@ -229,21 +228,12 @@ class Node:
 
     def _receive(self, machine: Machine, msg: Inbound, now: float,
                  sink: Callable[[list[Action]], Any]) -> None:
-        accepted = self.gate.accept(msg.topic, msg.payload, now)
-        if accepted is None:
-            return
-        env, route = accepted
         try:
-            if env.type == Kind.ROSTER.value:
-                if self.feed is not None:
-                    self.feed.on_message(env)
-            else:
-                sink(machine.handle(env, route, now))
-        except Rejected as r:
-            self.gate.reject(r, f"{env.type} from {env.sender}")
+            self.gate.deliver(msg.topic, msg.payload, now, self.feed,
+                              lambda env, route: sink(machine.handle(env, route, now)))
         except Exception:  # a bug of ours must not take the service down
             self.counters["internal_errors"] += 1
-            log.exception("handling %s from %s", env.type, env.sender)
+            log.exception("handling a message on %s", msg.topic)
 
     # ------------------------------------------------------------------ checkpoints
 

@@ -489,7 +489,12 @@ class Client:
 
     def share(self, adverts: dict[str, Advert],
               verify_key: Callable[[str], Ed25519PublicKey | None]) -> dict[str, bytes]:
-        """Verify U1's adverts, split b and s_sk among my neighbours: neighbour → ciphertext."""
+        """Verify U1's adverts, split b and s_sk among my neighbours: neighbour → ciphertext.
+
+        Every id must be enrolled and every advert well formed, but only my neighbours'
+        signatures are checked: theirs are the only keys I use (to seal my shares and to
+        mask), and each advert is checked by its own neighbours. That is O(k) signatures a
+        client, not O(n), so O(n·k) a round rather than O(n²)."""
         if self._adverts is not None:
             if adverts == self._adverts:
                 return dict(self._shared)
@@ -499,17 +504,19 @@ class Client:
             raise Rejected("secagg-bad-advert", "my own advert is missing or altered")
         if len(adverts) < p.threshold + 1:
             raise Rejected("secagg-too-few", f"{len(adverts)} adverts < t+1 = {p.threshold + 1}")
+        keys: dict[str, Ed25519PublicKey] = {}
         for cid, ad in adverts.items():
             if not isinstance(cid, str) or not isinstance(ad, Advert) or not ad.well_formed():
                 raise Rejected("secagg-bad-advert", f"{cid!r}: malformed")
-            vk = verify_key(cid)
-            if vk is None:
+            if (vk := verify_key(cid)) is None:
                 raise Rejected("secagg-bad-advert", f"{cid}: unknown identity")
+            keys[cid] = vk
+        mine = neighbours(list(adverts), p.degree, _graph_seed(ctx))[self.id]
+        for cid in mine:
             try:
-                vk.verify(ad.signature, ad.signed_bytes(ctx, cid))
+                keys[cid].verify(adverts[cid].signature, adverts[cid].signed_bytes(ctx, cid))
             except InvalidSignature:
                 raise Rejected("secagg-bad-advert", f"{cid}: bad signature") from None
-        mine = neighbours(list(adverts), p.degree, _graph_seed(ctx))[self.id]
         xs = _x_index(adverts)
         # Derive every key first: a bad key in the table rejects it before anything leaks.
         seal = {j: _share_key(ctx, self._c_sk, adverts[j].c_pk, j, self.id, j) for j in mine}

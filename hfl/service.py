@@ -23,9 +23,11 @@ from types import FrameType
 
 from hfl import activity
 from hfl.activity import Activity, journal_fields
+from hfl.config import MetricsSection
 from hfl.messages import Role
 from hfl.node import Machine, Node, Stopped
 from hfl.sdnotify import Notifier
+from hfl.telemetry import instrument
 
 log = logging.getLogger("hfl.service")
 
@@ -50,13 +52,16 @@ def claim(device_dir: Path) -> int:
 
 
 def serve(node: Node, machine: Machine, *, timeout: float = 30.0,
-          device_dir: Path | None = None, notifier: Notifier | None = None) -> int:
+          device_dir: Path | None = None, notifier: Notifier | None = None,
+          metrics: MetricsSection | None = None) -> int:
     """Connect, serve until SIGTERM or SIGINT, leave cleanly; returns the exit code.
 
-    Signal handlers are installed only on the main thread (tests serve from others and
-    stop through `node.stop_event`)."""
+    The node publishes its telemetry (hfl.telemetry) and, with `metrics.port`, serves
+    Prometheus metrics. Signal handlers are installed only on the main thread (tests serve
+    from others and stop through `node.stop_event`)."""
     sd = notifier or Notifier.from_env()
     who = f"{node.identity.role.value} {node.identity.id}"
+    metrics = metrics or MetricsSection()
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         log.warning("%s runs as root: give the service its own user (User= in the unit)", who)
     if device_dir is not None:
@@ -65,7 +70,26 @@ def serve(node: Node, machine: Machine, *, timeout: float = 30.0,
         except OSError as e:
             log.error("%s", e)
             return 1
+    telemetry, machine = instrument(node, machine, metrics.telemetry_s)
+    endpoint = None
+    if metrics.port is not None:
+        from hfl.metrics import serve_metrics
 
+        try:
+            endpoint = serve_metrics(telemetry, metrics.host, metrics.port)
+        except OSError as e:
+            log.error("%s: metrics endpoint %s:%d: %s", who, metrics.host, metrics.port, e)
+            return 1
+        log.info("%s: Prometheus metrics on http://%s:%d/metrics", who, metrics.host,
+                 endpoint.port)
+    try:
+        return _serve(node, machine, sd, who, timeout)
+    finally:
+        if endpoint is not None:
+            endpoint.close()
+
+
+def _serve(node: Node, machine: Machine, sd: Notifier, who: str, timeout: float) -> int:
     signalled = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:

@@ -77,6 +77,9 @@ class Topics:
     def status(self, role: str, id: str) -> str:
         return f"{self.prefix}/status/{check_id(role, 'role')}/{check_id(id, 'id')}"
 
+    def telemetry(self, role: str, id: str) -> str:
+        return f"{self.prefix}/telemetry/{check_id(role, 'role')}/{check_id(id, 'id')}"
+
     # Subscription filters, one list per role.
 
     def coordinator_filters(self) -> list[str]:
@@ -101,6 +104,16 @@ class Topics:
         out = [self.model(m) for m in models]
         out += [self.job(j) for j in jobs] if jobs is not None else [f"{self.prefix}/coord/jobs/+"]
         return [*out, self.roster()]
+
+    def observer_filters(self) -> list[str]:
+        """What the operator's tools read (hfl status, hfl dashboard): never the rounds,
+        updates or models, whose bodies are large and sealed for others anyway."""
+        return [
+            f"{self.prefix}/status/+/+",
+            f"{self.prefix}/telemetry/+/+",
+            f"{self.prefix}/coord/jobs/+",
+            self.roster(),
+        ]
 
     def parse(self, topic: str) -> Route:
         """Parse a topic of this tree; anything else is `Rejected("unknown-topic")`."""
@@ -134,6 +147,8 @@ def _match(p: list[str]) -> Route | None:
         return Route("update", agg=p[1], agent=p[3])
     if n == 3 and p[0] == "status":
         return Route("status", role=p[1], id=p[2])
+    if n == 3 and p[0] == "telemetry":
+        return Route("telemetry", role=p[1], id=p[2])
     return None
 
 

@@ -7,11 +7,11 @@ import logging
 
 import pytest
 
+from fleet.memnet import MemNet
 from hfl.actions import Note, Send
 from hfl.activity import Activity, JournalContext, journal_fields
 from hfl.messages import Kind
 from hfl.topics import Topics
-from tests.memnet import MemNet
 from tests.test_machines import build, request, spec
 
 T = Topics()

@@ -13,12 +13,12 @@ import pytest
 
 from aggregator.machine import AggregatorMachine
 from coordinator.machine import CoordinatorMachine
+from fleet.memnet import MemNet
 from hfl.gate import Gate
 from hfl.identity import Roster
 from hfl.messages import Kind, Origin, Role
 from hfl.state import Checkpointer, StateStore
 from tests import test_secure_rounds as secure
-from tests.memnet import MemNet
 from tests.test_machines import GROUPS, build, fedavg, request, spec, versions
 
 EVERYONE = [a for g in GROUPS.values() for a in g]

@@ -166,7 +166,7 @@ def test_simulate_runs_a_config(mosquitto: str, tmp_path: Path) -> None:
     doc = json.loads(report.read_text())
     assert [r["round"] for r in doc["rounds"]] == [1, 2]
     assert all(r["agents"] == 2 for r in doc["rounds"])  # C = 0.5 of 2 agents on each site
-    assert doc["security"] == {"tls": False, "secagg": False}
+    assert doc["security"] == {"tls": False, "secagg": False} and doc["network"] == "mqtt"
     assert doc["rounds"][-1]["accuracy"] > 0.6  # 10 classes: chance is 0.1
 
 

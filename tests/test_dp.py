@@ -96,7 +96,10 @@ def test_noise_has_the_requested_variance_and_calls_add_up() -> None:
     x = np.zeros(N, np.float32)
     src.add_gaussian(x, std)
     assert_gaussian(x, std)
-    assert np.count_nonzero(x) == N  # every chunk, the ragged tail included, got noise
+    # Every chunk, the ragged tail included, got noise (float32 normals are exactly 0 at
+    # a rate of about 2^-23, so a few zeros are legitimate; an untouched chunk is not).
+    assert N - np.count_nonzero(x) <= 8
+    assert np.count_nonzero(x[(N // (1 << 20)) * (1 << 20):]) >= N % (1 << 20) - 8
     chunk = 1 << 20
     assert not np.array_equal(x[: N - chunk], x[chunk:])  # no chunk repeats another
     src.add_gaussian(x, std)  # a second, independent draw: the variances add

@@ -10,8 +10,8 @@ from collections import Counter
 
 import numpy as np
 
+from fleet.memnet import MemNet
 from tests.faults.fuzz import Target, accounted, cases, draw_cases
-from tests.memnet import MemNet
 from tests.test_machines import GROUPS, build, fedavg, request, spec, versions
 
 PER_NODE = 500

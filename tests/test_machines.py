@@ -11,13 +11,13 @@ import pytest
 from aggregator.machine import AggregatorMachine, round_id
 from coordinator.machine import CoordinatorMachine, NewVersion
 from edge_agent.machine import AgentMachine, Train
+from fleet.memnet import MemNet
 from hfl import envelope
 from hfl.actions import Send
 from hfl.errors import Rejected
 from hfl.identity import Identity, Roster
 from hfl.messages import Kind, Metrics, ModelRequest, ModelSpec, Origin, Role
 from hfl.topics import Route, Topics
-from tests.memnet import MemNet
 
 P = 6
 GROUPS = {"site-a": ["a1", "a2", "a3"], "site-b": ["b1", "b2", "b3"]}

@@ -295,18 +295,21 @@ def test_acl_pins_every_member_to_its_own_topics(pki: Pki, prefix: str) -> None:
     assert set(users) == {m.id for m in pki.roster().members()}
     assert users["a1"] == {
         ("read", wild(t.rounds("site-a", "J"), "J")), ("read", t.roster()),
-        ("write", t.update("site-a", "a1")), ("write", t.status("agent", "a1"))}
+        ("write", t.update("site-a", "a1")), ("write", t.status("agent", "a1")),
+        ("write", t.telemetry("agent", "a1"))}
     assert users["site-a"] == {
         ("read", t.tasks("site-a")), ("read", wild(t.update("site-a", "X"), "X")),
         ("read", wild(t.status("agent", "X"), "X")), ("read", t.roster()),
         ("write", wild(t.rounds("site-a", "J"), "J")), ("write", t.partials("site-a")),
-        ("write", t.status("aggregator", "site-a"))}
+        ("write", t.status("aggregator", "site-a")),
+        ("write", t.telemetry("aggregator", "site-a"))}
     assert users["coord"] == {
         ("read", wild(t.app_requests("X"), "X")), ("read", wild(t.partials("X"), "X")),
         ("read", wild(t.status("R", "X"), "R", "X")),
         ("write", wild(t.job("J"), "J")), ("write", wild(t.model("M"), "M")),
         ("write", t.roster()), ("write", wild(t.tasks("X"), "X")),
-        ("write", t.status("coordinator", "coord"))}
+        ("write", t.status("coordinator", "coord")),
+        ("write", t.telemetry("coordinator", "coord"))}
     assert users["dash"] == {
         ("read", wild(t.job("J"), "J")), ("read", wild(t.model("M"), "M")), ("read", t.roster()),
         ("write", t.app_requests("dash")), ("write", t.status("app", "dash"))}

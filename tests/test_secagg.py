@@ -495,3 +495,26 @@ def test_bad_share_with_no_spare_is_rejected_then_recovers() -> None:
     late = survivors[6]
     r.server.add_unmask(late, r.clients[late].unmask(survivors))
     np.testing.assert_array_equal(r.server.result(), r.expected(survivors))
+
+
+def test_a_client_checks_the_signatures_of_its_neighbours_only() -> None:
+    # Sparse graph (n = 20, k = 16): each advert is checked by the clients that use its keys.
+    r = Round(20)
+    for i in r.ids:
+        r.server.add_advert(i, r.clients[i].advertise())
+    table = r.server.adverts()
+    graph = sa.neighbours(r.ids, r.params.degree, sa._graph_seed(r.params.context()))
+    victim = "c05"
+    assert 0 < len(graph[victim]) < len(r.ids) - 1
+    forged = dict(table)
+    forged[victim] = sa.Advert(table[victim].c_pk, table[victim].s_pk, table[victim].b_commit,
+                               bytes(64))  # a signature nobody made
+    for i in r.ids:
+        if i == victim:
+            continue
+        if i in graph[victim]:  # would seal shares to, and mask with, the forged keys
+            with pytest.raises(Rejected) as e:
+                r.clients[i].share(forged, r.verify)
+            assert reason(e) == "secagg-bad-advert"
+        else:  # never uses them: the forged advert cannot hurt it
+            assert set(r.clients[i].share(forged, r.verify)) == set(graph[i])

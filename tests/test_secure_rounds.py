@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from aggregator.machine import round_id
+from fleet.memnet import MemNet
 from hfl.actions import Send
 from hfl.messages import Kind, ModelSpec, RoundMeta
-from tests.memnet import MemNet
 from tests.test_machines import P, build, request, versions
 
 GROUPS = {"site-a": [f"a{i}" for i in range(10)], "site-b": ["b0", "b1", "b2"]}

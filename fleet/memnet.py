@@ -1,6 +1,15 @@
 """An in-memory network for the sans-I/O machines: real envelopes, real signatures, real
-gates, but no sockets and a clock the test moves. Faults (drop, repeat, reorder) are a
-function the test passes in."""
+sealing and real gates, but no sockets, and a clock that only moves when asked to.
+
+Only the broker is replaced: every `Send` is signed (and sealed for its recipients) by
+`hfl.node.encode_send`, queued, and delivered to each peer whose subscriptions match its
+topic through that peer's own `Gate`, exactly as the MQTT runner would. Retained messages
+reach later subscribers. Faults (drop, repeat, reorder) are a function passed in.
+
+Time is simulated: deliveries and training take none, and `advance` moves the clock and
+ticks every machine, so deadlines fire when, and only when, someone failed to answer.
+The unit tests and the fast simulator (`fleet.memsim`) run on it.
+"""
 
 from __future__ import annotations
 
@@ -41,16 +50,27 @@ class MemNet:
     fault: Fault | None = None
     shuffle: random.Random | None = None
     now: float = 1000.0
+    record: bool = True  # keep every Send and Note (tests); a long simulation turns it off
     peers: dict[str, Peer] = field(default_factory=dict)
     queue: deque = field(default_factory=deque)
     retained: dict[str, bytes] = field(default_factory=dict)
     notes: list[tuple[str, Note]] = field(default_factory=list)
     sent: list[tuple[str, Send]] = field(default_factory=list)
     others: list[tuple[str, object]] = field(default_factory=list)  # role actions (NewVersion)
+    # A role action's handler, called with the peer's id and the action as it happens;
+    # actions without one are kept in `others`.
+    handlers: dict[type, Callable[[str, object], None]] = field(default_factory=dict)
+    # filter → its subscribers, and topic → its subscribers: a fleet of thousands shares a
+    # few dozen filters, so a new topic is matched against those, not against every peer.
+    _filters: dict[str, list[Peer]] = field(default_factory=dict, repr=False)
+    _routes: dict[str, list[Peer]] = field(default_factory=dict, repr=False)
 
     def add(self, identity: Identity, machine: object, filters: list[str]) -> None:
-        self.peers[identity.id] = Peer(identity, machine, filters,
-                                       Gate(self.roster, self.topics, identity=identity))
+        peer = self.peers[identity.id] = Peer(identity, machine, filters,
+                                              Gate(self.roster, self.topics, identity=identity))
+        for f in dict.fromkeys(filters):
+            self._filters.setdefault(f, []).append(peer)
+        self._routes.clear()
         for topic, payload in self.retained.items():  # a new subscriber gets retained copies
             if any(topic_matches_sub(f, topic) for f in filters):
                 self._deliver(self.peers[identity.id], topic, payload)
@@ -58,7 +78,8 @@ class MemNet:
     def publish(self, sender: str, send: Send) -> bytes:
         data = encode_send(send, self.peers[sender].identity, self.roster, now=self.now)
         self.inject(send.topic, data, retain=send.retain)
-        self.sent.append((sender, send))
+        if self.record:
+            self.sent.append((sender, send))
         return data
 
     def inject(self, topic: str, data: bytes, retain: bool = False) -> None:
@@ -67,7 +88,15 @@ class MemNet:
         for payload in (self.fault(topic, data) if self.fault else [data]):
             self.queue.append((topic, payload))
 
-    def run(self, max_steps: int = 100_000) -> None:
+    def subscribers(self, topic: str) -> list[Peer]:
+        peers = self._routes.get(topic)
+        if peers is None:
+            matched = {id(p) for f, ps in self._filters.items() if topic_matches_sub(f, topic)
+                       for p in ps}
+            peers = self._routes[topic] = [p for p in self.peers.values() if id(p) in matched]
+        return peers
+
+    def run(self, max_steps: int = 10_000_000) -> None:
         """Deliver until the network is quiet."""
         for _ in range(max_steps):
             if not self.queue:
@@ -75,9 +104,8 @@ class MemNet:
             if self.shuffle is not None:
                 self.queue.rotate(-self.shuffle.randrange(len(self.queue)))
             topic, payload = self.queue.popleft()
-            for peer in list(self.peers.values()):
-                if any(topic_matches_sub(f, topic) for f in peer.filters):
-                    self._deliver(peer, topic, payload)
+            for peer in self.subscribers(topic):
+                self._deliver(peer, topic, payload)
         raise AssertionError("network never went quiet")
 
     def advance(self, seconds: float) -> None:
@@ -104,11 +132,14 @@ class MemNet:
             if isinstance(a, Send):
                 self.publish(peer.identity.id, a)
             elif isinstance(a, Note):
-                self.notes.append((peer.identity.id, a))
+                if self.record:
+                    self.notes.append((peer.identity.id, a))
             elif isinstance(a, Train):
                 result = self.trainer(peer.identity.id, a) if self.trainer else None
                 if result is not None:
                     self._act(peer, peer.machine.trained(a.job, a.round, *result))  # type: ignore[attr-defined]
+            elif (handler := self.handlers.get(type(a))) is not None:
+                handler(peer.identity.id, a)
             else:
                 self.others.append((peer.identity.id, a))
 

@@ -1,0 +1,162 @@
+"""`hfl dashboard`: a read-only web page over the coordinator's registry and the fleet's
+status and telemetry topics.
+
+The page (fleet/web/) polls `/api/state` and redraws: jobs, accuracy and ε curves per model
+(inline SVG from fleet.charts) and the health of each aggregator's site. The server is the
+standard library's, bound to localhost unless told otherwise; it answers GET and HEAD only,
+and its pages load nothing from elsewhere (Content-Security-Policy).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from coordinator.registry import Registry, VersionRecord
+from fleet.charts import line_chart
+
+log = logging.getLogger("hfl.dashboard")
+
+WEB = Path(__file__).resolve().parent / "web"
+STATIC = {"/": ("index.html", "text/html; charset=utf-8"),
+          "/dashboard.js": ("dashboard.js", "text/javascript; charset=utf-8"),
+          "/dashboard.css": ("dashboard.css", "text/css; charset=utf-8")}
+HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
+                               "img-src 'self' data:; connect-src 'self'; base-uri 'none'; "
+                               "form-action 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+
+
+def model_charts(versions: list[VersionRecord]) -> list[dict[str, Any]]:
+    """Per model: its jobs' accuracy curve and, for DP jobs, their ε curve."""
+    by_model: dict[str, dict[str, list[VersionRecord]]] = {}
+    for v in versions:
+        by_model.setdefault(v.model, {}).setdefault(v.job, []).append(v)
+    out = []
+    for model, jobs in sorted(by_model.items()):
+        acc = {j: [(v.version, float(v.metrics.get("eval_accuracy", 0.0))) for v in vs]
+               for j, vs in jobs.items()}
+        eps = {j: [(v.version, float(v.metrics["epsilon"])) for v in vs
+                   if v.metrics.get("epsilon") is not None] for j, vs in jobs.items()}
+        eps = {j: pts for j, pts in eps.items() if pts}
+        out.append({
+            "model": model,
+            "versions": {j: len(vs) for j, vs in jobs.items()},
+            "accuracy_svg": line_chart(acc, title=f"{model}: accuracy", chart_id=f"acc-{model}",
+                                       y_label="agents' held-out accuracy", y_range=(0, 1)),
+            "epsilon_svg": line_chart(eps, title=f"{model}: ε spent", chart_id=f"eps-{model}",
+                                      y_label="ε") if eps else None,
+        })
+    return out
+
+
+def job_rows(jobs: list[dict[str, Any]], versions: list[VersionRecord]) -> list[dict[str, Any]]:
+    """The registry's jobs, newest first, with their newest version's accuracy and ε."""
+    last: dict[str, VersionRecord] = {}
+    for v in versions:
+        if v.job not in last or v.version > last[v.job].version:
+            last[v.job] = v
+    rows = []
+    for j in sorted(jobs, key=lambda j: j["updated"], reverse=True):
+        m = last[j["job"]].metrics if j["job"] in last else {}
+        rows.append({**j, "accuracy": m.get("eval_accuracy"), "epsilon": m.get("epsilon"),
+                     "onnx": str(last[j["job"]].onnx) if j["job"] in last else None})
+    return rows
+
+
+def finite(obj: Any) -> Any:
+    """`obj` with NaN and infinities as None: JSON has no such numbers (a diverging
+    model's loss must not take the page down)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [finite(v) for v in obj]
+    return obj
+
+
+@dataclass
+class Dashboard:
+    """What the page shows: the registry (read under a lock: one SQLite connection) and
+    the fleet as a `fleet.watch.Watch` snapshot sees it."""
+
+    registry: Registry
+    fleet: Callable[[], dict[str, Any]]
+    refresh_s: float = 2.0
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def state(self) -> dict[str, Any]:
+        with self._lock:
+            jobs, versions = self.registry.jobs(), self.registry.versions()
+        return {"updated": time.time(), "refresh_s": self.refresh_s,
+                "jobs": job_rows(jobs, versions), "models": model_charts(versions),
+                "fleet": self.fleet()}
+
+
+def handler(dash: Dashboard) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "hfl-dashboard"
+        sys_version = ""
+
+        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            self._answer(body=True)
+
+        def do_HEAD(self) -> None:  # noqa: N802
+            self._answer(body=False)
+
+        def _answer(self, body: bool) -> None:
+            path = self.path.split("?", 1)[0]
+            if path == "/api/state":
+                try:
+                    data = json.dumps(finite(dash.state()), allow_nan=False).encode()
+                except Exception:  # a broken registry must not kill the page's server
+                    log.exception("dashboard state")
+                    self._send(HTTPStatus.INTERNAL_SERVER_ERROR, b"state unavailable\n",
+                               "text/plain; charset=utf-8", body)
+                    return
+                self._send(HTTPStatus.OK, data, "application/json", body)
+            elif path in STATIC:
+                name, ctype = STATIC[path]
+                self._send(HTTPStatus.OK, (WEB / name).read_bytes(), ctype, body)
+            else:
+                self._send(HTTPStatus.NOT_FOUND, b"not found\n", "text/plain; charset=utf-8",
+                           body)
+
+        def _send(self, status: HTTPStatus, data: bytes, ctype: str, body: bool) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(data)))
+            for k, v in HEADERS.items():
+                self.send_header(k, v)
+            self.end_headers()
+            if body:
+                self.wfile.write(data)
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+            log.debug("%s " + format, self.address_string(), *args)
+
+    return Handler
+
+
+def serve_dashboard(dash: Dashboard, host: str = "127.0.0.1",
+                    port: int = 8080) -> ThreadingHTTPServer:
+    """Bind (OSError when the address is taken); the caller runs `serve_forever`."""
+    server = ThreadingHTTPServer((host, port), handler(dash))
+    server.daemon_threads = True
+    return server

@@ -1,0 +1,250 @@
+"""The operator's view of a fleet, free of I/O: verified status, telemetry and job messages
+in, one snapshot out (a JSON-ready dict), rendered as tables for `hfl status` and served
+as JSON by `hfl dashboard`. The roster says who should be there; each node's retained
+status says whether it is (online, offline, lost), its telemetry what it is doing.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from rich.console import Group
+from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
+
+from hfl.envelope import Envelope
+from hfl.errors import Rejected
+from hfl.identity import Roster
+from hfl.messages import JobMeta, Kind, Role, StatusMeta, TelemetryMeta, parse_meta
+from hfl.topics import Route
+
+STATES = ("online", "offline", "lost", "unknown")  # unknown: enrolled, never heard of
+
+
+@dataclass
+class NodeView:
+    state: str = "unknown"
+    telemetry: TelemetryMeta | None = None
+    seen: float | None = None  # when its telemetry was made (its clock)
+
+
+class FleetView:
+    def __init__(self, roster: Roster) -> None:
+        self.roster = roster  # kept current by the caller's roster feed
+        self.nodes: dict[str, NodeView] = {}
+        self.jobs: dict[str, JobMeta] = {}
+
+    def apply(self, env: Envelope, route: Route) -> None:
+        """Fold one verified envelope in; `Rejected` for bad meta or a kind not watched."""
+        kind = Kind(env.type)
+        if kind is Kind.STATUS:
+            self._node(route.id).state = parse_meta(StatusMeta, env.meta).state
+        elif kind is Kind.TELEMETRY:
+            node = self._node(route.id)
+            node.telemetry = parse_meta(TelemetryMeta, env.meta)
+            node.seen = env.header.created
+        elif kind is Kind.JOB:
+            meta = parse_meta(JobMeta, env.meta)
+            old = self.jobs.get(meta.job)
+            if old is None or meta.version >= old.version:  # a late repeat never goes back
+                self.jobs[meta.job] = meta
+        else:
+            raise Rejected("unexpected-type", f"the fleet view does not take {kind.value}")
+
+    def _node(self, id_: str) -> NodeView:
+        return self.nodes.setdefault(id_, NodeView())
+
+    # ------------------------------------------------------------------ snapshot
+
+    def snapshot(self, now: float) -> dict[str, Any]:
+        """Everything the view knows, as plain JSON types."""
+        agents = [self._doc(a, now) for a in self.roster.by_role(Role.AGENT)]
+        aggregators = []
+        for agg in self.roster.by_role(Role.AGGREGATOR):
+            doc = self._doc(agg, now)
+            states = Counter(a["state"] for a in agents if a["group"] == agg)
+            doc["agents"] = {"enrolled": sum(states.values()),
+                             **{s: states.get(s, 0) for s in STATES}}
+            aggregators.append(doc)
+        rejections: dict[str, dict[str, int]] = {}
+        for doc in [*aggregators, *agents, *self._role(Role.COORDINATOR, now)]:
+            for reason, n in doc["rejections"].items():
+                rejections.setdefault(reason, {})[doc["id"]] = n
+        return {
+            "time": now,
+            "roster_serial": self.roster.serial,
+            "coordinators": self._role(Role.COORDINATOR, now),
+            "aggregators": aggregators,
+            "agents": agents,
+            "jobs": [_job_doc(m) for _, m in sorted(self.jobs.items())],
+            "rejections": dict(sorted(rejections.items())),
+        }
+
+    def _role(self, role: Role, now: float) -> list[dict[str, Any]]:
+        return [self._doc(i, now) for i in self.roster.by_role(role)]
+
+    def _doc(self, id_: str, now: float) -> dict[str, Any]:
+        member = self.roster.get(id_)
+        node = self.nodes.get(id_, NodeView())
+        t = node.telemetry
+        return {
+            "id": id_,
+            "role": member.role.value if member else None,
+            "group": member.group if member else None,
+            "state": node.state,
+            "seen_s": None if node.seen is None else max(now - node.seen, 0.0),
+            "uptime_s": t.uptime_s if t else None,
+            "activity": t.activity.model_dump() if t else None,
+            "counts": t.counts.model_dump() if t else None,
+            "round_s": t.round_s.model_dump() if t else None,
+            "rejections": dict(t.rejections) if t else {},
+            "epsilon": dict(t.epsilon) if t else {},
+        }
+
+
+def _job_doc(m: JobMeta) -> dict[str, Any]:
+    last = m.history[-1] if m.history else {}
+    return {"job": m.job, "app": m.app, "model": m.model, "state": m.state,
+            "reason": m.reason, "version": m.version, "rounds": m.rounds,
+            "epsilon": m.epsilon, "delta": m.delta, "accuracy": last.get("eval_accuracy")}
+
+
+# ---------------------------------------------------------------------- terminal rendering
+
+STYLE = {"online": "green", "offline": "yellow", "lost": "bold red", "unknown": "dim",
+         "running": "cyan", "done": "green", "stopped": "yellow", "failed": "bold red"}
+
+
+def render(snap: dict[str, Any], agents: bool = False) -> Group:
+    """`hfl status`: a summary line, then jobs, services, agents (when asked) and
+    rejections, as rich tables."""
+    parts: list[Any] = [summary(snap), jobs_table(snap)]
+    parts.append(services_table(snap))
+    if agents:
+        parts.append(agents_table(snap))
+    if snap["rejections"]:
+        parts.append(rejections_table(snap))
+    if snap.get("refused"):  # what this observer itself refused (a forged status, say)
+        parts.append(Text(f"this observer refused: {_pairs(snap['refused'])}", style="red"))
+    return Group(*parts)
+
+
+def _pairs(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k} {n}" for k, n in sorted(counts.items()))
+
+
+def summary(snap: dict[str, Any]) -> Text:
+    aggs, agents = snap["aggregators"], snap["agents"]
+    states = Counter(a["state"] for a in agents)
+    coord = ", ".join(("" if c["id"] == "coordinator" else f"{c['id']} ") + c["state"]
+                      for c in snap["coordinators"]) or "none"
+    online_aggs = sum(a["state"] == "online" for a in aggs)
+    line = (f"coordinator {coord} · aggregators {online_aggs}/{len(aggs)} online · agents "
+            f"{states['online']}/{len(agents)} online")
+    others = [f"{states[s]} {s}" for s in ("offline", "lost") if states[s]]
+    if states["unknown"]:
+        others.append(f"{states['unknown']} never seen")
+    if others:
+        line += f" ({', '.join(others)})"
+    return Text(f"{line} · roster serial {snap['roster_serial']}", style="bold")
+
+
+def jobs_table(snap: dict[str, Any]) -> Table:
+    table = Table("job", "model", "app", "state", "version", "ε", "accuracy", "reason",
+                  title="jobs", title_justify="left")
+    for j in snap["jobs"]:
+        eps = "-" if j["epsilon"] is None else f"{j['epsilon']:.2f}"
+        acc = "-" if j["accuracy"] is None else f"{j['accuracy']:.3f}"
+        table.add_row(escape(j["job"]), escape(j["model"]), escape(j["app"]),
+                      _state(j["state"]), f"{j['version']}/{j['rounds']}", eps, acc,
+                      escape(j["reason"]))
+    if not snap["jobs"]:
+        table.add_row("[dim]none yet[/]", *[""] * 7)
+    return table
+
+
+def services_table(snap: dict[str, Any]) -> Table:
+    table = Table("node", "state", "agents", "job", "block", "round", "stage", "rounds",
+                  "updates", "round s (last/mean)", "rejected", "in / out", "seen", "errors",
+                  title="coordinator and aggregators", title_justify="left")
+    for n in [*snap["coordinators"], *snap["aggregators"]]:
+        agents = ""
+        if "agents" in n:
+            a = n["agents"]
+            agents = f"{a['online']}/{a['enrolled']}" + "".join(
+                f" [{STYLE[s]}]{a[s]} {s}[/]" for s in ("lost", "offline") if a[s])
+        table.add_row(escape(n["id"]), _state(n["state"]), agents, *_activity(n),
+                      *_work(n), _errors(n))
+    return table
+
+
+ERRORS = ("internal_errors", "unsendable", "checkpoint_errors", "registry_errors")
+
+
+def _errors(n: dict[str, Any]) -> str:
+    """A service's own faults, named: a bug, a full disk, a recipient gone."""
+    c = n["counts"] or {}
+    found = [f"{k.replace('_', ' ')} {c[k]}" for k in ERRORS if c.get(k)]
+    return f"[red]{escape(', '.join(found))}[/]" if found else ""
+
+
+def agents_table(snap: dict[str, Any]) -> Table:
+    table = Table("agent", "aggregator", "state", "job", "block", "round", "stage", "rounds",
+                  "round s (last/mean)", "rejected", "in / out", "seen",
+                  title="agents", title_justify="left")
+    for n in snap["agents"]:
+        work = _work(n)
+        table.add_row(escape(n["id"]), escape(n["group"] or ""), _state(n["state"]),
+                      *_activity(n), work[0], *work[2:])
+    return table
+
+
+def rejections_table(snap: dict[str, Any]) -> Table:
+    table = Table("reason", "messages", "refused by", title="rejected messages",
+                  title_justify="left")
+    for reason, by in snap["rejections"].items():
+        table.add_row(escape(reason), str(sum(by.values())),
+                      escape(_pairs(by)))
+    return table
+
+
+def _state(state: str) -> str:
+    return f"[{STYLE.get(state, '')}]{state}[/]" if state in STYLE else escape(state)
+
+
+def _activity(n: dict[str, Any]) -> list[str]:
+    a = n["activity"]
+    if not a:
+        return ["", "", "", ""]
+    return [escape(a["job"]), _num(a["block"]), _num(a["round"]), escape(a["stage"])]
+
+
+def _work(n: dict[str, Any]) -> list[str]:
+    """rounds, updates, round seconds, rejected, bytes in / out, seen."""
+    c, r = n["counts"], n["round_s"]
+    if c is None:
+        return ["", "", "", "", "", "[dim]no telemetry[/]"]
+    times = "-"
+    if r["count"]:
+        times = f"{r['last_s']:.1f} / {r['total_s'] / r['count']:.1f}"
+    rejected = sum(n["rejections"].values())
+    updates = str(c["updates"]) if n["role"] == Role.AGGREGATOR.value else ""
+    return [str(c["rounds"]), updates, times,
+            f"[red]{rejected}[/]" if rejected else "0",
+            f"{human_bytes(c['bytes_in'])} / {human_bytes(c['bytes_out'])}",
+            f"{n['seen_s']:.0f} s ago"]
+
+
+def _num(v: int | None) -> str:
+    return "" if v is None else str(v)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
