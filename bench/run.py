@@ -2,8 +2,9 @@
 
     make bench            # or: .venv/bin/python bench/run.py
 
-1. Streaming aggregation: `WeightedSum.add` (scale + add into preallocated buffers)
-   against a bare `numpy.add` of the same vectors, as a bandwidth ratio (target ≥ 0.5).
+1. Streaming aggregation: `WeightedSum.add` against a bare `numpy.add` of the same vectors,
+   as a bandwidth ratio (target ≥ 0.5), with equal weights (one add per vector) and with a
+   different weight per vector (a fused scale-and-add over cache-sized chunks).
 2. Aggregation memory: peak traced memory of summing N = 10 vs N = 1000 updates (O(P)).
 3. Envelope decode: our zero-copy body parse against `safetensors.numpy.load` (copies),
    and the full verified decode (SHA-256 + Ed25519) per MB.
@@ -29,23 +30,26 @@ M = Metrics(samples=10)
 
 def bench_sum() -> None:
     print("## streaming aggregation (10 updates per run, best of 7)")
-    print(f"{'P':>10} {'numpy.add GB/s':>15} {'WeightedSum GB/s':>17} {'ratio':>6}")
+    print(f"{'P':>10} {'numpy.add GB/s':>15} {'equal w GB/s':>13} {'ratio':>6} "
+          f"{'varied w GB/s':>14} {'ratio':>6}")
     for p in SIZES:
         xs = [np.random.default_rng(i).random(p, dtype=np.float32) for i in range(10)]
         acc = np.zeros(p, np.float32)
-        ws = WeightedSum(p)
+        weights = [10.0] * 10, [float(7 + 3 * i) for i in range(10)]
 
         def baseline(xs: list = xs, acc: np.ndarray = acc) -> None:
             for x in xs:
                 np.add(acc, x, out=acc)
 
-        def ours(xs: list = xs, ws: WeightedSum = ws) -> None:
-            for x in xs:
-                ws.add(x, 10.0, M)
+        def ours(ws: list, acc: WeightedSum, xs: list = xs) -> None:
+            for x, w in zip(xs, ws, strict=True):
+                acc.add(x, w, M)
 
         nbytes = 10 * p * 4
-        b, o = nbytes / best(baseline) / 1e9, nbytes / best(ours) / 1e9
-        print(f"{p:>10} {b:>15.2f} {o:>17.2f} {o / b:>6.2f}")
+        b = nbytes / best(baseline) / 1e9
+        eq, var = (nbytes / best(lambda w=w, a=WeightedSum(p): ours(w, a)) / 1e9
+                   for w in weights)
+        print(f"{p:>10} {b:>15.2f} {eq:>13.2f} {eq / b:>6.2f} {var:>14.2f} {var / b:>6.2f}")
 
 
 def bench_memory() -> None:

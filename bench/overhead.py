@@ -1,0 +1,246 @@
+"""Round overhead, hfl against Flower 1.42, alternated in one run (issue 7, target 2).
+
+    .venv/bin/python bench/overhead.py                       # P = 1.66M, N ∈ {10, 50}
+    .venv/bin/python bench/overhead.py -P 100000 1663370 10000000 -N 10 50 100 --reps 2
+
+The same "model" of P float32 parameters, N clients that return a fixed delta (no
+training), FedAvg, 5 rounds; the figures are the median seconds per round and the server's
+peak RSS, and the server's CPU seconds per round (what the server itself spends, apart from
+the clients it shares this machine with). Runs alternate hfl, Flower, hfl, Flower… so
+both see the same machine load.
+
+- hfl: a real Mosquitto with TLS client certificates and the roster's ACL on loopback; the
+  coordinator and one aggregator in one process (the "server", whose peak RSS is
+  reported), the N agents as nodes of another process, each with its own MQTT
+  connection, envelopes signed and sealed as in a fleet; an app in this process requests
+  the job and notes when the job's status announces each new version, which the
+  coordinator publishes once the version is stored, exported to ONNX and sent (round 1
+  from the request, each later one from the version before). `--secagg` turns SecAgg+
+  on; `--no-tls` runs the broker without TLS (envelopes are still signed and sealed), to
+  show what TLS costs. The model is `logreg` (or `mnist-cnn`) shaped to hold exactly P
+  parameters, so the coordinator's ONNX export of each version is in hfl's time. The
+  agents' trainer returns the fixed delta.
+- Flower: bench/overhead_flower.py with Flower's own venv (created here on first use,
+  torch left out), its gRPC server on loopback and N NumPyClients as threads of one
+  process. hfl never imports Flower.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from aggregator.runner import aggregator_node  # noqa: E402
+from coordinator.runner import coordinator_node  # noqa: E402
+from edge_agent import runner as agent_runner  # noqa: E402
+from fleet.broker import free_port  # noqa: E402
+from fleet.inproc import FleetLayout, InProcessFleet  # noqa: E402
+from hfl.app import JobStatus  # noqa: E402
+from hfl.messages import Metrics  # noqa: E402
+from hfl.node import run_in_thread  # noqa: E402
+
+FLOWER = "flwr==1.42.0"
+FLOWER_VENV = HERE / ".venv-flower"
+SITE, DATASET, ROUNDS = "site-a", "bench", 5
+DELTA = 1e-3
+MNIST_CNN = 1_663_370
+
+
+def model_for(p: int) -> dict:
+    """An architecture of exactly p parameters: mnist-cnn, or logreg over a (1, a, b) input
+    with 10 classes (p = 10·a·b + 10)."""
+    if p == MNIST_CNN:
+        return {"arch": "mnist-cnn", "input_shape": (1, 28, 28), "num_classes": 10}
+    features, rest = divmod(p - 10, 10)
+    a = next((a for a in range(int(features**0.5), 0, -1) if features % a == 0), 1)
+    if rest or features // a > 4096:
+        raise SystemExit(f"P = {p}: want 10·a·b + 10 with a, b <= 4096")
+    return {"arch": "logreg", "input_shape": (1, a, features // a), "num_classes": 10}
+
+
+class FixedDelta:
+    """Stands in for the agents' trainer: the same delta every round, no training."""
+
+    delta: np.ndarray | None = None  # one array for all agents of the process
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        pass
+
+    def __call__(self, t: object) -> tuple[np.ndarray, Metrics]:
+        return self.delta, Metrics(samples=600)
+
+
+def _serve_until(stop: mp.synchronize.Event, nodes: list) -> None:
+    stop.wait()
+    for node, _ in nodes:
+        node.stop_event.set()
+    time.sleep(0.5)
+    for node, _ in nodes:
+        node.stop(timeout=5)
+
+
+def _server(fleet: InProcessFleet, ready: mp.synchronize.Event, stop: mp.synchronize.Event,
+            out: mp.Queue) -> None:
+    ids, s = fleet.identities, fleet.settings
+    coord, cm, registry = coordinator_node(ids["coordinator"], fleet.roster, s("coordinator"),
+                                           fleet.topics, fleet.workdir / "coordinator",
+                                           feed=fleet.feed(publish=True))
+    agg, am = aggregator_node(ids[SITE], fleet.roster, s(SITE), fleet.topics, feed=fleet.feed())
+    nodes = [(coord, cm), (agg, am)]
+    for node, machine in nodes:
+        node.start()
+        run_in_thread(node, machine, "server")
+    agents = set(fleet.layout.groups[SITE])
+    while not agents <= am.online:
+        time.sleep(0.05)
+    cpu = time.process_time()
+    ready.set()
+    _serve_until(stop, nodes)
+    registry.close()
+    out.put((time.process_time() - cpu, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+             {name: dict(node.rejections) for name, node in (("coordinator", coord), (SITE, agg))
+              if node.rejections}))
+
+
+def _clients(fleet: InProcessFleet, p: int, stop: mp.synchronize.Event) -> None:
+    FixedDelta.delta = np.full(p, DELTA, np.float32)
+    agent_runner.LocalTrainer = FixedDelta  # agent_node builds its trainer from this name
+    nodes = []
+    for agent in fleet.layout.groups[SITE]:
+        node, machine = agent_runner.agent_node(fleet.identities[agent], fleet.roster,
+                                                fleet.settings(agent), fleet.topics, SITE,
+                                                {DATASET: None}, device="cpu",
+                                                feed=fleet.feed())
+        node.start()
+        run_in_thread(node, machine, agent)
+        nodes.append((node, machine))
+    _serve_until(stop, nodes)
+
+
+def run_hfl(p: int, n: int, secagg: bool, tls: bool = True, timeout: float = 600) -> dict:
+    ctx = mp.get_context("fork")  # before any thread of ours: the children inherit the fleet
+    with tempfile.TemporaryDirectory(prefix="hfl-overhead-") as tmp:
+        layout = FleetLayout({SITE: {f"agent-{i + 1}": {} for i in range(n)}}, apps=("app",))
+        fleet = InProcessFleet(layout, Path(tmp), tls=tls)
+        fleet.enroll()
+        fleet.start_broker()
+        ready, stop, out = ctx.Event(), ctx.Event(), ctx.Queue()
+        procs = [ctx.Process(target=_server, args=(fleet, ready, stop, out)),
+                 ctx.Process(target=_clients, args=(fleet, p, stop))]
+        for proc in procs:
+            proc.start()
+        app, app_rejected = None, {}
+        try:
+            if not ready.wait(120):
+                raise RuntimeError("the aggregator did not see every agent online")
+            app = fleet.app("app", models=["bench"])
+            app.start()
+            spec = dict(name="bench", dataset=DATASET, aggregators=[SITE], rounds=ROUNDS,
+                        min_agents=n, deadline_s=300, secagg={"enabled": secagg},
+                        **model_for(p))
+            marks = [time.perf_counter()]
+            app.request(**spec)
+            for event in app.events(timeout):
+                if not isinstance(event, JobStatus) or event.meta.version < len(marks):
+                    continue
+                marks.append(time.perf_counter())
+                row = event.meta.history[-1]
+                if row["agents"] != n or row["dropped"]:
+                    raise RuntimeError(f"version {row['version']}: {row['agents']} agents, "
+                                       f"{row['dropped']} dropped; want {n}, 0")
+                if event.meta.version >= ROUNDS or event.finished:
+                    break
+        finally:
+            if app is not None:
+                app_rejected = dict(app.node.rejections)
+                app.stop()
+            stop.set()
+            for proc in procs:
+                proc.join(30)
+            fleet.broker.close()
+        cpu, rss, rejected = out.get(timeout=10)
+    if len(marks) != ROUNDS + 1:
+        raise RuntimeError(f"{len(marks) - 1} of {ROUNDS} versions in {timeout} s; "
+                           f"messages refused by the server: {rejected}, the app: {app_rejected}")
+    return {"rounds": [b - a for a, b in zip(marks, marks[1:], strict=False)], "cpu": cpu,
+            "peak_rss": rss}
+
+
+def flower_python() -> Path:
+    """Flower's venv: created with Flower pinned and without torch on first use."""
+    python = FLOWER_VENV / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(FLOWER_VENV)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", FLOWER], check=True)
+    return python
+
+
+def run_flower(p: int, n: int) -> dict:
+    python, script = str(flower_python()), str(HERE / "overhead_flower.py")
+    args = ["--port", str(free_port()), "-P", str(p), "-N", str(n), "--rounds", str(ROUNDS)]
+    server = subprocess.Popen([python, script, "server", *args], stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True)
+    time.sleep(2)  # the gRPC server listening; clients retry their connection anyway
+    clients = subprocess.Popen([python, script, "clients", *args],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        line, _ = server.communicate(timeout=600)
+    finally:
+        clients.kill()
+        clients.wait()
+    if server.returncode:
+        raise RuntimeError(f"Flower's server exited with {server.returncode}")
+    return json.loads(line.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("-P", type=int, nargs="+", default=[MNIST_CNN])
+    ap.add_argument("-N", type=int, nargs="+", default=[10, 50])
+    ap.add_argument("--reps", type=int, default=1, help="alternations per configuration")
+    ap.add_argument("--secagg", action="store_true", help="SecAgg+ on hfl's side")
+    ap.add_argument("--no-tls", action="store_true", help="hfl's broker without TLS")
+    args = ap.parse_args()
+    print(f"## round overhead ({platform.machine()}, {os.cpu_count()} cpus, {ROUNDS} rounds, "
+          f"hfl: {'SecAgg+' if args.secagg else 'plain'}, {'no ' * args.no_tls}TLS; "
+          f"load average {os.getloadavg()[0]:.1f})\n")
+    print("| P | N | hfl s/round | Flower s/round | hfl ÷ Flower | hfl server CPU s/round "
+          "| Flower server CPU s/round | hfl server MiB | Flower server MiB | load |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for p in args.P:
+        for n in args.N:
+            runs: dict[str, list[dict]] = {"hfl": [], "flower": []}
+            for _ in range(args.reps):
+                runs["hfl"].append(run_hfl(p, n, args.secagg, not args.no_tls))
+                runs["flower"].append(run_flower(p, n))
+            med = {k: statistics.median(t for r in v for t in r["rounds"])
+                   for k, v in runs.items()}
+            rss = {k: max(r["peak_rss"] for r in v) / 2**20 for k, v in runs.items()}
+            cpu = {k: statistics.mean(r["cpu"] for r in v) / ROUNDS for k, v in runs.items()}
+            print(f"| {p:,} | {n} | {med['hfl']:.3f} | {med['flower']:.3f} "
+                  f"| {med['hfl'] / med['flower']:.2f} | {cpu['hfl']:.3f} | {cpu['flower']:.3f} "
+                  f"| {rss['hfl']:.0f} "
+                  f"| {rss['flower']:.0f} | {os.getloadavg()[0]:.1f} |", flush=True)
+            for k, v in runs.items():
+                print(f"<!-- {k} rounds: "
+                      + "; ".join(" ".join(f"{t:.3f}" for t in r["rounds"]) for r in v)
+                      + " -->", flush=True)
+
+
+if __name__ == "__main__":
+    main()
