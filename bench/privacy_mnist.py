@@ -23,6 +23,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import platform
 import sys
 import time
@@ -30,20 +31,21 @@ from pathlib import Path
 
 import torch
 
+from coordinator.budget import sampling_rate
 from fleet.inproc import FleetLayout
 from fleet.memsim import MemFleet, MemRun
 from fleet.report import write_json
 from fleet.simulate import APP, DataSection, FleetSection, SimConfig, fleet_data
 from hfl.dp import adaptive_noise
 from hfl.messages import ModelSpec
+from hfl.privacy import epsilon
 
 HERE = Path(__file__).resolve().parent
 DELTA = 1e-5
 
 
 def config(args: argparse.Namespace) -> SimConfig:
-    per_group = args.agents // args.aggregators
-    sampled = math.ceil(args.client_fraction * per_group)
+    sampled = math.ceil(args.client_fraction * args.agents / args.aggregators)
     return SimConfig(
         fleet=FleetSection(aggregators=args.aggregators, agents=args.agents),
         data=DataSection(source="mnist", path=args.data, partition=args.partition,
@@ -62,7 +64,7 @@ def config(args: argparse.Namespace) -> SimConfig:
 def lines(args: argparse.Namespace) -> list[tuple[str, dict | None]]:
     """(label, the request's privacy section) of each job, the non-private one first."""
     dp = {"delta": DELTA, "clip": args.clip, "mode": "distributed"}
-    out: list[tuple[str, dict | None]] = [("non-private", None)]
+    out: list[tuple[str, dict | None]] = [("non-private", None)] if args.baseline else []
     out += [(f"eps={e:g}", {**dp, "epsilon": e}) for e in args.epsilons]
     if args.adaptive:
         top = max(args.epsilons)
@@ -72,7 +74,23 @@ def lines(args: argparse.Namespace) -> list[tuple[str, dict | None]]:
     return out
 
 
+def hierarchy_cost(run: MemRun, groups: int, group_size: int) -> dict:
+    """What the hierarchy costs a DP job: each of the G group sums carries N(0, z²S²), so the
+    global mean of G·m clipped updates carries std z·S·√G/(G·m) per coordinate - √G times a
+    flat fleet's at the same z. A flat fleet (one group, same sampling rate and rounds) would
+    reach that much noise with multiplier z·√G, and spend only `flat_epsilon_same_noise`."""
+    spec, z = run.spec, run.z
+    assert spec.privacy is not None and z is not None
+    q = sampling_rate(spec, group_size)
+    return {
+        "noise_std_on_mean_per_S": z * math.sqrt(groups) / (groups * spec.min_agents),
+        "flat_epsilon_same_noise": epsilon(z * math.sqrt(groups), len(run.rows),
+                                           spec.privacy.delta, q),
+    }
+
+
 def record(label: str, run: MemRun, fleet: MemFleet) -> dict:
+    groups = fleet.layout.groups
     last = run.rows[-1] if run.rows else None
     p = run.spec.privacy
     z_update, bounds = run.z, None
@@ -104,6 +122,8 @@ def record(label: str, run: MemRun, fleet: MemFleet) -> dict:
         "accuracy_per_round": [r.accuracy for r in run.rows],
         "epsilon_per_round": [r.epsilon for r in run.rows],
         "rejections": run.rejections,
+        **(hierarchy_cost(run, len(groups), len(next(iter(groups.values()))))
+           if p and run.rows else {}),
     }
 
 
@@ -141,17 +161,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--partition", choices=("iid", "shards"), default="iid")
     ap.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 2.0, 4.0, 8.0])
     ap.add_argument("--no-adaptive", dest="adaptive", action="store_false")
+    ap.add_argument("--no-baseline", dest="baseline", action="store_false",
+                    help="leave out the non-private job")
     ap.add_argument("--rounds", type=int, default=30)
-    ap.add_argument("--client-fraction", type=float, default=0.2, help="sampling rate q")
-    ap.add_argument("--clip", type=float, default=1.0, help="L2 bound S (initial if adaptive)")
+    ap.add_argument("--client-fraction", type=float, default=0.5, help="sampling rate q")
+    ap.add_argument("--clip", type=float, default=0.5, help="L2 bound S (initial if adaptive)")
     ap.add_argument("--target-quantile", type=float, default=0.5)
     ap.add_argument("--clip-lr", type=float, default=0.2)
     ap.add_argument("--epochs", type=int, default=5)
-    ap.add_argument("--batch-size", type=int, default=10)
-    ap.add_argument("--lr", type=float, default=0.05)
+    ap.add_argument("--batch-size", type=int, default=20)
+    ap.add_argument("--lr", type=float, default=0.1)
     ap.add_argument("--momentum", type=float, default=0.0)
     ap.add_argument("--server-lr", type=float, default=1.0)
-    ap.add_argument("--server-momentum", type=float, default=0.9)
+    ap.add_argument("--server-momentum", type=float, default=0.7)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     if args.quick:
@@ -159,12 +181,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("absl").setLevel(logging.ERROR)  # dp-accounting's convergence chatter
     torch.set_num_threads(1)  # batches of 10: a second thread buys nothing on 2 cores
 
-    cfg = config(args)
     t0 = time.perf_counter()
+    cfg = config(args)
     groups, test = fleet_data(cfg)
     fleet = MemFleet(FleetLayout(groups, apps=(APP,)))
-    print(f"fleet: {args.agents} agents under {args.aggregators} aggregators, "
-          f"{len(test)} test images, ready in {time.perf_counter() - t0:.1f} s", flush=True)
+    print(f"fleet: {args.agents} agents under {args.aggregators} aggregator(s), {len(test)} "
+          f"test images, ready in {time.perf_counter() - t0:.1f} s", flush=True)
     results = []
     for i, (label, privacy) in enumerate(lines(args)):
         spec = ModelSpec.model_validate({**cfg.spec(sorted(groups)).model_dump(),
@@ -181,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
               f"ε {r['epsilon']}, z {r['z']}, {r['seconds_per_round']} s/round", flush=True)
     doc = {
         "command": " ".join(["bench/privacy_mnist.py", *(argv or sys.argv[1:])]),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), "
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
+                   f"{torch.get_num_threads()} torch thread(s), "
                    f"python {platform.python_version()}, torch {torch.__version__}",
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},

@@ -35,10 +35,21 @@ from fleet.follow import RoundRow
 from fleet.inproc import FleetLayout
 from fleet.memnet import MemNet
 from hfl.actions import Send
+from hfl.envelope import Envelope
 from hfl.identity import Identity, Roster
-from hfl.messages import JobMeta, Kind, Metrics, ModelRequest, ModelSpec, Origin, Role, StatusMeta
+from hfl.messages import (
+    JobMeta,
+    Kind,
+    Metrics,
+    ModelRequest,
+    ModelSpec,
+    Origin,
+    Role,
+    StatusMeta,
+    parse_meta,
+)
 from hfl.models import build, unflatten_into
-from hfl.topics import Topics
+from hfl.topics import Route, Topics
 
 ENDED = ("done", "stopped", "failed")
 
@@ -49,12 +60,12 @@ class _App:
     def __init__(self) -> None:
         self.jobs: dict[str, JobMeta] = {}
 
-    def handle(self, env, route, now) -> list:
+    def handle(self, env: Envelope, route: Route, now: float) -> list:
         if env.type == Kind.JOB.value:
-            self.jobs[env.job] = JobMeta.model_validate(env.meta)
+            self.jobs[env.job] = parse_meta(JobMeta, env.meta)
         return []
 
-    def tick(self, now) -> list:
+    def tick(self, now: float) -> list:
         return []
 
 
@@ -75,6 +86,9 @@ class MemRun:
 
 
 class MemFleet:
+    """The coordinator, an app, the aggregators and their agents of `layout`, each with
+    its own identity, on one in-memory network; `run` asks for one job at a time."""
+
     tls = False  # no broker, so no TLS: every message is still signed, bodies sealed
 
     @property

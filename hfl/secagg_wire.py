@@ -150,7 +150,9 @@ def _blob(items: list[bytes]) -> dict[str, np.ndarray]:
     return {"blob": np.frombuffer(b"".join(items), np.uint8), "offsets": offsets}
 
 
-def _unblob(tensors: dict[str, np.ndarray], n: int, max_item: int = 4096) -> list[bytes]:
+def _unblob(tensors: dict[str, np.ndarray], n: int, max_item: int = 4096,
+            pick: np.ndarray | None = None) -> list[bytes]:
+    """The n items of a blob (or only those at the indices `pick`), all offsets checked."""
     offsets = expect_tensor(tensors, "offsets", np.int64, (n + 1,))
     blob = tensors.get("blob")
     if blob is None or blob.dtype != np.uint8 or blob.ndim != 1:
@@ -159,7 +161,8 @@ def _unblob(tensors: dict[str, np.ndarray], n: int, max_item: int = 4096) -> lis
     if offsets[0] != 0 or offsets[-1] != blob.size or (sizes <= 0).any() or (
             sizes > max_item).any():
         raise Rejected("bad-shape", "offsets do not cut the blob into items")
-    return [blob[offsets[k] : offsets[k + 1]].tobytes() for k in range(n)]
+    return [blob[offsets[k] : offsets[k + 1]].tobytes()
+            for k in (range(n) if pick is None else pick)]
 
 
 def shares_out(cts: dict[str, bytes]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -198,9 +201,10 @@ def routed_in(meta: dict[str, Any], tensors: dict[str, np.ndarray], me: str) -> 
         raise Rejected("bad-shape", "share index out of range")
     if me not in ids:
         return {}
+    # Every agent gets the whole table: copy out only its own k items, not all n·k.
     mine = np.flatnonzero(dst == ids.index(me))
-    items = _unblob(tensors, n)
-    return {ids[src[k]]: items[k] for k in mine}
+    items = _unblob(tensors, n, pick=mine)
+    return {ids[src[k]]: item for k, item in zip(mine, items, strict=True)}
 
 
 def unshares_out(shares: dict[str, int]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
