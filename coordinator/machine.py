@@ -332,7 +332,11 @@ class CoordinatorMachine:
         if job.spec.patience and job.since_best >= job.spec.patience:
             return out + self._end(job, "stopped", f"eval loss flat for {job.since_best} versions")
         more = self._start_block(job, now)
-        return out + more + ([self._status(job)] if job.state == "running" else [])
+        if job.state != "running":  # stopped by the budget: the version, then why it ended
+            return out + more
+        # The next block's tasks go out first: storing and exporting the version (ONNX) is
+        # the runner's slowest step, and the fleet need not wait for it.
+        return more + out + [self._status(job)]
 
     def _end(self, job: Job, state: str, reason: str) -> list[Action]:
         job.state, job.reason, job.acc = state, reason, None

@@ -116,6 +116,18 @@ def test_two_rounds_of_hierarchical_fedavg_match_the_weighted_mean() -> None:
     assert all(not net.rejections(p) for p in net.peers)
 
 
+def test_the_next_blocks_tasks_go_out_before_the_version_is_stored() -> None:
+    """Storing and exporting a version is slow I/O; the fleet's next block must not wait."""
+    net = build()
+    tasks_by_then: dict[int, list[int]] = {}  # version → task rounds already sent
+    net.handlers[NewVersion] = lambda _peer, v: tasks_by_then.__setitem__(
+        v.version, [s.round for _, s in net.sent if s.kind is Kind.TASK])
+    request(net, spec(rounds=2))
+    assert tasks_by_then[1].count(1) == len(GROUPS)  # block 2's tasks left before version 1
+    assert 2 not in tasks_by_then[2]  # the last version starts nothing
+    assert job_states(net)[-1] == "done"
+
+
 def test_kappa1_edge_rounds_then_sample_weighted_cloud_average() -> None:
     net = build()
     request(net, spec(kappa1=3, rounds=1))
