@@ -63,7 +63,7 @@ def config(args: argparse.Namespace) -> SimConfig:
 
 def lines(args: argparse.Namespace) -> list[tuple[str, dict | None]]:
     """(label, the request's privacy section) of each job, the non-private one first."""
-    dp = {"delta": DELTA, "clip": args.clip, "mode": "distributed"}
+    dp = {"delta": DELTA, "clip": args.clip, "mode": "distributed", "accountant": args.accountant}
     out: list[tuple[str, dict | None]] = [("non-private", None)] if args.baseline else []
     out += [(f"eps={e:g}", {**dp, "epsilon": e}) for e in args.epsilons]
     if args.adaptive:
@@ -164,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-baseline", dest="baseline", action="store_false",
                     help="leave out the non-private job")
     ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--accountant", choices=("rdp", "pld"), default="pld",
+                    help="PLD is the tighter bound: a smaller z for the same (ε, δ)")
     ap.add_argument("--client-fraction", type=float, default=0.5, help="sampling rate q")
     ap.add_argument("--clip", type=float, default=0.5, help="L2 bound S (initial if adaptive)")
     ap.add_argument("--target-quantile", type=float, default=0.5)
