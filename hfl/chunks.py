@@ -15,7 +15,7 @@ import math
 import mmap
 import os
 import struct
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 
 from hfl.errors import Rejected
@@ -107,16 +107,20 @@ class _Partial:
 
 
 class Reassembler:
-    """Collects chunks per (key, message id); holds at most `max_pending_bytes` of partials.
+    """Collects chunks per (key, message id); holds at most `max_pending_bytes` of partials
+    in all and `max_key_bytes` per key.
 
-    `key` is where the chunks came from (the topic), so a peer cannot complete or poison
-    another topic's message by reusing its id.
+    `key` is where the chunks came from (the topic, which names its only sender), so a peer
+    cannot complete or poison another topic's message by reusing its id, and a peer that
+    opens message after message evicts its own older partials, not the other senders'
+    uploads that arrive interleaved with it.
     """
 
-    def __init__(self, max_message: int, max_pending_bytes: int, max_pending: int = 256,
-                 ttl: float = 120.0) -> None:
+    def __init__(self, max_message: int, max_pending_bytes: int, max_pending: int = 4096,
+                 ttl: float = 120.0, max_key_bytes: int | None = None) -> None:
         self.max_message = max_message
         self.max_pending_bytes = max_pending_bytes
+        self.max_key_bytes = min(max_key_bytes or max_pending_bytes, max_pending_bytes)
         self.max_pending = max_pending
         self.ttl = ttl
         self.evicted = 0
@@ -124,6 +128,7 @@ class Reassembler:
         self._partials: OrderedDict[tuple[str, bytes], _Partial] = OrderedDict()  # oldest first
         self._done: OrderedDict[tuple[str, bytes], None] = OrderedDict()
         self._pending_bytes = 0
+        self._key_bytes: Counter[str] = Counter()
 
     @property
     def pending_bytes(self) -> int:
@@ -177,9 +182,13 @@ class Reassembler:
         return len(old)
 
     def _open(self, pid: tuple[str, bytes], frame: _Frame, now: float) -> _Partial:
-        if frame.total > self.max_pending_bytes:
+        key = pid[0]
+        if frame.total > self.max_key_bytes:
             raise Rejected("too-large", f"{frame.total} bytes > pending bound "
-                           f"{self.max_pending_bytes}")
+                           f"{self.max_key_bytes}")
+        while self._key_bytes[key] + frame.total > self.max_key_bytes:  # its own oldest first
+            self._drop(next(p for p in self._partials if p[0] == key))
+            self.evicted += 1
         while self._partials and (self._pending_bytes + frame.total > self.max_pending_bytes
                                   or len(self._partials) >= self.max_pending):
             self._drop(next(iter(self._partials)))
@@ -189,10 +198,15 @@ class Reassembler:
         part = _Partial(frame.count, frame.total, frame.size, now, mmap.mmap(-1, frame.total))
         self._partials[pid] = part
         self._pending_bytes += frame.total
+        self._key_bytes[pid[0]] += frame.total
         return part
 
     def _drop(self, pid: tuple[str, bytes]) -> None:
-        self._pending_bytes -= self._partials.pop(pid).total
+        total = self._partials.pop(pid).total
+        self._pending_bytes -= total
+        self._key_bytes[pid[0]] -= total
+        if not self._key_bytes[pid[0]]:
+            del self._key_bytes[pid[0]]
 
     def _remember_done(self, pid: tuple[str, bytes]) -> None:
         self._done[pid] = None

@@ -39,7 +39,7 @@ MAGIC = b"HFL1"
 VERSION = 1
 SIGNATURE_LEN = 64
 MAX_HEADER = 64 * 1024
-DEFAULT_MAX_MESSAGE = 64 * 1024 * 1024
+DEFAULT_MAX_MESSAGE = 128 * 1024 * 1024  # a 16M-parameter version: its tensors and ONNX
 
 _PREFIX = len(MAGIC) + 4  # magic and the u32 header length
 

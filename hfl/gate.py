@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("hfl.gate")
 
 SEEN_CAPACITY = 100_000  # (sender, nonce) pairs remembered to drop exact repeats
+PENDING_BYTES = 1 << 30  # incomplete chunked messages held in all, at least
 
 
 class Gate:
@@ -45,9 +46,11 @@ class Gate:
         self.counters: Counter[str] = Counter()
         self.rejections: Counter[str] = Counter()
         self._seen: OrderedDict[tuple[str, str], None] = OrderedDict()
+        # Partials are mapped lazily (they cost what has arrived), so the bounds can leave room
+        # for every sender's upload at once; one sender holds at most a message and a retry.
         self._reassembler = Reassembler(
-            max_message=max_message, max_pending_bytes=max(4 * max_message, 64 << 20)
-        )
+            max_message=max_message, max_pending_bytes=max(16 * max_message, PENDING_BYTES),
+            max_key_bytes=2 * max_message)
         self._evicted = 0  # evictions counted so far
 
     def accept(self, topic: str, payload: bytes, now: float) -> tuple[Envelope, Route] | None:

@@ -160,6 +160,34 @@ def test_evicts_oldest_first() -> None:
     assert [bytes(o) for o in feed_all(r, frames[2][1:])] == [msgs[2]]  # type: ignore[arg-type]
 
 
+def test_a_sender_flooding_partials_evicts_only_its_own() -> None:
+    r = Reassembler(max_message=1 << 20, max_pending_bytes=100_000, max_key_bytes=25_000)
+    honest = os.urandom(10_000)
+    frames = split(honest, 4000, msg_id=b"h" * 16)
+    r.feed("updates/honest", frames[0], 0.0)
+    for i in range(20):  # first chunks of messages that never complete, on one topic
+        r.feed("updates/flood", split(bytes(10_000), 4000, msg_id=bytes([i]) * 16)[0], 1.0)
+    assert r.evicted == 18 and r.pending == 3  # the flood keeps its 2 newest
+    assert [bytes(o) for o in feed_all(r, frames[1:], "updates/honest")] == [honest]  # type: ignore[arg-type]
+    with pytest.raises(Rejected, match="too-large"):
+        r.feed("updates/flood", split(bytes(30_000), 4000, msg_id=b"x" * 16)[0], 2.0)
+
+
+def test_interleaved_uploads_of_many_senders_all_complete() -> None:
+    """The whole round arrives at once: each sender's message stays whole however many send."""
+    r = Reassembler(max_message=1 << 20, max_pending_bytes=10 * 50_000,
+                    max_key_bytes=2 * 50_000)
+    msgs = {f"updates/a{i}": os.urandom(50_000) for i in range(10)}
+    frames = {k: split(m, 5000, msg_id=os.urandom(16)) for k, m in msgs.items()}
+    done = {}
+    for j in range(len(frames["updates/a0"])):  # chunk j of every sender, then chunk j+1
+        for k, fs in frames.items():
+            out = r.feed(k, fs[j], 0.0)
+            if out is not None:
+                done[k] = bytes(out)
+    assert done == msgs and r.evicted == 0 and r.pending_bytes == 0
+
+
 def test_expire_drops_old_partials() -> None:
     r = Reassembler(max_message=1 << 20, max_pending_bytes=1 << 20, ttl=10.0)
     old = split(os.urandom(3000), 1000, msg_id=b"a" * 16)
