@@ -34,7 +34,7 @@ import torch
 from coordinator.budget import sampling_rate
 from fleet.inproc import FleetLayout
 from fleet.memsim import MemFleet, MemRun
-from fleet.report import write_json
+from fleet.report import plot_curves, write_json
 from fleet.simulate import APP, DataSection, FleetSection, SimConfig, fleet_data
 from hfl.dp import adaptive_noise
 from hfl.messages import ModelSpec
@@ -128,26 +128,12 @@ def record(label: str, run: MemRun, fleet: MemFleet) -> dict:
 
 
 def plot(results: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5))
+    curves = {}
     for r in results:
-        xs = range(1, len(r["accuracy_per_round"]) + 1)
         name = r["label"] if r["epsilon"] is None else (
             f"{r['label']} (spent {r['epsilon']:.2f}, z = {r['z']:.2f})")
-        ax.plot(xs, r["accuracy_per_round"], label=f"{name}: {r['accuracy']:.3f}")
-    ax.axhline(0.92, color="grey", linestyle=":", label="Geyer et al. 2017, ε = 8: ~0.92")
-    ax.set(xlabel="global round", ylabel="MNIST test accuracy (10,000 images)", ylim=(0, 1))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+        curves[f"{name}: {r['accuracy']:.3f}"] = r["accuracy_per_round"]
+    plot_curves(curves, path, title, (0.92, "Geyer et al. 2017, ε = 8: ~0.92"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -64,3 +64,24 @@ def plot_epsilon(curve: list[float], path: Path, title: str) -> Path:
     ax.set(xlabel="global round (model version)", ylabel="ε spent (worst case over agents)")
     ax.grid(alpha=0.3)
     return _save(fig, path, title)
+
+
+def plot_curves(curves: dict[str, list[float]], path: Path, title: str,
+                reference: tuple[float, str] | None = None,
+                ylim: tuple[float, float] = (0, 1)) -> Path:
+    """Test accuracy per global round, one line per label (the benchmarks' plots), with an
+    optional horizontal reference (a target or a paper's figure) and its label."""
+    fig, ax = _pyplot().subplots(figsize=(8, 5))
+    for label, ys in curves.items():
+        ax.plot(range(1, len(ys) + 1), ys, label=label)
+    if reference is not None:
+        ax.axhline(reference[0], color="grey", linestyle=":", label=reference[1])
+    ax.set(xlabel="global round", ylabel="MNIST test accuracy (10,000 images)", ylim=ylim)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    _pyplot().close(fig)
+    return Path(path)
