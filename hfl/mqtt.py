@@ -171,6 +171,9 @@ class Session:
 
     def stop(self) -> None:
         """Disconnect cleanly (so the Last Will does not fire) and stop the network thread."""
+        # paho's thread may run its loop once more on the closed socket and log that as an
+        # error ("Client is not connected"): a stop is not a fault, so its logger goes first.
+        self._client.disable_logger()
         self._client.disconnect()
         self._client.loop_stop()
         self.connected = False
