@@ -49,6 +49,7 @@ from hfl.messages import (
     expect_tensor,
     parse_meta,
 )
+from hfl.quantize import dequantize_int8
 from hfl.state import Record
 from hfl.topics import Route, Topics
 
@@ -59,6 +60,17 @@ if TYPE_CHECKING:
 # After a restart, an open round gets at least this long past its old deadline to take in
 # the messages the broker kept for us while we were down.
 RESUME_GRACE_S = 5.0
+
+
+def update_delta(tensors: dict[str, np.ndarray], spec: ModelSpec, num_params: int) -> np.ndarray:
+    """A plain update's float32 delta: as sent, or dequantized from int8 levels and a scale."""
+    if spec.compression != "int8":
+        return expect_tensor(tensors, "delta", np.float32, (num_params,))
+    q = expect_tensor(tensors, "delta_q", np.int8, (num_params,))
+    scale = expect_tensor(tensors, "scale", np.float32, (1,))
+    if not scale[0] >= 0:  # finite is checked on decode; a negative scale mirrors the update
+        raise Rejected("bad-meta", f"int8 scale {scale[0]} < 0")
+    return dequantize_int8(q, scale)
 
 
 def round_id(spec: ModelSpec, block: int, edge_round: int, attempt: int) -> int:
@@ -302,7 +314,7 @@ class AggregatorMachine:
         if env.sender in ej.senders:
             return [Note("duplicate", {"job": ej.job, "round": ej.round, "agent": env.sender})]
         meta = parse_meta(UpdateMeta, env.meta)
-        delta = expect_tensor(env.tensors, "delta", np.float32, (ej.num_params,))
+        delta = update_delta(env.tensors, ej.spec, ej.num_params)
         if meta.metrics.samples <= 0:
             raise Rejected("bad-meta", "an update needs samples > 0")
         # DP-FedAvg counts every agent once: the sensitivity analysis assumes weights of 1.

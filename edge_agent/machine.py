@@ -33,6 +33,7 @@ from hfl.messages import (
     expect_tensor,
     parse_meta,
 )
+from hfl.quantize import quantize_int8
 from hfl.topics import Route, Topics
 
 if TYPE_CHECKING:
@@ -64,6 +65,7 @@ class AgentMachine:
         self.specs: dict[str, ModelSpec] = {}  # per job: the spec of its newest round
         self.secure: dict[str, SecureClient] = {}  # per job: the secure round under way
         self.noise = NoiseSource()  # DP noise shares, from a secret seed
+        self.rounding = np.random.default_rng()  # stochastic rounding of int8 updates
 
     def handle(self, env: Envelope, route: Route, now: float) -> list[Action]:
         if env.type != Kind.ROUND.value:
@@ -155,7 +157,10 @@ class AgentMachine:
         if sc is not None and sc.round == round:
             return sc.trained(delta, metrics, clip_bit or 0.0)
         meta = UpdateMeta(metrics=metrics, clip_bit=clip_bit)
+        tensors: dict[str, np.ndarray] = {"delta": delta}
+        if self.specs[job].compression == "int8":  # after clip and noise: post-processing
+            q, scale = quantize_int8(np.asarray(delta, np.float32).reshape(-1), self.rounding)
+            tensors = {"delta_q": q, "scale": scale}
         send = Send(Kind.UPDATE, self.topics.update(self.aggregator, self.id), job, round,
-                    "update", meta.model_dump(mode="json"), {"delta": delta},
-                    to=(self.aggregator,))
+                    "update", meta.model_dump(mode="json"), tensors, to=(self.aggregator,))
         return [send, Note("update_sent", {"job": job, "round": round})]

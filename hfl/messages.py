@@ -178,6 +178,9 @@ class ModelSpec(_Strict):
     seed: int = Field(default=0, ge=0, lt=2**31)
     secagg: SecureSpec = SecureSpec()
     privacy: PrivacySpec | None = None
+    compression: Literal["none", "int8"] = Field(
+        default="none", description="int8: each update travels as int8 levels and one scale, "
+        "stochastically rounded (about P bytes instead of 4P); plain rounds only")
 
     def sample_size(self, candidates: int) -> int:
         """Agents an edge round selects among `candidates`: ⌈C·n⌉, at least the quorum."""
@@ -202,6 +205,13 @@ class ModelSpec(_Strict):
         if any(d < 1 or d > 4096 for d in v):
             raise ValueError("input_shape dimensions must be in 1..4096")
         return v
+
+    @model_validator(mode="after")
+    def _compression_is_plain(self) -> ModelSpec:
+        if self.compression != "none" and self.secagg.enabled:
+            raise ValueError(f"compression {self.compression!r} needs secagg.enabled = false: "
+                             "SecAgg+ masks fixed-point inputs in a 32-bit ring")
+        return self
 
 
 class ModelRequest(_Strict):
