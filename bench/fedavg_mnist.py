@@ -45,6 +45,8 @@ def one_run(args: argparse.Namespace, lr: float) -> dict:
     cfg.fleet.agents, cfg.timeout = args.agents, args.rounds * 900
     cfg.model.update(lr=lr, rounds=args.rounds, min_agents=max(1, round(
         cfg.model["client_fraction"] * args.agents / cfg.fleet.aggregators)))
+    if args.int8:  # int8 updates are for plain rounds: SecAgg+ masks 32-bit fixed point
+        cfg.model.update(compression="int8", secagg={"enabled": False})
     rows: list[RoundRow] = []
     stamps: list[float] = []
 
@@ -90,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, help="at most (default: the paper's figure)")
     ap.add_argument("--target", type=float, default=0.99)
     ap.add_argument("--agents", type=int, default=100)
+    ap.add_argument("--int8", action="store_true",
+                    help="int8 update compression (SecAgg+ off): its accuracy cost")
     ap.add_argument("--quick", action="store_true", help="60 agents, 2 rounds, one lr")
     args = ap.parse_args(argv)
     paper = PAPER_ROUNDS[args.partition]
@@ -116,13 +120,14 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": round(time.perf_counter() - t0, 1),
         "results": results,
     }
-    name = f"fedavg_mnist_{args.partition}"
+    name = f"fedavg_mnist_{args.partition}{'_int8' if args.int8 else ''}"
     write_json(args.out / f"{name}.json", doc)
     curves = {f"lr {r['lr']:g}: {args.target:.0%} at round {r['rounds_to_target']}":
               r["accuracy_per_round"] for r in results}
     plot_curves(curves, args.out / f"{name}.png",
                 f"FedAvg MNIST CNN through hfl ({args.partition}, {args.agents} agents, "
-                f"2 aggregators, SecAgg+, C = 0.1, E = 5, B = 10); paper: {paper} rounds",
+                f"2 aggregators, {'int8, no SecAgg+' if args.int8 else 'SecAgg+'}, "
+                f"C = 0.1, E = 5, B = 10); paper: {paper} rounds",
                 (args.target, f"target {args.target:.0%}"), ylim=(0.9, 1.0))
     print(json.dumps([{k: r[k] for k in ("lr", "rounds_to_target", "best_accuracy",
                                          "seconds_per_round_median")} for r in results]))
