@@ -77,6 +77,7 @@ def plot_curves(curves: dict[str, list[float]], path: Path, title: str,
     if reference is not None:
         ax.axhline(reference[0], color="grey", linestyle=":", label=reference[1])
     ax.set(xlabel="global round", ylabel="MNIST test accuracy (10,000 images)", ylim=ylim)
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.suptitle(title, fontsize=10)
