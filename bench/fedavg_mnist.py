@@ -21,6 +21,7 @@ import platform
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -38,7 +39,9 @@ class Reached(Exception):
     """The target accuracy was reached: the run stops there."""
 
 
-def one_run(args: argparse.Namespace, lr: float) -> dict:
+def one_run(args: argparse.Namespace, lr: float, save: Callable[[dict], None]) -> dict:
+    """Train with learning rate `lr` until the target or `--rounds`; `save` gets the result
+    so far after every round, so a run cut short still leaves its curve."""
     cfg = load_sim_config(SETTING)
     cfg.data.path = args.data
     cfg.data.partition = args.partition
@@ -49,16 +52,32 @@ def one_run(args: argparse.Namespace, lr: float) -> dict:
         cfg.model.update(compression="int8", secagg={"enabled": False})
     rows: list[RoundRow] = []
     stamps: list[float] = []
+    t0 = time.perf_counter()
+
+    def result(ended: str) -> dict:
+        gaps = sorted(b - a for a, b in zip([t0, *stamps[:-1]], stamps, strict=True))
+        return {
+            "lr": lr,
+            "ended": ended,
+            "rounds_to_target": next((r.round for r in rows if r.accuracy >= args.target),
+                                     None),
+            "rounds_run": len(rows),
+            "best_accuracy": max((r.accuracy for r in rows), default=None),
+            "accuracy_per_round": [r.accuracy for r in rows],
+            "agents_per_round": [r.agents for r in rows],
+            "seconds": round(time.perf_counter() - t0, 1),
+            "seconds_per_round_median": round(gaps[len(gaps) // 2], 1) if gaps else None,
+        }
 
     def on_row(row: RoundRow) -> None:
         rows.append(row)
         stamps.append(time.perf_counter())
         print(f"  lr {lr:g} round {row.round}: accuracy {row.accuracy:.4f} "
               f"({row.agents} agents)", flush=True)
+        save(result("running"))
         if row.accuracy >= args.target:
             raise Reached
 
-    t0 = time.perf_counter()
     ended = "target reached"
     with tempfile.TemporaryDirectory(prefix="hfl-fedavg-") as work:
         try:
@@ -66,19 +85,7 @@ def one_run(args: argparse.Namespace, lr: float) -> dict:
             ended = "; ".join(f"{s.meta.state}: {s.meta.reason}" for s in outcome.status.values())
         except Reached:
             pass
-    reached = next((r.round for r in rows if r.accuracy >= args.target), None)
-    gaps = [b - a for a, b in zip([t0, *stamps[:-1]], stamps, strict=True)]
-    return {
-        "lr": lr,
-        "ended": ended,
-        "rounds_to_target": reached,
-        "rounds_run": len(rows),
-        "best_accuracy": max((r.accuracy for r in rows), default=None),
-        "accuracy_per_round": [r.accuracy for r in rows],
-        "agents_per_round": [r.agents for r in rows],
-        "seconds": round(time.perf_counter() - t0, 1),
-        "seconds_per_round_median": round(sorted(gaps)[len(gaps) // 2], 1) if gaps else None,
-    }
+    return result(ended)
 
 
 def plot(doc: dict, path: Path) -> None:
@@ -118,13 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         args.agents, args.rounds, args.lrs = 60, 2, args.lrs[:1]  # SecAgg+ needs 3 a group
 
     t0 = time.perf_counter()
-    results = []
-    for lr in args.lrs:
-        results.append(one_run(args, lr))
-        r = results[-1]
-        print(f"lr {lr:g}: {args.target:.0%} at round {r['rounds_to_target']} (best "
-              f"{r['best_accuracy']} in {r['rounds_run']} rounds, {r['ended']}), "
-              f"{r['seconds_per_round_median']} s/round", flush=True)
+    name = f"fedavg_mnist_{args.partition}{'_int8' if args.int8 else ''}"
     doc = {
         "command": " ".join(["bench/fedavg_mnist.py", *(argv or sys.argv[1:])]),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
@@ -133,11 +134,21 @@ def main(argv: list[str] | None = None) -> int:
         "setting": str(SETTING.relative_to(HERE.parent)),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "paper_rounds": paper,
-        "seconds": round(time.perf_counter() - t0, 1),
-        "results": results,
     }
-    name = f"fedavg_mnist_{args.partition}{'_int8' if args.int8 else ''}"
-    write_json(args.out / f"{name}.json", doc)
+    results: list[dict] = []
+
+    def save(current: dict | None = None) -> None:
+        doc.update(seconds=round(time.perf_counter() - t0, 1),
+                   results=results + ([current] if current else []))
+        write_json(args.out / f"{name}.json", doc)
+
+    for lr in args.lrs:
+        results.append(one_run(args, lr, save))
+        r = results[-1]
+        print(f"lr {lr:g}: {args.target:.0%} at round {r['rounds_to_target']} (best "
+              f"{r['best_accuracy']} in {r['rounds_run']} rounds, {r['ended']}), "
+              f"{r['seconds_per_round_median']} s/round", flush=True)
+    save()
     plot(doc, args.out / f"{name}.png")
     print(json.dumps([{k: r[k] for k in ("lr", "rounds_to_target", "best_accuracy",
                                          "seconds_per_round_median")} for r in results]))
