@@ -78,32 +78,33 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK  # utime, stime (fields 14, 15)
 
 
-def peak_rss_mib(pid: int) -> float:
+def memory_mib(pid: int, field: str) -> float:
+    """A memory figure of /proc/PID/status: VmRSS (now) or VmHWM (peak)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
 
 class Probe:
-    """CPU seconds of every process at named moments, and their peak RSS at the end."""
+    """CPU seconds and RSS of every process at named moments, their peak RSS at the end."""
 
     def __init__(self) -> None:
         self.pids: dict[str, int] = {}  # name → pid; names say the kind: "agg:agg03"
-        self.marks: list[tuple[str, float, dict[str, float]]] = []
+        self.cpu_at: dict[str, dict[str, float]] = {}
+        self.rss_at: dict[str, dict[str, float]] = {}
         self.peak: dict[str, float] = {}
 
     def mark(self, label: str) -> None:
-        self.marks.append((label, time.monotonic(),
-                           {n: cpu_s(p) for n, p in self.pids.items()}))
+        self.cpu_at[label] = {n: cpu_s(p) for n, p in self.pids.items()}
+        self.rss_at[label] = {n: memory_mib(p, "VmRSS") for n, p in self.pids.items()}
 
     def take_peaks(self) -> None:
-        self.peak = {n: peak_rss_mib(p) for n, p in self.pids.items()}
+        self.peak = {n: memory_mib(p, "VmHWM") for n, p in self.pids.items()}
 
     def cpu(self, since: str, until: str) -> dict[str, float]:
         """CPU seconds each process spent between two marks (0 for one started later)."""
-        at = {label: cpu for label, _, cpu in self.marks}
-        return {n: at[until][n] - at[since].get(n, 0.0) for n in at[until]}
+        return {n: c - self.cpu_at[since].get(n, 0.0) for n, c in self.cpu_at[until].items()}
 
 
 def by_kind(values: dict[str, float]) -> dict[str, dict[str, float]]:
@@ -359,6 +360,11 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
                         for t in tallies.values()) - n * (len(aggs) + 1)
     broker_msgs = agents_rounds["mqtt_published"] + agents_rounds["mqtt_received"] + services_msgs
     report["broker_messages_per_round"] = broker_msgs / rounds_done
+    report["broker_bytes_per_round"] = (
+        agents_rounds["bytes_sent"] + agents_rounds["mqtt_bytes_received"]
+        + sum(t["node"].get("bytes_sent", 0) + t["mqtt"].get("bytes_received", 0)
+              for t in tallies.values())) / rounds_done
+    report["unit_costs"] = unit_costs(report, probe, n)
     report["rejected"] = {i: t["rejected"] for i, t in tallies.items() if t["rejected"]}
     report["checks"] = {
         "finished": finished and set(final.values()) == {"done"},
@@ -369,6 +375,33 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
     }
     report["load_after"] = os.getloadavg()
     return report
+
+
+def unit_costs(r: dict, probe: Probe, n: int) -> dict:
+    """What the extrapolation scales: the costs per connection and per agent and round. The
+    rounds after the first are the steady state (the first also warms up)."""
+    steady = r["cpu_s"]["per_round"][1:] or r["cpu_s"]["per_round"]
+    wall = r["round_s"][1:] or r["round_s"]
+
+    def per_round(kind: str, how: str = "sum") -> float:
+        return statistics.mean(rnd[kind][how] for rnd in steady)
+
+    connect = r["cpu_s"]["connect"]
+    broker_rss = probe.rss_at["connected"]["broker"] - probe.rss_at["services"]["broker"]
+    return {
+        "round_s": statistics.mean(wall),
+        "broker_cpu_ms_per_connection": 1e3 * connect["broker"]["sum"] / n,
+        "broker_rss_kib_per_connection": 1024 * broker_rss / n,
+        "broker_cpu_ms_per_agent_round": 1e3 * per_round("broker") / n,
+        "broker_cpu_us_per_message": 1e6 * per_round("broker") / r["broker_messages_per_round"],
+        "broker_cpu_ms_per_mib": 1e3 * per_round("broker")
+                                 / (r["broker_bytes_per_round"] / 2**20),
+        "aggregator_cpu_s_per_round": per_round("agg", "max"),
+        "aggregator_cpu_ms_per_agent_round": 1e3 * per_round("agg") / n,
+        "coordinator_cpu_s_per_round": per_round("coordinator"),
+        "agent_cpu_ms_per_round": 1e3 * per_round("agents") / n,
+        "agent_connect_cpu_ms": 1e3 * connect["agents"]["sum"] / n,
+    }
 
 
 def show(r: dict) -> None:
@@ -402,11 +435,17 @@ def show(r: dict) -> None:
         extra = (f" (max {c['max']:.1f} | {d['max']:.1f}, peak max {m['max']:.0f}, "
                  f"{c['n']} processes)" if c["n"] > 1 else "")
         print(f"  {kind:12s} {c['sum']:7.1f} | {d['sum']:7.1f}   {m['sum']:7.0f}{extra}")
+    print("per round: wall s | CPU s broker, coordinator, aggregators (sum / max), agents")
+    for wall, c in zip(r["round_s"], cpu["per_round"], strict=False):
+        print(f"  {wall:6.1f} | {c['broker']['sum']:5.2f} {c['coordinator']['sum']:5.2f} "
+              f"{c['agg']['sum']:6.2f} / {c['agg']['max']:5.2f} {c['agents']['sum']:6.1f}")
     pa = r["per_agent_per_round"]
     print(f"per agent per round: {pa['bytes_sent'] / 1024:.1f} KiB sent in "
           f"{pa['messages_sent']:.1f} messages, {pa['bytes_received'] / 1024:.1f} KiB "
           f"received in {pa['messages_received']:.1f}")
-    print(f"broker: {r['broker_messages_per_round']:.0f} messages per round (in + out)")
+    print(f"broker: {r['broker_messages_per_round']:.0f} messages, "
+          f"{r['broker_bytes_per_round'] / 2**20:.1f} MiB per round (in + out)")
+    print("unit costs: " + ", ".join(f"{k} {v:.3g}" for k, v in r["unit_costs"].items()))
     print(f"checks: {r['checks']}")
 
 
