@@ -78,6 +78,13 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK  # utime, stime (fields 14, 15)
 
 
+def busy_s() -> float:
+    """CPU seconds the whole machine spent busy so far (every core, every process)."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    idle = int(fields[3]) + int(fields[4])  # idle, iowait
+    return (sum(int(f) for f in fields[:8]) - idle) / TICK
+
+
 def memory_mib(pid: int, field: str) -> float:
     """A memory figure of /proc/PID/status: VmRSS (now) or VmHWM (peak)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -92,11 +99,14 @@ class Probe:
     def __init__(self) -> None:
         self.pids: dict[str, int] = {}  # name → pid; names say the kind: "agg:agg03"
         self.cpu_at: dict[str, dict[str, float]] = {}
+        self.wall: dict[str, float] = {}
         self.rss_at: dict[str, dict[str, float]] = {}
         self.peak: dict[str, float] = {}
 
     def mark(self, label: str) -> None:
+        self.wall[label] = time.monotonic()
         self.cpu_at[label] = {n: cpu_s(p) for n, p in self.pids.items()}
+        self.cpu_at[label]["machine"] = busy_s()  # everything, the benchmark's own included
         self.rss_at[label] = {n: memory_mib(p, "VmRSS") for n, p in self.pids.items()}
 
     def take_peaks(self) -> None:
@@ -236,6 +246,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
 
     probe = Probe()
     probe.pids["broker"] = broker.pid  # type: ignore[assignment]
+    probe.pids["bench"] = os.getpid()  # this process: the observer and the app
     clock = StageClock()
     observer = Session("ops", settings("ops"), inbox=clock,  # type: ignore[arg-type]
                        subscriptions=[pattern(topics.status, ANY, ANY),
@@ -338,6 +349,11 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
             [f"v{r.round}" for _, r in versions], strict=False)],
     }
     report["peak_rss_mib"] = by_kind(probe.peak)
+    # What else ran meanwhile: the machine's busy CPU minus the fleet's own processes.
+    rounds_cpu = probe.cpu("request", "end")
+    fleet_cpu = sum(v for k, v in rounds_cpu.items() if k != "machine")
+    report["other_cpu_share_in_rounds"] = (rounds_cpu["machine"] - fleet_cpu) / (
+        (probe.wall["end"] - probe.wall["request"]) * (os.cpu_count() or 1))
     rounds_done = max(len(versions), 1)
     agents_rounds = Counter({k: v - at_ready.get(k, 0) for k, v in agent_tally.items()})
     report["per_agent_per_round"] = {
@@ -408,7 +424,9 @@ def show(r: dict) -> None:
     cpu, peak = r["cpu_s"], r["peak_rss_mib"]
     print(f"\n## {r['agents']} agents, {r['aggregators']} aggregators ({r['group']} each), "
           f"SecAgg+ and DP (distributed), TLS {'on' if r['tls'] else 'off'}")
-    print(f"load average before {r['load_before'][0]:.2f}, after {r['load_after'][0]:.2f}")
+    print(f"load average before {r['load_before'][0]:.2f}, after {r['load_after'][0]:.2f}; "
+          f"other processes used {100 * r['other_cpu_share_in_rounds']:.0f} % of the machine's "
+          "CPU during the rounds")
     print(f"PKI + broker {r['issue_s']:.1f} s; services online {r['services_up_s']:.1f} s")
     print(f"connect: all {r['agents']} agents {r['connect_s']:.1f} s (processes: "
           f"{', '.join(f'{s:.1f}' for s in r['connect_per_process_s'])} s), "
