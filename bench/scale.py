@@ -381,6 +381,8 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
         + sum(t["node"].get("bytes_sent", 0) + t["mqtt"].get("bytes_received", 0)
               for t in tallies.values())) / rounds_done
     report["unit_costs"] = unit_costs(report, probe, n)
+    if args.extrapolate:
+        report["extrapolation"] = extrapolate(report, args.extrapolate)
     report["rejected"] = {i: t["rejected"] for i, t in tallies.items() if t["rejected"]}
     report["checks"] = {
         "finished": finished and set(final.values()) == {"done"},
@@ -417,6 +419,31 @@ def unit_costs(r: dict, probe: Probe, n: int) -> dict:
         "coordinator_cpu_s_per_round": per_round("coordinator"),
         "agent_cpu_ms_per_round": 1e3 * per_round("agents") / n,
         "agent_connect_cpu_ms": 1e3 * connect["agents"]["sum"] / n,
+    }
+
+
+def extrapolate(r: dict, boards: int) -> dict:
+    """This run's costs scaled to `boards` agents in groups of the same size: at a fixed
+    group size (and so degree k) every cost per agent and per group stays what it was, and
+    the fleet is boards / group such groups. The broker's work is this one Mosquitto's,
+    per core; a cluster divides it among its nodes (see bench/RESULTS.md for the method)."""
+    u, n, group = r["unit_costs"], r["agents"], r["group"]
+    routed = r["secagg_stages"][-1]["kib"]["routed"] * 1024 if r["secagg_stages"] else 0.0
+    k = routed / 173 / group if group else 0.0  # 173 B per routed share entry (measured)
+    groups = boards / group
+    return {
+        "boards": boards, "group": group, "aggregators": groups,
+        "broker_connections_gib": boards * u["broker_rss_kib_per_connection"] / 2**20,
+        "broker_reconnect_storm_core_s": boards * u["broker_cpu_ms_per_connection"] / 1e3,
+        "broker_messages_per_round": boards * r["broker_messages_per_round"] / n,
+        "broker_gib_per_round": boards * r["broker_bytes_per_round"] / n / 2**30,
+        "broker_core_s_per_round": boards * u["broker_cpu_ms_per_agent_round"] / 1e3,
+        "aggregators_core_s_per_round": groups * u["aggregator_cpu_s_per_round"],
+        # An upper bound: all of the coordinator's CPU counted as if per partial.
+        "coordinator_s_per_round": groups / r["aggregators"] * u["coordinator_cpu_s_per_round"],
+        # Were each agent sent only its own k shares rather than the whole routed table:
+        "agent_kib_down_per_round_own_shares":
+            (r["per_agent_per_round"]["bytes_received"] - routed + 173 * k) / 1024,
     }
 
 
@@ -464,6 +491,9 @@ def show(r: dict) -> None:
     print(f"broker: {r['broker_messages_per_round']:.0f} messages, "
           f"{r['broker_bytes_per_round'] / 2**20:.1f} MiB per round (in + out)")
     print("unit costs: " + ", ".join(f"{k} {v:.3g}" for k, v in r["unit_costs"].items()))
+    if "extrapolation" in r:
+        print("linear extrapolation: " + ", ".join(
+            f"{k} {v:.3g}" for k, v in r["extrapolation"].items()))
     print(f"checks: {r['checks']}")
 
 
@@ -479,6 +509,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--per-process", type=int, default=250, help="agents per process")
     ap.add_argument("--deadline", type=float, default=600.0, help="round and stage deadline")
     ap.add_argument("--timeout", type=float, default=1800.0, help="for the whole job")
+    ap.add_argument("--extrapolate", type=int, default=100_000, metavar="BOARDS",
+                    help="scale the measured costs to this many agents (0: don't)")
     ap.add_argument("--workdir", type=Path, help="keep the logs here (default: a temp dir)")
     ap.add_argument("--out", type=Path, help="write the report as JSON here")
     args = ap.parse_args(argv)
