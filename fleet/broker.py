@@ -162,6 +162,11 @@ class Broker:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    @property
+    def pid(self) -> int | None:
+        """The mosquitto process's id while it runs (to read its CPU time and memory)."""
+        return self._proc.pid if self.running else None  # type: ignore[union-attr]
+
     def start(self) -> Broker:
         """Write the config, spawn mosquitto, return once the port accepts connections."""
         if self.running:

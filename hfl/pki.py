@@ -257,8 +257,7 @@ class Pki:
         write_private(ca_dir / "ca.key", _key_pem(key))
         write_atomic(ca_dir / "ca.crt", _cert_pem(cert))
         pki = cls(root)
-        pki._save_records({"version": 1, "crl_number": 0, "certs": {}, "revoked": []})
-        pki._write_crl()
+        pki._save_records({"version": 1, "crl_number": 0, "certs": {}, "revoked": []}, crl=True)
         pki._publish(Roster())
         return pki
 
@@ -303,6 +302,35 @@ class Pki:
         Agents need `group`: their aggregator, already enrolled. Re-issuing an active id needs
         `force` (a replaced board), which revokes the old certificate.
         """
+        return self.issue_many([(id, role, group)], days=days, force=force)[0]
+
+    def issue_many(self, members: Sequence[tuple[str, Role | str, str | None]], *,
+                   days: int = 825, force: bool = False) -> list[Path]:
+        """`issue` for each (id, role, group) in order, with the roster re-signed once: issuing
+        a fleet one by one re-signs it (into every enrolled device's folder) once per device.
+        An agent's aggregator may come earlier in `members`. Every member is checked before
+        anything is written: one refused member issues none."""
+        roster = self.roster()
+        planned: list[tuple[Identity, str | None]] = []
+        for id, role, group in members:
+            identity = Identity.generate(id, self._check_member(roster, id, role, group))
+            roster.enroll(identity, group)  # in memory: later members may name it as group
+            planned.append((identity, group))
+        records = self._records()
+        for identity, _ in planned:
+            self._check_cert(records, identity.id, days, force)
+        folders, revoked = [], len(records["revoked"])
+        for identity, group in planned:
+            folders.append(self._issue_cert(records, identity.id, identity.role.value, group,
+                                            days, [ExtendedKeyUsageOID.CLIENT_AUTH]))
+            identity.save(folders[-1])
+        self._save_records(records, crl=len(records["revoked"]) > revoked)
+        roster.serial += 1
+        self._publish(roster)
+        return folders
+
+    def _check_member(self, roster: Roster, id: str, role: Role | str,
+                      group: str | None) -> Role:
         check_id(id)
         if role == BROKER:
             raise ValueError("a broker is not in the roster: use issue_broker "
@@ -312,7 +340,6 @@ class Pki:
         except ValueError:
             raise ValueError(f"unknown role {role!r}: use one of "
                              f"{', '.join(r.value for r in Role)}") from None
-        roster = self.roster()
         if role is Role.AGENT:
             if not group:
                 raise ValueError(f"agent {id} needs its aggregator (--aggregator AGG)")
@@ -322,14 +349,7 @@ class Pki:
                                  f"(hfl pki issue {self.root} {group} --role aggregator)")
         elif group is not None:
             raise ValueError(f"only agents have an aggregator; {id} is a {role.value}")
-        identity = Identity.generate(id, role)
-        folder = self._issue_cert(id, role.value, group, days, force,
-                                  [ExtendedKeyUsageOID.CLIENT_AUTH])
-        identity.save(folder)
-        roster.enroll(identity, group)
-        roster.serial += 1
-        self._publish(roster)
-        return folder
+        return role
 
     def issue_broker(self, name: str, hosts: Sequence[str], *, days: int = 825,
                      force: bool = False) -> Path:
@@ -339,34 +359,40 @@ class Pki:
         if not hosts:
             raise ValueError("a broker certificate needs at least one --host (the DNS name or "
                              "IP address devices connect to)")
-        return self._issue_cert(name, BROKER, None, days, force,
-                                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH],
-                                hosts)
-
-    def _issue_cert(self, id: str, role: str, group: str | None, days: int, force: bool,
-                    usages: list[x509.ObjectIdentifier], hosts: Sequence[str] = ()) -> Path:
-        """Write ca.crt, {id}.crt and {id}.tls.key into the device folder and record them."""
         records = self._records()
+        self._check_cert(records, name, days, force)
+        revoked = len(records["revoked"])
+        usages = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+        folder = self._issue_cert(records, name, BROKER, None, days, usages, hosts)
+        self._save_records(records, crl=len(records["revoked"]) > revoked)
+        return folder
+
+    @staticmethod
+    def _check_cert(records: dict[str, Any], id: str, days: int, force: bool) -> None:
         old = records["certs"].get(id)
         if old and not old["revoked"] and not force:
             raise ValueError(f"{id} is already issued (as {old['role']}); re-issue it with "
                              "--force, which revokes its current certificate")
         if days < 1:
             raise ValueError(f"days must be at least 1, got {days}")
+
+    def _issue_cert(self, records: dict[str, Any], id: str, role: str, group: str | None,
+                    days: int, usages: list[x509.ObjectIdentifier],
+                    hosts: Sequence[str] = ()) -> Path:
+        """Write ca.crt, {id}.crt and {id}.tls.key into the device folder and record them in
+        `records`, with the certificate it replaces as revoked: the caller saves them."""
         key = ec.generate_private_key(ec.SECP256R1())
         cert = self._leaf(id, role, key.public_key(), days, usages, _san(hosts) if hosts else [])
         files = self.device(id)
         write_atomic(files.ca, self.ca_path.read_bytes())
         write_private(files.tls_key, _key_pem(key))
         write_atomic(files.cert, _cert_pem(cert))
-        if old and not old["revoked"]:
-            records["revoked"].append({"id": id, "serial": old["serial"], "at": _now().isoformat()})
+        old = records["certs"].get(id)
         records["certs"][id] = {"role": role, "group": group, "serial": f"{cert.serial_number:x}",
                                 "not_after": cert.not_valid_after_utc.isoformat(),
                                 "revoked": False}
-        self._save_records(records)
         if old and not old["revoked"]:
-            self._write_crl()
+            records["revoked"].append({"id": id, "serial": old["serial"], "at": _now().isoformat()})
         return files.dir
 
     def _leaf(self, cn: str, role: str, public_key: ec.EllipticCurvePublicKey, days: int,
@@ -410,8 +436,7 @@ class Pki:
                              f"(see: hfl pki list {self.root})")
         r["revoked"] = True
         records["revoked"].append({"id": id, "serial": r["serial"], "at": _now().isoformat()})
-        self._save_records(records)
-        self._write_crl()
+        self._save_records(records, crl=True)
         roster = self.roster()
         if id in roster:
             roster.remove(id)
@@ -438,13 +463,16 @@ class Pki:
             raise FileNotFoundError(f"{self.issued_path} not found: {self.root} is not a "
                                     "complete PKI folder (made by hfl pki init)") from None
 
-    def _save_records(self, records: dict[str, Any]) -> None:
+    def _save_records(self, records: dict[str, Any], crl: bool = False) -> None:
+        """Save the bookkeeping; with `crl` (the revocations changed), re-sign the CRL first."""
+        if crl:
+            self._write_crl(records)
         write_atomic(self.issued_path, (json.dumps(records, indent=1) + "\n").encode())
 
-    def _write_crl(self) -> None:
-        """Re-sign the CRL from the bookkeeping. Valid until the CA expires: OpenSSL refuses
-        every client once a CRL's nextUpdate has passed, and it is re-signed on every change."""
-        records = self._records()
+    def _write_crl(self, records: dict[str, Any]) -> None:
+        """Re-sign the CRL from the bookkeeping (whose CRL number it bumps). Valid until the CA
+        expires: OpenSSL refuses every client once a CRL's nextUpdate has passed, and it is
+        re-signed on every change."""
         records["crl_number"] += 1
         ca, now = self.ca_cert(), _now()
         ca_ski = ca.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
@@ -461,7 +489,6 @@ class Pki:
                 .revocation_date(dt.datetime.fromisoformat(r["at"])).build())
         crl = builder.sign(self._key(), hashes.SHA256())
         write_atomic(self.crl_path, crl.public_bytes(serialization.Encoding.PEM))
-        self._save_records(records)
 
     def _publish(self, roster: Roster) -> None:
         """Sign the roster into PKI/roster.json and every enrolled device's folder."""

@@ -342,3 +342,22 @@ def test_roster_round_trips_through_sign_and_verify(pki: Pki) -> None:
     roster = Roster([m for m in pki.roster().members()], serial=42)
     back = verify_roster(sign_roster(roster, pki._key()), pki.ca_cert())
     assert back.serial == 42 and back.to_doc() == roster.to_doc()
+
+
+def test_issue_many_signs_the_roster_once_and_refuses_all_or_nothing(small: Pki) -> None:
+    serial = small.roster().serial
+    folders = small.issue_many([("site-b", "aggregator", None), ("b1", "agent", "site-b"),
+                                ("b2", Role.AGENT, "site-b")])
+    roster = small.roster()
+    assert roster.serial == serial + 1  # once for the three
+    assert [roster.get(i).group for i in ("b1", "b2")] == ["site-b", "site-b"]
+    assert folders == [small.device(i).dir for i in ("site-b", "b1", "b2")]
+    for id_ in ("b1", "b2", "a1"):  # every member's folder holds the new roster
+        assert load_roster(small.device(id_).roster, small.ca_path).serial == serial + 1
+        assert small.cert(id_).subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == id_
+    # A refused member (unknown aggregator; an active id without force) issues nobody.
+    for bad in ([("b3", "agent", "site-b"), ("b4", "agent", "site-z")],
+                [("b3", "agent", "site-b"), ("b1", "agent", "site-b")]):
+        with pytest.raises(ValueError, match="not enrolled|already issued"):
+            small.issue_many(bad)
+        assert not small.device("b3").dir.exists() and small.roster().serial == serial + 1

@@ -1,20 +1,19 @@
 """A fleet for fault injection: the coordinator and the aggregators run as real processes
-(`hfl-coordinator run`, `hfl-aggregator run`, each with its state directory) that a test can
-`kill -9` and start again; lightweight agents (a real `AgentMachine` on its own MQTT
-connection, answering each round with a fixed delta instead of training) and the app run in
-the test. All over a real Mosquitto: TLS with client certificates and the roster's ACL (or
-plain), persistence on, so a broker restart keeps the sessions and what they had queued.
+(fleet.procs: `hfl-coordinator run`, `hfl-aggregator run`, each with its state directory) that
+a test can `kill -9` and start again; lightweight agents (`FixedDeltaAgent`: a real
+`AgentMachine` answering each round with a fixed delta instead of training) and the app run
+in the test, or the agents in processes of their own. All over a real Mosquitto: TLS with
+client certificates and the roster's ACL (or plain), persistence on, so a broker restart
+keeps the sessions and what they had queued.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
 import queue
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -23,32 +22,20 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_agent.machine import AgentMachine, Train
+from fleet import procs
 from fleet.broker import Broker, BrokerTls, free_port
 from fleet.follow import Outcome, follow
+from fleet.procs import FixedDeltaAgent
 from hfl import envelope
-from hfl.actions import Send
 from hfl.app import App
 from hfl.identity import Identity
-from hfl.messages import KNOWN_TYPES, Metrics, ModelRequest, ModelSpec, Role
+from hfl.messages import KNOWN_TYPES, ModelRequest, ModelSpec, Role
 from hfl.mqtt import BrokerSettings, Session
-from hfl.node import Node, run_in_thread
 from hfl.pki import Pki
 from hfl.state import Record, StateStore
 from hfl.topics import Topics
 
-REPO = Path(__file__).resolve().parents[2]
 P_SHAPE = (1, 2, 3)  # logreg on 6 features, 2 classes: 14 parameters
-
-
-# `hfl-aggregator run` / `hfl-coordinator run` (a role's own console script, without what the
-# umbrella `hfl` imports): `run` is a subcommand when the role's app has a group of them.
-LAUNCH = """
-import sys, typer
-from {role}.cli import app
-group = hasattr(typer.main.get_command(app), "commands")
-sys.exit(app(["run", *sys.argv[1:]] if group else sys.argv[1:]))
-"""
 
 
 class RawPublisher:
@@ -97,69 +84,12 @@ def spec(aggregators: list[str], **kw) -> ModelSpec:
     return ModelSpec(**{**base, **kw})
 
 
-class Agent:
-    """An agent that answers every round with `step` in every coordinate and `samples` as its
-    weight. With `hold`, it waits in its first training until the test calls `release`.
-    `silent` makes it drop out of a round: from that stage on (advert, shares, masked,
-    unshares) it sends nothing in that round (in every round when `rounds` is None)."""
-
-    def __init__(self, fleet: FaultFleet, id_: str, aggregator: str, step: float,
-                 samples: int, hold: bool = False, silent: str | None = None,
-                 rounds: set[int] | None = None) -> None:
-        ident = fleet.identities[id_]
-        self.id, self.step, self.samples = id_, step, samples
-        self.node = Node(ident, fleet.roster, fleet.settings(id_), fleet.topics,
-                         fleet.topics.agent_filters(aggregator), group=aggregator)
-        self.machine = AgentMachine(ident, aggregator, {"d"}, fleet.topics, fleet.roster)
-        self.node.handlers[Train] = self._train
-        self.node.handlers[Send] = self._send
-        order = ["advert", "shares", "masked", "unshares"]
-        self.silent = set(order[order.index(silent):]) if silent else set()
-        self.silent_rounds = rounds
-        self.withheld: list[tuple[str, int]] = []
-        self.asked = threading.Event()  # a round asked us to train
-        self.released = threading.Event()
-        self.rounds: list[int] = []
-        if not hold:
-            self.released.set()
-
-    def _train(self, t: Train) -> list:
-        self.asked.set()
-        self.released.wait()
-        self.rounds.append(t.round)
-        delta = np.full(t.params.size, self.step, np.float32)
-        m = Metrics(samples=self.samples, train_loss=1.0, eval_samples=1, eval_loss=1.0,
-                    eval_accuracy=0.5)
-        return self.machine.trained(t.job, t.round, delta, m)
-
-    def _send(self, action: Send) -> None:
-        if action.stage in self.silent and (self.silent_rounds is None
-                                            or action.round in self.silent_rounds):
-            self.withheld.append((action.stage, action.round))
-            return
-        self.node.send(action)
-
-    def start(self) -> None:
-        self.node.start(30)
-        self.thread = run_in_thread(self.node, self.machine, self.id)
-
-    def release(self) -> None:
-        self.released.set()
-
-    def stop(self) -> None:
-        self.released.set()
-        self.node.stop_event.set()
-        self.thread.join(10)
-        self.node.stop(5)
-
-
 class FaultFleet:
     def __init__(self, workdir: Path, groups: dict[str, list[str]], *, tls: bool = True,
                  persistence: bool = True, edge: bool = False, listen: str | None = None) -> None:
         """`edge`: the agents get a broker of their own (plain), for a `Proxy` in between.
-        Without `tls`, agents get no certificate: their keys are made here and enrolled in
-        one signed roster (issuing a thousand devices one by one re-signs it a thousand
-        times). `listen`: one more address the (plain) broker listens on, at port
+        Without `tls`, the broker is plain and anonymous (every device still has a
+        certificate). `listen`: one more address the (plain) broker listens on, at port
         `listen_port` (for agents in another network namespace)."""
         self.workdir, self.groups, self.tls = workdir, groups, tls
         self.topics = Topics()
@@ -168,19 +98,9 @@ class FaultFleet:
                    ("ops", Role.OBSERVER, None)]
         agents = [(a, Role.AGENT, agg) for agg, ids in groups.items() for a in ids]
         members += [(agg, Role.AGGREGATOR, None) for agg in groups]
-        for id_, role, group in members + (agents if tls else []):
-            self.pki.issue(id_, role, group=group)
-        self.identities = {i: Identity.load(self.pki.device(i).dir, i, r) for i, r, _ in members}
-        if tls:
-            self.identities.update({i: Identity.load(self.pki.device(i).dir, i, r)
-                                    for i, r, _ in agents})
-        else:
-            roster = self.pki.roster()
-            for i, r, group in agents:
-                self.identities[i] = Identity.generate(i, r)
-                self.identities[i].save(self.pki.device(i).dir)
-                roster.enroll(self.identities[i], group)
-            self.pki._publish(roster)  # into every enrolled device's folder: the services'
+        self.pki.issue_many(members + agents)
+        self.identities = {i: Identity.load(self.pki.device(i).dir, i, r)
+                           for i, r, _ in members + agents}
         self.roster = self.pki.roster()
         broker_tls = (BrokerTls.from_pki(self.pki, "broker", workdir / "broker" / "tls",
                                          self.topics) if tls else None)
@@ -191,7 +111,7 @@ class FaultFleet:
         self.edge = Broker(workdir / "edge").start() if edge else None
         self.procs: dict[str, subprocess.Popen] = {}
         self.agent_procs: list[subprocess.Popen] = []
-        self.agents: dict[str, Agent] = {}
+        self.agents: dict[str, FixedDeltaAgent] = {}
         self.apps: list[App] = []
         self._status: queue.Queue = queue.Queue()
         self.observer = Session("ops", self.settings("ops"), inbox=self._status,
@@ -213,32 +133,17 @@ class FaultFleet:
         return self.workdir / "state" / id_
 
     def config(self, id_: str) -> Path:
-        section = "coordinator" if id_ == "coordinator" else "aggregator"
-        path = self.workdir / "config" / f"{id_}.toml"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(
-            f'[identity]\nid = "{id_}"\ndir = "{self.pki.device(id_).dir}"\n\n'
-            f'[broker]\nhost = "{self.broker.host}"\nport = {self.broker.port}\n'
-            f'tls = {"true" if self.tls else "false"}\n\n'
-            f'[{section}]\nstate_dir = "{self.state_dir(id_)}"\n')
-        return path
+        return procs.service_config(self.workdir / "config" / f"{id_}.toml", id_,
+                                    self.pki.device(id_).dir, self.broker.host,
+                                    self.broker.port, self.tls, self.state_dir(id_))
 
     # ------------------------------------------------------------------ processes
 
     def spawn(self, id_: str, wait: bool = True) -> subprocess.Popen:
         """Start the service `id_` (the coordinator or an aggregator) as its own process."""
-        role = "coordinator" if id_ == "coordinator" else "aggregator"
-        cmd = [sys.executable, "-c", LAUNCH.format(role=role), "-v", "-c", str(self.config(id_))]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-            [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
-        log = self.log_path(id_)
-        log.parent.mkdir(parents=True, exist_ok=True)
         started = time.time()
-        with open(log, "ab") as out:
-            out.write(f"\n===== start {time.strftime('%H:%M:%S')} =====\n".encode())
-            out.flush()
-            self.procs[id_] = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out,
-                                               stderr=out, env=env, cwd=self.workdir)
+        self.procs[id_] = procs.spawn_service(id_, self.config(id_), self.log_path(id_),
+                                              self.workdir)
         if wait:
             self.wait_online(id_, since=started)
         return self.procs[id_]
@@ -298,49 +203,30 @@ class FaultFleet:
 
     def start_agents(self, agg: str, steps: dict[str, float], samples: dict[str, int],
                      hold: bool = False, silent: dict[str, str] | None = None,
-                     rounds: set[int] | None = None) -> list[Agent]:
-        out = [Agent(self, a, agg, steps[a], samples[a], hold, (silent or {}).get(a), rounds)
+                     rounds: set[int] | None = None) -> list[FixedDeltaAgent]:
+        out = [FixedDeltaAgent(self.identities[a], self.roster, self.settings(a), self.topics,
+                               agg, steps[a], samples[a], hold, (silent or {}).get(a), rounds)
                for a in self.groups[agg]]
         with ThreadPoolExecutor(min(32, len(out))) as pool:  # connect together, as a fleet does
-            list(pool.map(Agent.start, out))
+            list(pool.map(FixedDeltaAgent.start, out))
         self.agents.update({a.id: a for a in out})
         return out
 
     def spawn_agents(self, agg: str, steps: dict[str, float], samples: dict[str, int],
                      per_process: int = 250, ids: list[str] | None = None,
                      netns: str | None = None) -> list[float]:
-        """The group's agents (or `ids`) in processes of their own (`agent_procs`), all
-        connecting at once, from network namespace `netns` to the `listen` address when
+        """The group's agents (or `ids`) in processes of their own (`procs.spawn_agents`),
+        all connecting at once, from network namespace `netns` to the `listen` address when
         given; returns how long each process took to connect its agents."""
-        assert not self.tls, "agents in processes connect without certificates"
         ids = ids or self.groups[agg]
         host, port = ((self.listen, self.listen_port) if netns
                       else (self.broker.host, self.broker.port))
-        prefix = ["ip", "netns", "exec", netns] if netns else []
-        procs = []
-        for k in range(0, len(ids), per_process):
-            spec_path = self.workdir / "agents" / f"{agg}-{netns or 'local'}-{k}.json"
-            spec_path.parent.mkdir(parents=True, exist_ok=True)
-            spec_path.write_text(json.dumps({
-                "pki": str(self.pki.root), "host": host, "port": port,
-                "aggregator": agg,
-                "agents": [[a, steps[a], samples[a]] for a in ids[k : k + per_process]]}))
-            env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-                [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
-            log = self.log_path(f"agents-{netns or 'local'}-{k}")
-            log.parent.mkdir(parents=True, exist_ok=True)
-            with open(log, "ab") as err:  # the child has its own copy of the descriptor
-                procs.append(subprocess.Popen(
-                    [*prefix, sys.executable, "-m", "tests.faults.agent_procs",
-                     str(spec_path)],
-                    stdout=subprocess.PIPE, stderr=err, env=env, text=True))
-        self.agent_procs += procs
-        times = []
-        for p in procs:
-            line = p.stdout.readline()  # type: ignore[union-attr]
-            assert line.startswith("ready"), f"agents process said {line!r}"
-            times.append(float(line.split()[1]))
-        return times
+        started = procs.spawn_agents(
+            self.pki, host, port, [(a, agg, steps[a], samples[a]) for a in ids], self.workdir,
+            tls=self.tls, per_process=per_process, name=f"{agg}-{netns or 'local'}",
+            prefix=["ip", "netns", "exec", netns] if netns else [])
+        self.agent_procs += started
+        return [seconds for seconds, _ in procs.wait_ready(started)]
 
     def request(self, *specs: ModelSpec, rid: str = "r1") -> tuple[App, list[str]]:
         app = App(self.identities["app"], self.roster, self.settings("app"), self.topics,
@@ -361,13 +247,7 @@ class FaultFleet:
         for agent in self.agents.values():
             with contextlib.suppress(Exception):  # tearing down what a fault left behind
                 agent.stop()
-        for p in self.agent_procs:
-            p.send_signal(signal.SIGTERM)
-        for p in self.agent_procs:
-            try:
-                p.wait(60)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        procs.stop_agents(self.agent_procs)
         for app in self.apps:
             app.stop()
         for id_ in list(self.procs):
@@ -379,9 +259,7 @@ class FaultFleet:
 
     def tally(self, id_: str) -> dict:
         """The counters a service logged when it stopped (its last `tally` line)."""
-        lines = [ln for ln in self.log(id_).splitlines() if f"{id_} tally " in ln]
-        assert lines, f"{id_} logged no tally"
-        return json.loads(lines[-1].split(" tally ", 1)[1])
+        return procs.tally(self.log(id_), id_)
 
 
 class Proxy:
