@@ -154,20 +154,36 @@ def neighbours(ids: Sequence[str], degree: int, seed: bytes) -> dict[str, list[s
     the ceil(degree/2) nearest on either side: a circulant graph, whose degree is `degree`
     rounded up to even (or the complete graph, if that reaches len(ids) - 1).
     """
+    ring, half = _ring(ids, degree, seed)
+    return dict(sorted((i, _around(ring, p, half)) for p, i in enumerate(ring)))
+
+
+def neighbours_of(who: str, ids: Sequence[str], degree: int, seed: bytes) -> list[str]:
+    """`neighbours(ids, degree, seed)[who]` without the rest of the graph: O(n) hashes and
+    O(k) links, where a client needs only its own."""
+    ring, half = _ring(ids, degree, seed)
+    return _around(ring, ring.index(who), half)
+
+
+def _ring(ids: Sequence[str], degree: int, seed: bytes) -> tuple[list[str], int]:
+    """The ids in ring order and how many neighbours on each side (the complete graph: all
+    of them, in id order)."""
     if len(set(ids)) != len(ids):
         raise ValueError("ids must be distinct")
     if degree < 1:
         raise ValueError("degree must be >= 1")
     members = sorted(ids)
-    m = len(members)
     half = (degree + 1) // 2
-    if 2 * half >= m - 1:
-        return {i: [j for j in members if j != i] for i in members}
-    ring = sorted(members, key=lambda i: (hashlib.sha256(seed + i.encode()).digest(), i))
-    out: dict[str, list[str]] = {}
-    for p, i in enumerate(ring):
-        out[i] = sorted(ring[(p + o) % m] for d in range(1, half + 1) for o in (d, -d))
-    return dict(sorted(out.items()))
+    if 2 * half >= len(members) - 1:
+        return members, len(members)
+    return sorted(members, key=lambda i: (hashlib.sha256(seed + i.encode()).digest(), i)), half
+
+
+def _around(ring: list[str], p: int, half: int) -> list[str]:
+    m = len(ring)
+    if half >= m:  # the complete graph
+        return [j for j in ring if j != ring[p]]
+    return sorted(ring[(p + o) % m] for d in range(1, half + 1) for o in (d, -d))
 
 
 # ------------------------------------------------------------------ the PRG
@@ -392,11 +408,11 @@ def _pair_key(ctx: bytes, s_sk: X25519PrivateKey, s_pk: bytes, who: str) -> byte
     return _hkdf(_exchange(s_sk, s_pk, who), ctx + b"mask")
 
 
-def _share_key(ctx: bytes, c_sk: X25519PrivateKey, c_pk: bytes, peer: str, sender: str,
-               recipient: str) -> bytes:
-    # One key per direction: the info names sender and recipient.
+def _share_key(ctx: bytes, agreed: bytes, sender: str, recipient: str) -> bytes:
+    # One key per direction from the pair's one X25519 agreement: the info names sender
+    # and recipient.
     info = ctx + b"share" + sender.encode() + b"\0" + recipient.encode()
-    return _hkdf(_exchange(c_sk, c_pk, peer), info)
+    return _hkdf(agreed, info)
 
 
 def _aad(ctx: bytes, sender: str, recipient: str) -> bytes:
@@ -511,7 +527,7 @@ class Client:
             if (vk := verify_key(cid)) is None:
                 raise Rejected("secagg-bad-advert", f"{cid}: unknown identity")
             keys[cid] = vk
-        mine = neighbours(list(adverts), p.degree, _graph_seed(ctx))[self.id]
+        mine = neighbours_of(self.id, list(adverts), p.degree, _graph_seed(ctx))
         for cid in mine:
             try:
                 keys[cid].verify(adverts[cid].signature, adverts[cid].signed_bytes(ctx, cid))
@@ -519,8 +535,9 @@ class Client:
                 raise Rejected("secagg-bad-advert", f"{cid}: bad signature") from None
         xs = _x_index(adverts)
         # Derive every key first: a bad key in the table rejects it before anything leaks.
-        seal = {j: _share_key(ctx, self._c_sk, adverts[j].c_pk, j, self.id, j) for j in mine}
-        open_ = {j: _share_key(ctx, self._c_sk, adverts[j].c_pk, j, j, self.id) for j in mine}
+        agreed = {j: _exchange(self._c_sk, adverts[j].c_pk, j) for j in mine}
+        seal = {j: _share_key(ctx, agreed[j], self.id, j) for j in mine}
+        open_ = {j: _share_key(ctx, agreed[j], j, self.id) for j in mine}
         mask_keys = {j: _pair_key(ctx, self._s_sk, adverts[j].s_pk, j) for j in mine}
         # b also gets a share for me (x = my own index): revealed only once I survive.
         points = [xs[j] for j in mine]

@@ -300,6 +300,9 @@ def test_neighbours_regular_symmetric_deterministic() -> None:
     g = sa.neighbours(ids, 16, seed)
     assert g == sa.neighbours(list(reversed(ids)), 16, seed)
     assert g != sa.neighbours(ids, 16, os.urandom(32))
+    for degree in (1, 2, 16, 39, 60):  # a client's own row, without the whole graph
+        g = sa.neighbours(ids, degree, seed)
+        assert all(sa.neighbours_of(i, ids[::-1], degree, seed) == g[i] for i in ids)
 
 
 # ------------------------------------------------------------------ bad input
