@@ -85,7 +85,7 @@ def hierarchy_cost(run: MemRun, groups: int, group_size: int) -> dict:
     return {
         "noise_std_on_mean_per_S": z * math.sqrt(groups) / (groups * spec.min_agents),
         "flat_epsilon_same_noise": epsilon(z * math.sqrt(groups), len(run.rows),
-                                           spec.privacy.delta, q),
+                                           spec.privacy.delta, q, spec.privacy.accountant),
     }
 
 
