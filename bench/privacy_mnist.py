@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
 import os
 import platform
@@ -166,7 +165,6 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.quick:
         args.rounds = 3
-    logging.getLogger("absl").setLevel(logging.ERROR)  # dp-accounting's convergence chatter
     torch.set_num_threads(1)  # batches of 10: a second thread buys nothing on 2 cores
 
     t0 = time.perf_counter()
