@@ -1,6 +1,7 @@
 """Foundation benchmarks: each figure beside a baseline measured in the same run.
 
     make bench            # or: .venv/bin/python bench/run.py
+    .venv/bin/python bench/run.py sealed      # one section: sum, memory, decode, sealed
 
 1. Streaming aggregation: `WeightedSum.add` against a bare `numpy.add` of the same vectors,
    as a bandwidth ratio (target ≥ 0.5), with equal weights (one add per vector) and with a
@@ -8,15 +9,24 @@
 2. Aggregation memory: peak traced memory of summing N = 10 vs N = 1000 updates (O(P)).
 3. Envelope decode: our zero-copy body parse against `safetensors.numpy.load` (copies),
    and the full verified decode (SHA-256 + Ed25519) per MB.
+4. A sealed update, what every agent sends each round and its aggregator opens: encode
+   (serialize, seal, sign) and decode (verify, unseal, parse) against the bare AES-GCM and
+   SHA-256 over the same bytes, and each side's peak traced memory in bodies (4·P bytes).
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 import platform
+import sys
 import tracemalloc
+from collections.abc import Callable
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from safetensors.numpy import load as st_load
 from timing import best  # bench/timing.py (the script's folder is on the path)
 
@@ -86,9 +96,48 @@ def bench_decode() -> None:
         print(f"{p:>10} {len(data) / 1e6:>6.1f} {ours:>16.3f} {theirs:>20.3f} {full:>19.2f}")
 
 
+def peak(fn: Callable[[], object]) -> int:
+    tracemalloc.start()
+    fn()
+    top = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return top
+
+
+def bench_sealed() -> None:
+    print("\n## sealed update: encode and decode against bare AES-GCM + SHA-256 (best of 7)")
+    sign, box = Ed25519PrivateKey.generate(), X25519PrivateKey.generate()
+    aes, nonce = AESGCM(AESGCM.generate_key(256)), os.urandom(12)
+    print(f"{'P':>10} {'encode ms':>10} {'bare ms':>8} {'ratio':>6} {'peak bodies':>12} "
+          f"{'decode ms':>10} {'bare ms':>8} {'ratio':>6} {'peak bodies':>12}")
+    for p in SIZES:
+        body = {"delta": np.ones(p, np.float32)}
+        raw = np.ones(p, np.float32).tobytes()
+        ct = aes.encrypt(nonce, raw, b"")
+
+        def enc(body: dict = body) -> bytes:
+            return envelope.encode(type="update", topic="t", job="j", round=0, stage="update",
+                                   sender="a", key=sign, tensors=body,
+                                   seal_to={"agg": box.public_key()})
+
+        def dec(data: bytes) -> envelope.Envelope:
+            env = envelope.decode(data, topic="t", public_key=lambda s: sign.public_key(),
+                                  known_types={"update"})
+            return envelope.unseal(env, "agg", box)
+
+        data = enc()
+        e, d = best(enc) * 1e3, best(lambda data=data: dec(data)) * 1e3
+        be = best(lambda raw=raw: hashlib.sha256(aes.encrypt(nonce, raw, b"")).digest()) * 1e3
+        bd = best(lambda ct=ct: (hashlib.sha256(ct).digest(), aes.decrypt(nonce, ct, b""))) * 1e3
+        pe, pd = peak(enc) / len(raw), peak(lambda data=data: dec(data)) / len(raw)
+        print(f"{p:>10} {e:>10.2f} {be:>8.2f} {e / be:>6.2f} {pe:>12.2f} {d:>10.2f} {bd:>8.2f} "
+              f"{d / bd:>6.2f} {pd:>12.2f}")
+
+
 if __name__ == "__main__":
     print(f"# hfl foundation benchmarks on {platform.node()} ({platform.machine()}, "
           f"{platform.processor() or 'cpu'}), numpy {np.__version__}\n")
-    bench_sum()
-    bench_memory()
-    bench_decode()
+    sections = {"sum": bench_sum, "memory": bench_memory, "decode": bench_decode,
+                "sealed": bench_sealed}
+    for name in sys.argv[1:] or sections:
+        sections[name]()

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import save
 
 from hfl.state import unusable, write_atomic
+from hfl.tensors import dump
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -73,7 +73,7 @@ class Registry:
         folder.mkdir(parents=True, exist_ok=True)
         st_path = folder / f"{job}-v{version}.safetensors"
         onnx_path = folder / f"{job}-v{version}.onnx"
-        write_atomic(st_path, save(dict(state), metadata={"job": job, "version": str(version)}))
+        write_atomic(st_path, dump(state, metadata={"job": job, "version": str(version)}))
         write_atomic(onnx_path, onnx)
         rec = VersionRecord(job, version, model, st_path, onnx_path, metrics, time.time())
         with self.db:

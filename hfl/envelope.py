@@ -192,7 +192,7 @@ def encode(
     except TypeError as e:
         raise ValueError(f"meta is not JSON-serializable: {e}") from None
     # Trailing spaces (still valid JSON) start the body on an 8-byte boundary, so the
-    # tensors, whose offsets safetensors aligns within the body, are aligned in memory.
+    # tensors, whose offsets `tensors.dump` aligns within the body, are aligned in memory.
     header += b" " * (-len(header) % 8)
     if len(header) > MAX_HEADER:
         raise ValueError(f"header of {len(header)} bytes exceeds {MAX_HEADER}")

@@ -41,7 +41,7 @@ def _kek(shared: bytes, eph: bytes, recipient: bytes) -> AESGCM:
 
 
 def seal(plaintext: bytes | memoryview, recipients: Mapping[str, X25519PublicKey],
-         aad: bytes) -> bytes:
+         aad: bytes) -> bytearray:
     """Encrypt `plaintext` so that each recipient (id → sealing key) and nobody else can read it."""
     if not recipients or len(recipients) > MAX_RECIPIENTS:
         raise ValueError(f"seal needs 1..{MAX_RECIPIENTS} recipients, got {len(recipients)}")
@@ -57,8 +57,14 @@ def seal(plaintext: bytes | memoryview, recipients: Mapping[str, X25519PublicKey
         wrapped = _kek(ephemeral.exchange(pub), eph, raw).encrypt(_ZERO_NONCE, content_key, aad)
         parts += [bytes([len(name)]), name, wrapped]
     nonce = os.urandom(_NONCE)
-    parts += [nonce, AESGCM(content_key).encrypt(nonce, bytes(plaintext), aad)]
-    return b"".join(parts)
+    parts.append(nonce)
+    # Encrypt straight into the message, after its header: a body may be tens of MB, and
+    # this way it is neither copied before encryption nor joined after it.
+    head = b"".join(parts)
+    out = bytearray(len(head) + len(plaintext) + 16)
+    out[: len(head)] = head
+    AESGCM(content_key).encrypt_into(nonce, plaintext, aad, memoryview(out)[len(head) :])
+    return out
 
 
 def recipients(blob: bytes | memoryview) -> list[str]:
@@ -109,8 +115,8 @@ def open_sealed(blob: bytes | memoryview, my_id: str, my_key: X25519PrivateKey,
         eph_key = X25519PublicKey.from_public_bytes(eph)
         shared = my_key.exchange(eph_key)
         me = my_key.public_key().public_bytes_raw()
-        content_key = _kek(shared, eph, me).decrypt(_ZERO_NONCE, bytes(wrapped), aad)
+        content_key = _kek(shared, eph, me).decrypt(_ZERO_NONCE, wrapped, aad)
         nonce = bytes(view[pos : pos + _NONCE])
-        return AESGCM(content_key).decrypt(nonce, bytes(view[pos + _NONCE :]), aad)
+        return AESGCM(content_key).decrypt(nonce, view[pos + _NONCE :], aad)  # no copy
     except (InvalidTag, ValueError):
         raise Rejected("bad-seal", "does not authenticate") from None

@@ -1,5 +1,8 @@
-"""Tensor bodies in safetensors layout: written with `safetensors`, read by our own strict,
-zero-copy parser.
+"""Tensor bodies in safetensors layout, written and read by our own code.
+
+`dump` copies each tensor once, into the body it returns; `safetensors.numpy.save` copies
+twice (into its own buffer, then into `bytes`), which on a board is one model-sized
+allocation more per message. The tests check its bodies against the `safetensors` library.
 
 `safetensors.numpy.load` copies every tensor (21 ms for 40 MB against 0.15 ms for views),
 and it trusts more of the header than a message from the network deserves. `load` checks
@@ -15,7 +18,6 @@ from types import MappingProxyType
 from typing import Any
 
 import numpy as np
-from safetensors.numpy import save as _st_save
 
 from hfl.errors import Rejected
 
@@ -33,6 +35,7 @@ ALLOWED_DTYPES: Mapping[str, np.dtype] = MappingProxyType(
     }
 )
 
+_CODES = {dtype: code for code, dtype in ALLOWED_DTYPES.items()}
 _METADATA = "__metadata__"
 _ENTRY_KEYS = frozenset({"dtype", "shape", "data_offsets"})
 _MAX_NDIM = 32  # numpy 1.x's limit; no model tensor comes near it
@@ -45,7 +48,8 @@ _LEN_PREFIX = 8
 # ---------------------------------------------------------------------- writing
 
 
-def dump(tensors: Mapping[str, np.ndarray]) -> bytes:
+def dump(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None,
+         ) -> bytearray:
     """Serialize named arrays to a safetensors body (an empty mapping is a valid body)."""
     prepared: dict[str, np.ndarray] = {}
     for name, array in tensors.items():
@@ -54,7 +58,30 @@ def dump(tensors: Mapping[str, np.ndarray]) -> bytes:
         if name == _METADATA:
             raise ValueError(f"{_METADATA!r} is reserved")
         prepared[name] = _prepare(name, array)
-    return _st_save(prepared)
+    header: dict[str, Any] = {}
+    if metadata:
+        _check_metadata(dict(metadata))
+        header[_METADATA] = dict(metadata)
+    # Widest items first: with the header padded to 8 bytes, every tensor starts on a
+    # multiple of its item size, so views over the body are aligned.
+    order = sorted(prepared, key=lambda n: (-prepared[n].dtype.itemsize, n))
+    size = 0
+    for name in order:
+        a = prepared[name]
+        header[name] = {"dtype": _CODES[a.dtype], "shape": list(a.shape),
+                        "data_offsets": [size, size + a.nbytes]}
+        size += a.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    start = _LEN_PREFIX + len(raw)
+    out = bytearray(start + size)
+    view = memoryview(out)  # slice assignment through it copies once (bytearray's copies twice)
+    view[:start] = len(raw).to_bytes(_LEN_PREFIX, "little") + raw
+    for name in order:
+        a = prepared[name]
+        begin = start + header[name]["data_offsets"][0]
+        view[begin : begin + a.nbytes] = memoryview(a.reshape(-1)).cast("B")
+    return out
 
 
 def _prepare(name: str, array: np.ndarray) -> np.ndarray:
