@@ -46,7 +46,9 @@ def test_a_thousand_agents_connect_at_once_and_all_count(tmp_path: Path) -> None
     mean = sum(samples[a] * steps[a] for a in agents) / sum(samples.values())
     assert_state(out.latest[job].state, expected_state(sp, [mean, mean]), atol=1e-5)
     tally = fleet.tally("site-a")
-    assert tally["rejected"] == {} and tally["gate"].get("duplicates", 0) == 0
+    # Repeats are allowed: on a starved machine keepalives lapse and QoS 1 redelivers
+    # (at least once, by design). That each update counted once is the exact mean above.
+    assert tally["rejected"] == {}
     no_crash(fleet, "site-a", "coordinator")
     print(f"storm report: {N} agents connected in {connect_s:.1f} s (processes: "
           f"{', '.join(f'{t:.1f}' for t in per_process)} s), 2 rounds of {N} in "
