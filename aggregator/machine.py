@@ -236,8 +236,8 @@ class AggregatorMachine:
     def _restore_round(self, ej: EdgeJob, doc: dict, arrays: dict[str, np.ndarray]) -> None:
         if "secure" in doc:
             ej.secure = SecureRound.restore(ej.job, ej.round, ej.selected, ej.num_params,
-                                            ej.spec, self.topics.rounds(self.id, ej.job),
-                                            doc["secure"], arrays)
+                                            ej.spec, self.topics, self.id, doc["secure"],
+                                            arrays)
         else:
             ej.acc = WeightedSum.restore(doc["plain"], arrays["total"])
             ej.senders, ej.clip_bits = set(doc["senders"]), doc["clip_bits"]
@@ -353,11 +353,10 @@ class AggregatorMachine:
         ej.senders = set()
         ej.clip_bits = 0.0
         ej.deadline = now + ej.spec.deadline_s
-        topic = self.topics.rounds(self.id, ej.job)
         if ej.spec.secagg.enabled:
             try:
                 ej.secure = SecureRound(ej.job, ej.round, ej.selected, ej.num_params, ej.spec,
-                                        topic, now)
+                                        self.topics, self.id, now)
             except ValueError as e:  # e.g. a group too small to hide anyone's update
                 return self._fail_block(ej, f"secure aggregation impossible: {e}")
         else:

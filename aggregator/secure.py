@@ -20,6 +20,7 @@ from hfl.actions import Action, Send
 from hfl.errors import Rejected
 from hfl.messages import Kind, Metrics, ModelSpec
 from hfl.secagg import Server
+from hfl.topics import Topics
 
 if TYPE_CHECKING:
     from hfl.envelope import Envelope
@@ -44,8 +45,9 @@ class Abort:
 
 class SecureRound:
     def __init__(self, job: str, round: int, selected: list[str], num_params: int,
-                 spec: ModelSpec, topic: str, now: float) -> None:
-        self.job, self.round, self.topic, self.spec = job, round, topic, spec
+                 spec: ModelSpec, topics: Topics, agg: str, now: float) -> None:
+        self.job, self.round, self.spec = job, round, spec
+        self.topics, self.agg = topics, agg
         self.num_params = num_params
         self.params, self.fixed = wire.round_params(job, round, len(selected), num_params, spec)
         self.server = Server(self.params, selected)
@@ -65,9 +67,9 @@ class SecureRound:
 
     @classmethod
     def restore(cls, job: str, round: int, selected: list[str], num_params: int,
-                spec: ModelSpec, topic: str, doc: dict,
+                spec: ModelSpec, topics: Topics, agg: str, doc: dict,
                 arrays: dict[str, np.ndarray]) -> SecureRound:
-        sr = cls(job, round, selected, num_params, spec, topic, 0.0)
+        sr = cls(job, round, selected, num_params, spec, topics, agg, 0.0)
         sr.server = Server.restore(sr.params, selected, doc["server"], arrays)
         sr.stage, sr.survivors, sr.deadline = doc["stage"], list(doc["survivors"]), doc["deadline"]
         sr.expected, sr.got = set(doc["expected"]), set(doc["got"])
@@ -103,19 +105,23 @@ class SecureRound:
     def _next(self, stage: str, expected: set[str], deadline: float) -> None:
         self.stage, self.expected, self.got, self.deadline = stage, expected, set(), deadline
 
-    def _send(self, stage: str, meta: dict, tensors: dict) -> Send:
-        return Send(Kind.ROUND, self.topic, self.job, self.round, stage, meta, tensors)
+    def _send(self, stage: str, meta: dict, tensors: dict, to: str | None = None) -> Send:
+        """A stage message to the group, or on the round topic's level for agent `to`."""
+        topic = (self.topics.rounds(self.agg, self.job) if to is None
+                 else self.topics.round_to(self.agg, self.job, to))
+        return Send(Kind.ROUND, topic, self.job, self.round, stage, meta, tensors)
 
     def broadcast(self) -> list[Send]:
-        """The message that opened the stage being collected (none for the adverts, which
+        """The messages that opened the stage being collected (none for the adverts, which
         the round announcement asks for): sent on each stage change, and again after a
         restart, as agents answer a repeat with the answer they gave."""
         if self.outcome is not None or self.stage == "advert":
             return []
         if self.stage == "shares":
             return [self._send("keys", *wire.key_table_out(self.server.adverts()))]
-        if self.stage == "masked":
-            return [self._send("routed", *wire.routed_out(self.server.routed()))]
+        if self.stage == "masked":  # each agent its own shares, where only it may read
+            return [self._send("routed", *wire.routed_out(to, row), to=to)
+                    for to, row in self.server.routed().items()]
         return [self._send("unmask", {"survivors": self.survivors}, {})]
 
     def _advance(self, now: float) -> list[Action]:

@@ -324,7 +324,8 @@ def mqtt_probe(b: Board, name: str) -> Check:
     assert b.cfg is not None and b.cfg.agent is not None
     cfg, inbox = b.cfg, queue.Queue[Inbound]()
     session = Session(cfg.identity.id, cfg.broker_settings(), inbox=inbox,
-                      subscriptions=cfg.topics.agent_filters(cfg.agent.aggregator),
+                      subscriptions=cfg.topics.agent_filters(cfg.agent.aggregator,
+                                                             cfg.identity.id),
                       leave_unacked=True, max_payload=cfg.max_payload)
     started = time.monotonic()
     session.start()

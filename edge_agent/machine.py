@@ -73,6 +73,11 @@ class AgentMachine:
         if route.agg != self.aggregator:
             raise Rejected("wrong-group", f"round from {route.agg}, my aggregator is "
                            f"{self.aggregator}")
+        # The routed shares travel on the round topic's level for one agent, nothing else does.
+        if (route.kind == "round_to") != (env.stage == "routed"):
+            raise Rejected("wrong-topic", f"{env.stage} on a {route.kind} topic")
+        if route.kind == "round_to" and route.agent != self.id:
+            raise Rejected("wrong-recipient", f"shares for {route.agent}, I am {self.id}")
         last = self.last_round.get(env.job, -1)
         if env.round < last or (env.round == last and env.stage == "open"):
             return []  # a retained or redelivered announcement already handled

@@ -91,7 +91,8 @@ def agent_node(
     feed: RosterFeed | None = None,
 ) -> tuple[Node, AgentMachine]:
     """Wire an agent: subscriptions, machine and the training handler."""
-    node = Node(identity, roster, settings, topics, topics.agent_filters(aggregator),
+    node = Node(identity, roster, settings, topics,
+                topics.agent_filters(aggregator, identity.id),
                 max_payload=max_payload, feed=feed, group=aggregator)
     machine = AgentMachine(identity, aggregator, set(data), topics, roster)
     trainer = LocalTrainer(identity.id, data, pick_device(device), progress=node.alive)

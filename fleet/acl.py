@@ -42,12 +42,15 @@ def permissions(m: Member, t: Topics) -> tuple[list[str], list[str]]:
         own.append(t.telemetry(m.role.value, m.id))
     if m.role is Role.AGENT:
         assert m.group is not None  # the roster refuses an agent without its aggregator
-        return ([pattern(t.rounds, m.group, ANY), t.roster()],
+        # Its group's rounds, and of the per-agent levels only its own (its SecAgg+ shares).
+        return ([pattern(t.rounds, m.group, ANY), pattern(t.round_to, m.group, ANY, m.id),
+                 t.roster()],
                 [t.update(m.group, m.id), *own])
     if m.role is Role.AGGREGATOR:
         return ([t.tasks(m.id), pattern(t.update, m.id, ANY),
                  pattern(t.status, Role.AGENT.value, ANY), t.roster()],
-                [pattern(t.rounds, m.id, ANY), t.partials(m.id), *own])
+                [pattern(t.rounds, m.id, ANY), pattern(t.round_to, m.id, ANY, ANY),
+                 t.partials(m.id), *own])
     if m.role is Role.COORDINATOR:
         return ([pattern(t.app_requests, ANY), pattern(t.partials, ANY),
                  pattern(t.status, ANY, ANY)],

@@ -128,7 +128,7 @@ class MemFleet:
             for agent in agents:
                 self.net.add(ids[agent], AgentMachine(ids[agent], agg, set(agents[agent]),
                                                       self.topics, self.roster),
-                             self.topics.agent_filters(agg))
+                             self.topics.agent_filters(agg, agent))
                 self._online(agent, agg)
         self.net.run()
 

@@ -106,7 +106,8 @@ class FixedDeltaAgent:
                  hold: bool = False, silent: str | None = None,
                  rounds: set[int] | None = None) -> None:
         self.id, self.step, self.samples = identity.id, step, samples
-        self.node = Node(identity, roster, settings, topics, topics.agent_filters(aggregator),
+        self.node = Node(identity, roster, settings, topics,
+                         topics.agent_filters(aggregator, identity.id),
                          group=aggregator)
         self.machine = AgentMachine(identity, aggregator, {"d"}, topics, roster)
         self.node.handlers[Train] = self._train

@@ -48,7 +48,7 @@ class Kind(str, Enum):
 @dataclass(frozen=True)
 class Link:
     senders: frozenset[Role]
-    route: str  # the topic kind it travels on (hfl.topics.Route.kind)
+    routes: tuple[str, ...]  # the topic kinds it travels on (hfl.topics.Route.kind)
     retained: bool
     own_topic: bool = False  # on `{kind}/{role}/{id}`: each sender on its own topic only
 
@@ -60,16 +60,16 @@ def _by(*roles: Role) -> frozenset[Role]:
 NODES = _by(Role.COORDINATOR, Role.AGGREGATOR, Role.AGENT)  # the services (hfl.node.Node)
 
 VOCABULARY: dict[Kind, Link] = {
-    Kind.REQUEST: Link(_by(Role.APP), "requests", retained=False),
-    Kind.JOB: Link(_by(Role.COORDINATOR), "job", retained=True),
-    Kind.MODEL: Link(_by(Role.COORDINATOR), "model", retained=True),
-    Kind.TASK: Link(_by(Role.COORDINATOR), "tasks", retained=False),
-    Kind.ROUND: Link(_by(Role.AGGREGATOR), "rounds", retained=True),
-    Kind.UPDATE: Link(_by(Role.AGENT), "update", retained=False),
-    Kind.PARTIAL: Link(_by(Role.AGGREGATOR), "partials", retained=False),
-    Kind.STATUS: Link(frozenset(Role), "status", retained=True, own_topic=True),
-    Kind.TELEMETRY: Link(NODES, "telemetry", retained=True, own_topic=True),
-    Kind.ROSTER: Link(_by(Role.COORDINATOR), "roster", retained=True),
+    Kind.REQUEST: Link(_by(Role.APP), ("requests",), retained=False),
+    Kind.JOB: Link(_by(Role.COORDINATOR), ("job",), retained=True),
+    Kind.MODEL: Link(_by(Role.COORDINATOR), ("model",), retained=True),
+    Kind.TASK: Link(_by(Role.COORDINATOR), ("tasks",), retained=False),
+    Kind.ROUND: Link(_by(Role.AGGREGATOR), ("rounds", "round_to"), retained=True),
+    Kind.UPDATE: Link(_by(Role.AGENT), ("update",), retained=False),
+    Kind.PARTIAL: Link(_by(Role.AGGREGATOR), ("partials",), retained=False),
+    Kind.STATUS: Link(frozenset(Role), ("status",), retained=True, own_topic=True),
+    Kind.TELEMETRY: Link(NODES, ("telemetry",), retained=True, own_topic=True),
+    Kind.ROSTER: Link(_by(Role.COORDINATOR), ("roster",), retained=True),
 }
 KNOWN_TYPES = frozenset(k.value for k in Kind)
 
@@ -80,7 +80,7 @@ def check_route(kind: Kind, route: Route, sender: str, role: Role, group: str | 
     `group` is the sender's aggregator for agents (from the roster).
     """
     link = VOCABULARY[kind]
-    if route.kind != link.route:
+    if route.kind not in link.routes:
         raise Rejected("wrong-topic", f"{kind.value} on a {route.kind} topic")
     if role not in link.senders:
         raise Rejected("wrong-role", f"{kind.value} from {role.value} {sender}")

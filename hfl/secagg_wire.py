@@ -1,7 +1,8 @@
 """SecAgg+ on the wire: the stage messages of a secure edge round and the agent's input vector.
 
 An edge round with secure aggregation runs these stages (DESIGN.md §5); the aggregator
-speaks on the group's round topic, each agent on its own update topic:
+speaks on the group's round topic (the routed shares go to each agent on its own level of
+it, `Topics.round_to`, where only that agent may read), each agent on its own update topic:
 
     aggregator → agents   open (model)   keys (U1's adverts)   routed (shares)   unmask (U3)
     agent → aggregator         advert           shares             masked            unshares
@@ -150,9 +151,8 @@ def _blob(items: list[bytes]) -> dict[str, np.ndarray]:
     return {"blob": np.frombuffer(b"".join(items), np.uint8), "offsets": offsets}
 
 
-def _unblob(tensors: dict[str, np.ndarray], n: int, max_item: int = 4096,
-            pick: np.ndarray | None = None) -> list[bytes]:
-    """The n items of a blob (or only those at the indices `pick`), all offsets checked."""
+def _unblob(tensors: dict[str, np.ndarray], n: int, max_item: int = 4096) -> list[bytes]:
+    """The n items of a blob, all offsets checked."""
     offsets = expect_tensor(tensors, "offsets", np.int64, (n + 1,))
     blob = tensors.get("blob")
     if blob is None or blob.dtype != np.uint8 or blob.ndim != 1:
@@ -161,8 +161,7 @@ def _unblob(tensors: dict[str, np.ndarray], n: int, max_item: int = 4096,
     if offsets[0] != 0 or offsets[-1] != blob.size or (sizes <= 0).any() or (
             sizes > max_item).any():
         raise Rejected("bad-shape", "offsets do not cut the blob into items")
-    return [blob[offsets[k] : offsets[k + 1]].tobytes()
-            for k in (range(n) if pick is None else pick)]
+    return [blob[offsets[k] : offsets[k + 1]].tobytes() for k in range(n)]
 
 
 def shares_out(cts: dict[str, bytes]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -175,36 +174,19 @@ def shares_in(meta: dict[str, Any], tensors: dict[str, np.ndarray]) -> dict[str,
     return dict(zip(to, _unblob(tensors, len(to)), strict=True))
 
 
-def routed_out(routed: dict[str, dict[str, bytes]]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """All shares of the round in one broadcast; each agent keeps those addressed to it."""
-    ids = sorted(set(routed) | {s for row in routed.values() for s in row})
-    index = {i: k for k, i in enumerate(ids)}
-    src, dst, items = [], [], []
-    for recipient in sorted(routed):
-        for sender in sorted(routed[recipient]):
-            src.append(index[sender])
-            dst.append(index[recipient])
-            items.append(routed[recipient][sender])
-    tensors = {"src": np.array(src, np.int32), "dst": np.array(dst, np.int32), **_blob(items)}
-    return {"ids": ids}, tensors
+def routed_out(to: str, row: dict[str, bytes]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The shares addressed to one agent (sender → ciphertext), for its own topic: each
+    agent downloads its k shares, not the group's n·k."""
+    senders = sorted(row)
+    return {"to": to, "from": senders}, _blob([row[s] for s in senders])
 
 
 def routed_in(meta: dict[str, Any], tensors: dict[str, np.ndarray], me: str) -> dict[str, bytes]:
-    """The shares addressed to `me`: sender → ciphertext."""
-    ids = _ids(meta, "ids")
-    src = tensors.get("src")
-    if src is None or src.dtype != np.int32 or src.ndim != 1:
-        raise Rejected("bad-shape", "src: want an int32 vector")
-    n = src.size
-    dst = expect_tensor(tensors, "dst", np.int32, (n,))
-    if n and (min(src.min(), dst.min()) < 0 or max(src.max(), dst.max()) >= len(ids)):
-        raise Rejected("bad-shape", "share index out of range")
-    if me not in ids:
-        return {}
-    # Every agent gets the whole table: copy out only its own k items, not all n·k.
-    mine = np.flatnonzero(dst == ids.index(me))
-    items = _unblob(tensors, n, pick=mine)
-    return {ids[src[k]]: item for k, item in zip(mine, items, strict=True)}
+    """The shares addressed to `me`: sender → ciphertext; shares for anyone else are refused."""
+    if meta.get("to") != me:
+        raise Rejected("wrong-recipient", f"shares for {str(meta.get('to'))[:64]!r}, I am {me}")
+    senders = _ids(meta, "from")
+    return dict(zip(senders, _unblob(tensors, len(senders)), strict=True))
 
 
 def unshares_out(shares: dict[str, int]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:

@@ -65,6 +65,10 @@ class Topics:
     def rounds(self, agg: str, job: str) -> str:
         return f"{self.prefix}/agg/{check_id(agg, 'aggregator')}/rounds/{check_id(job, 'job')}"
 
+    def round_to(self, agg: str, job: str, agent: str) -> str:
+        """The round topic's level for one agent: what only it may read (its SecAgg+ shares)."""
+        return f"{self.rounds(agg, job)}/{check_id(agent, 'agent')}"
+
     def update(self, agg: str, agent: str) -> str:
         return f"{self.prefix}/agg/{check_id(agg, 'aggregator')}/updates/{check_id(agent, 'agent')}"
 
@@ -97,8 +101,9 @@ class Topics:
             self.roster(),
         ]
 
-    def agent_filters(self, agg: str) -> list[str]:
-        return [f"{self.prefix}/agg/{check_id(agg, 'aggregator')}/rounds/+", self.roster()]
+    def agent_filters(self, agg: str, agent: str) -> list[str]:
+        rounds = f"{self.prefix}/agg/{check_id(agg, 'aggregator')}/rounds/+"
+        return [rounds, f"{rounds}/{check_id(agent, 'agent')}", self.roster()]
 
     def app_filters(self, models: list[str], jobs: list[str] | None = None) -> list[str]:
         out = [self.model(m) for m in models]
@@ -143,6 +148,8 @@ def _match(p: list[str]) -> Route | None:
         return Route("tasks", agg=p[1])
     if n == 4 and p[0] == "agg" and p[2] == "rounds":
         return Route("rounds", agg=p[1], job=p[3])
+    if n == 5 and p[0] == "agg" and p[2] == "rounds":
+        return Route("round_to", agg=p[1], job=p[3], agent=p[4])
     if n == 4 and p[0] == "agg" and p[2] == "updates":
         return Route("update", agg=p[1], agent=p[3])
     if n == 3 and p[0] == "status":

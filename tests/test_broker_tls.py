@@ -180,6 +180,24 @@ def test_an_agent_cannot_read_another_sites_rounds(connect) -> None:
     assert a1.receive() == (T.rounds("site-a", "j1"), b"marker")  # and a1 got only this
 
 
+def test_an_agent_reads_only_its_own_shares_and_cannot_forge_them(connect) -> None:
+    a1, a2, site_a, obs = connect("a1"), connect("a2"), connect("site-a"), connect("obs")
+    assert all(c.connected() for c in (a1, a2, site_a, obs))
+    assert obs.subscribe(pattern(T.round_to, ANY, ANY, ANY)).value == 1
+    # a1 asks for every agent's level of its group's rounds; the ACL lets through its own.
+    assert a1.subscribe(pattern(T.round_to, "site-a", ANY, ANY)).value == 1
+    assert a2.subscribe(pattern(T.round_to, "site-a", ANY, "a2")).value == 1
+    assert site_a.publish(T.round_to("site-a", "j1", "a2"), b"a2's shares").value == 0
+    assert obs.receive() == (T.round_to("site-a", "j1", "a2"), b"a2's shares")
+    assert a2.receive() == (T.round_to("site-a", "j1", "a2"), b"a2's shares")
+    # Neither an agent nor another site's aggregator may write an agent's shares.
+    assert a2.publish(T.round_to("site-a", "j1", "a1"), b"forged").value == NOT_AUTHORIZED
+    forged = connect("site-b").publish(T.round_to("site-a", "j1", "a1"), b"forged")
+    assert forged.value == NOT_AUTHORIZED
+    assert site_a.publish(T.round_to("site-a", "j1", "a1"), b"marker").value == 0
+    assert a1.receive() == (T.round_to("site-a", "j1", "a1"), b"marker")  # and only this
+
+
 def test_a_device_cannot_take_another_devices_client_id(connect) -> None:
     a2 = connect("a2")
     assert a2.connected()

@@ -177,7 +177,7 @@ def test_no_probe_while_the_service_holds_the_identity(fleet, tmp_path: Path) ->
 
 def test_the_probe_leaves_queued_messages_for_the_agent(fleet, tmp_path: Path) -> None:
     pki, broker = fleet
-    subs = T.agent_filters("site-a")
+    subs = T.agent_filters("site-a", "a1")
     with session(pki, broker, "a1", subs) as (_, inbox):
         while not inbox.empty():
             inbox.get()  # the retained roster

@@ -137,11 +137,16 @@ def test_secure_round_resumes_at_each_stage_with_the_exact_sum(tmp_path: Path,
     request(net, secure.spec())
     assert not versions(net)
     fresh = aggregator(net, "site-a")
+    before = len(net.sent)
     restart(net, "site-a", fresh, store, wire.seen[crash_after - 1:])
     (v,) = versions(net)
     np.testing.assert_allclose(v.params, secure.fedavg(secure.STEP), atol=secure.TOL)
     assert v.agents == 13 and v.dropped == 0
     assert not net.rejections("site-a")
+    if stage == "masked":  # resumed: each agent's own shares again, on its own topic
+        again = [s.topic for p, s in net.sent[before:] if p == "site-a" and s.stage == "routed"]
+        assert again == [net.topics.round_to("site-a", "r1-m", a)
+                         for a in secure.GROUPS["site-a"]]
 
 
 def test_secure_round_restarted_after_agents_dropped_still_recovers_their_masks(

@@ -71,7 +71,7 @@ def build(trainer=None, groups=GROUPS, **netkw) -> MemNet:
                 topics.aggregator_filters(agg))
         for a in agents:
             net.add(ids[a], AgentMachine(ids[a], agg, {"d"}, topics, roster),
-                    topics.agent_filters(agg))
+                    topics.agent_filters(agg, a))
     return net
 
 

@@ -295,12 +295,14 @@ def test_acl_pins_every_member_to_its_own_topics(pki: Pki, prefix: str) -> None:
     assert set(users) == {m.id for m in pki.roster().members()}
     assert users["a1"] == {
         ("read", wild(t.rounds("site-a", "J"), "J")), ("read", t.roster()),
+        ("read", wild(t.round_to("site-a", "J", "a1"), "J")),  # its own shares only
         ("write", t.update("site-a", "a1")), ("write", t.status("agent", "a1")),
         ("write", t.telemetry("agent", "a1"))}
     assert users["site-a"] == {
         ("read", t.tasks("site-a")), ("read", wild(t.update("site-a", "X"), "X")),
         ("read", wild(t.status("agent", "X"), "X")), ("read", t.roster()),
         ("write", wild(t.rounds("site-a", "J"), "J")), ("write", t.partials("site-a")),
+        ("write", wild(t.round_to("site-a", "J", "A"), "J", "A")),
         ("write", t.status("aggregator", "site-a")),
         ("write", t.telemetry("aggregator", "site-a"))}
     assert users["coord"] == {
@@ -321,6 +323,7 @@ def test_wildcards_never_rewrite_a_real_id() -> None:
     # Ids that look like the stand-ins `pattern` uses internally stay pinned.
     assert pattern(t.rounds, "x0", ANY) == wild(t.rounds("x0", "J"), "J")
     assert pattern(t.update, "y1", ANY) == wild(t.update("y1", "A"), "A")
+    assert pattern(t.round_to, "x0", ANY, "y1") == wild(t.round_to("x0", "J", "y1"), "J")
     assert pattern(t.status, ANY, ANY) == wild(t.status("R", "I"), "R", "I")
 
 

@@ -4,13 +4,16 @@ envelopes, real sealing and masking; agents dropping at each stage, replays, for
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from aggregator.machine import round_id
 from fleet.memnet import MemNet
+from hfl import secagg_wire as wire
 from hfl.actions import Send
+from hfl.errors import Rejected
 from hfl.messages import Kind, ModelSpec, RoundMeta
 from tests.test_machines import P, build, request, versions
 
@@ -151,3 +154,78 @@ def test_a_group_too_small_to_hide_anyone_fails_the_job_with_the_reason() -> Non
     assert final.meta["state"] == "failed"
     assert "site-b: secure aggregation impossible" in final.meta["reason"]
     assert not [s for _, s in n.sent if s.kind is Kind.UPDATE]  # no agent was asked
+
+
+# ---------------------------------------------------------------- routed shares, one agent each
+
+
+def test_each_agent_is_sent_only_its_own_shares_on_its_own_topic() -> None:
+    n = net()
+    request(n, spec())
+    routed = [s for p, s in n.sent if p == "site-a" and s.stage == "routed"]
+    assert sorted(s.topic for s in routed) == [
+        n.topics.round_to("site-a", "r1-m", a) for a in GROUPS["site-a"]]
+    for s in routed:
+        me = n.topics.parse(s.topic).agent
+        assert s.meta["to"] == me and not s.retain and not s.to
+        assert me not in s.meta["from"] and set(s.meta["from"]) < set(GROUPS["site-a"])
+        assert s.tensors["offsets"].size == len(s.meta["from"]) + 1  # its k shares, no more
+        assert len(wire.routed_in(s.meta, s.tensors, me)) == len(s.meta["from"])
+    assert not [s for _, s in n.sent if s.stage == "routed" and "/rounds/" not in s.topic]
+
+
+class Misroutes:
+    """site-a's machine, which also sends a1 the shares addressed to a2 (on a1's own topic)
+    and a2's shares on the group's round topic, before the genuine messages."""
+
+    def __init__(self, machine, n: MemNet) -> None:
+        self.machine, self.topics = machine, n.topics
+
+    def handle(self, env, route, now):
+        return self._misroute(self.machine.handle(env, route, now))
+
+    def tick(self, now):
+        return self._misroute(self.machine.tick(now))
+
+    def _misroute(self, out: list) -> list:
+        routed = {s.meta["to"]: s for s in out if isinstance(s, Send) and s.stage == "routed"}
+        if not routed:
+            return out
+        a2 = routed["a2"]
+        return [replace(a2, topic=routed["a1"].topic),
+                replace(a2, topic=self.topics.rounds("site-a", a2.job)), *out]
+
+
+def test_an_agent_refuses_shares_not_addressed_to_it() -> None:
+    n = net()
+    n.peers["site-a"].machine = Misroutes(n.peers["site-a"].machine, n)
+    request(n, spec())
+    (v,) = versions(n)  # the genuine shares still went through
+    np.testing.assert_allclose(v.params, fedavg(STEP), atol=TOL)
+    assert n.rejections("a1") == {"wrong-recipient": 1, "wrong-topic": 1}
+    assert all(n.rejections(a) == {"wrong-topic": 1} for a in GROUPS["site-a"] if a != "a1")
+    # A genuine message for a2 that reaches a1 (a broker without the ACL) is refused too.
+    theirs = n.topics.round_to("site-a", "r1-m", "a2")
+    data = n.publish("site-a", next(s for _, s in n.sent if s.topic == theirs))
+    n.run()
+    n._deliver(n.peers["a1"], theirs, data)
+    assert n.rejections("a1") == {"wrong-recipient": 2, "wrong-topic": 1}
+
+
+def test_routed_shares_round_trip_and_refuse_a_bad_message() -> None:
+    row = {"a3": b"\x01" * 40, "a1": b"\x02" * 41}
+    meta, tensors = wire.routed_out("a2", row)
+    assert meta == {"to": "a2", "from": ["a1", "a3"]}
+    assert wire.routed_in(meta, tensors, "a2") == row
+    assert wire.routed_in(*wire.routed_out("a2", {}), "a2") == {}  # its neighbours all gone
+    bad = [({**meta, "to": "a1"}, tensors, "wrong-recipient"),
+           ({"from": meta["from"]}, tensors, "wrong-recipient"),
+           ({**meta, "from": ["a1", "a1"]}, tensors, "bad-meta"),
+           ({**meta, "from": ["a1", "x/y"]}, tensors, "bad-meta"),
+           ({**meta, "from": ["a1"]}, tensors, "bad-shape"),
+           (meta, {**tensors, "offsets": tensors["offsets"][::-1].copy()}, "bad-shape"),
+           (meta, {"offsets": tensors["offsets"]}, "bad-shape")]
+    for m, t, reason in bad:
+        with pytest.raises(Rejected) as e:
+            wire.routed_in(m, t, "a2")
+        assert e.value.reason == reason, (m, reason)

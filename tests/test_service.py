@@ -75,7 +75,7 @@ def agent_node(port: int) -> tuple[Node, Roster]:
     ident = Identity.generate("a1", Role.AGENT)
     roster = Roster()
     roster.enroll(ident, "site-a")
-    node = Node(ident, roster, BrokerSettings(port=port), T, T.agent_filters("site-a"),
+    node = Node(ident, roster, BrokerSettings(port=port), T, T.agent_filters("site-a", "a1"),
                 group="site-a")
     return node, roster
 

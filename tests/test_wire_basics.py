@@ -8,12 +8,13 @@ import stat
 from pathlib import Path
 
 import pytest
+from paho.mqtt.client import topic_matches_sub
 
 from hfl.config import load_config
 from hfl.errors import Rejected
 from hfl.identity import Identity, Roster
 from hfl.messages import Role
-from hfl.topics import Topics
+from hfl.topics import Route, Topics
 
 
 def test_every_topic_parses_back_to_what_built_it() -> None:
@@ -21,9 +22,19 @@ def test_every_topic_parses_back_to_what_built_it() -> None:
     assert t.parse(t.update("site-a", "agent-7")).agent == "agent-7"
     assert t.parse(t.update("site-a", "agent-7")).agg == "site-a"
     assert t.parse(t.rounds("site-a", "r1-m")).job == "r1-m"
+    assert t.parse(t.round_to("site-a", "r1-m", "agent-7")) == Route(
+        "round_to", agg="site-a", job="r1-m", agent="agent-7")
     assert t.parse(t.model("digits")).model == "digits"
     assert t.parse(t.status("agent", "a1")).role == "agent"
     assert t.parse(t.app_requests("app1")).app == "app1"
+
+
+def test_an_agent_subscribes_to_its_groups_rounds_and_its_own_level_of_them() -> None:
+    subs = Topics().agent_filters("site-a", "a1")
+    mine, theirs = Topics().round_to("site-a", "j", "a1"), Topics().round_to("site-a", "j", "a2")
+    assert [topic_matches_sub(f, mine) for f in subs] == [False, True, False]
+    assert not any(topic_matches_sub(f, theirs) for f in subs)
+    assert topic_matches_sub(subs[0], Topics().rounds("site-a", "j"))
 
 
 @pytest.mark.parametrize("bad", ["a/b", "+", "#", "", "-lead", "x" * 65, "sp ace"])
@@ -33,6 +44,7 @@ def test_ids_that_could_break_the_topic_tree_are_refused(bad: str) -> None:
 
 
 @pytest.mark.parametrize("topic", ["hfl/v1/agg/a/updates", "hfl/v1/agg/a/updates/b/c",
+                                   "hfl/v1/agg/a/rounds/j/b/c", "hfl/v1/agg/a/rounds/j/+",
                                    "other/v1/coord/jobs/j", "hfl/v1/coord/jobs/+",
                                    "hfl/v1/nothing/here"])
 def test_unknown_topics_are_rejected(topic: str) -> None:
