@@ -141,8 +141,9 @@ def header(payload: bytes) -> dict | None:
 
 class StageClock:
     """An observer's inbox: when each aggregator's stage messages and each device's online
-    status first went by, and the stage messages' sizes. Runs on the MQTT thread (`put`),
-    so it only takes notes."""
+    status first went by, and the size of each stage's first message (for `routed`, sent to
+    each agent on its own topic, one agent's). Runs on the MQTT thread (`put`), so it only
+    takes notes."""
 
     def __init__(self) -> None:
         self.seen: dict[tuple[str, int, str], float] = {}  # (aggregator, round, stage) → t
@@ -163,10 +164,13 @@ class StageClock:
         if h["stage"] == "online":
             self.online.setdefault(h["sender"], now)
         elif h["stage"] in STAGES:
-            key = self._last[msg.topic] = (h["sender"], h["round"], h["stage"])
-            if key not in self.seen:
+            key = (h["sender"], h["round"], h["stage"])
+            if key not in self.seen:  # the first (routed: one agent's shares, each its own)
                 self.seen[key] = now
                 self.size[key] += len(msg.payload)
+                self._last[msg.topic] = key
+            else:
+                self._last.pop(msg.topic, None)
             if h["stage"] == "open":
                 self.selected[(h["sender"], h["round"])] = len(h["meta"]["selected"])
 
@@ -250,7 +254,8 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
     clock = StageClock()
     observer = Session("ops", settings("ops"), inbox=clock,  # type: ignore[arg-type]
                        subscriptions=[pattern(topics.status, ANY, ANY),
-                                      pattern(topics.rounds, ANY, ANY)])
+                                      pattern(topics.rounds, ANY, ANY),
+                                      pattern(topics.round_to, ANY, ANY, ANY)])
     services: dict[str, subprocess.Popen] = {}
     agent_procs: list[subprocess.Popen] = []
     app: App | None = None
@@ -428,8 +433,6 @@ def extrapolate(r: dict, boards: int) -> dict:
     the fleet is boards / group such groups. The broker's work is this one Mosquitto's,
     per core; a cluster divides it among its nodes (see bench/RESULTS.md for the method)."""
     u, n, group = r["unit_costs"], r["agents"], r["group"]
-    routed = r["secagg_stages"][-1]["kib"]["routed"] * 1024 if r["secagg_stages"] else 0.0
-    k = routed / 173 / group if group else 0.0  # 173 B per routed share entry (measured)
     groups = boards / group
     return {
         "boards": boards, "group": group, "aggregators": groups,
@@ -441,9 +444,6 @@ def extrapolate(r: dict, boards: int) -> dict:
         "aggregators_core_s_per_round": groups * u["aggregator_cpu_s_per_round"],
         # An upper bound: all of the coordinator's CPU counted as if per partial.
         "coordinator_s_per_round": groups / r["aggregators"] * u["coordinator_cpu_s_per_round"],
-        # Were each agent sent only its own k shares rather than the whole routed table:
-        "agent_kib_down_per_round_own_shares":
-            (r["per_agent_per_round"]["bytes_received"] - routed + 173 * k) / 1024,
     }
 
 
