@@ -276,7 +276,8 @@ class Proxy:
         self.edge = Session("proxy-edge", BrokerSettings(fleet.edge.host, fleet.edge.port),
                             inbox=self.up_in, subscriptions=[f"{t.prefix}/agg/{agg}/updates/+"])
         self.core = Session("proxy-core", fleet.settings("ops"), inbox=self.down_in,
-                            subscriptions=[f"{t.prefix}/agg/{agg}/rounds/+"])
+                            subscriptions=[f"{t.prefix}/agg/{agg}/rounds/+",
+                                           f"{t.prefix}/agg/{agg}/rounds/+/+"])
         self.rng = np.random.default_rng(seed)
         self.history: list[tuple[str, bytes]] = []
         self.rounds: set[tuple[str, int]] = set()
