@@ -14,7 +14,10 @@ the coordinator.
 
 Checkpoints: the machine names the records a change touched in `changed` (`job/{job}`: the
 block and its edge model; `round/{job}`: the round being collected — the running sum and
-who is in it, or the SecAgg+ server's state) and builds each with `record`; the runner
+who is in it, or the SecAgg+ server's own state; in a secure round `sum/{job}`, the masked
+sum, written only when a masked input changes it, and `client/{job}/{round}/{agent}`, what
+an agent sent, written once rather than with every later message, which made a round's
+saves O(n²)) and builds each with `record`; the runner
 saves them (`hfl.state`) before it acknowledges the messages behind them or lets out what
 they produced. `restore` takes them back after a restart and `resume` says what to send
 again: nothing is counted twice, as who contributed is part of the record.
@@ -146,6 +149,7 @@ class AggregatorMachine:
         self.noise = NoiseSource()  # edge-mode DP noise, from a secret seed
         self.clips: dict[str, AdaptiveClip] = {}  # per DP job with adaptive clipping
         self.changed: set[str] = set()  # records to save before anything goes out
+        self._clients: dict[str, set[str]] = {}  # job → its agents' records in the store
 
     # ------------------------------------------------------------------ events
 
@@ -159,7 +163,12 @@ class AggregatorMachine:
             return self._status(env)
         else:
             raise Rejected("unexpected-type", f"aggregator does not take {kind.value}")
-        self._touched(env.job, block=kind is Kind.TASK or effects(out))
+        also = []
+        if kind is Kind.UPDATE:
+            also.append(f"client/{env.job}/{env.round}/{env.sender}")
+            if env.stage == "masked":
+                also.append(f"sum/{env.job}")
+        self._touched(env.job, block=kind is Kind.TASK or effects(out), also=also)
         return out
 
     def tick(self, now: float) -> list[Action]:
@@ -181,33 +190,62 @@ class AggregatorMachine:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def _touched(self, job: str, block: bool) -> None:
-        """An accepted update changes the round; anything that sends changes the block."""
+    def _touched(self, job: str, block: bool, also: list[str] | None = None) -> None:
+        """An accepted update changes the round (in a secure round, its sender's record and,
+        in the masked stage, the sum: `also`); anything that sends changes the block, and
+        may end the secure round whose sum and agents' records are saved: they are saved
+        again, or deleted, with it."""
         self.changed.add(f"round/{job}")
+        self.changed.update(also or ())
         if block:
-            self.changed.add(f"job/{job}")
+            self.changed.update((f"job/{job}", f"sum/{job}"))
+            self.changed.update(self._clients.get(job, ()))
 
     def record(self, key: str) -> Record | None:
         """The record `key` as it is now; None when it no longer exists."""
         kind, _, job = key.partition("/")
+        if kind == "client":
+            return self._client_record(key)
         ej = self.jobs.get(job)
         if ej is None:
             return None
+        if kind == "sum":
+            return ej.secure.export_sum() if ej.secure is not None else None
         if kind == "job":
             doc, arrays = ej.export()
             clip = self.clips.get(job)
             return {**doc, "clip": clip.bound if clip else None}, arrays
         if ej.secure is not None:
-            doc, arrays = ej.secure.export()
-            return {"secure": doc}, arrays
+            return {"secure": ej.secure.export()}, {}
         if ej.acc is not None:
             doc, total = ej.acc.state()
             return {"plain": doc, "senders": sorted(ej.senders), "clip_bits": ej.clip_bits}, {
                 "total": total}
         return None
 
+    def _client_record(self, key: str) -> Record | None:
+        """`client/{job}/{round}/{agent}`: what the agent sent in that secure round, while
+        the round is open; saved once as it comes, not with every later message."""
+        _, job, rnd, agent = key.split("/")
+        ej = self.jobs.get(job)
+        rec = None
+        if ej is not None and ej.secure is not None and str(ej.secure.round) == rnd:
+            rec = ej.secure.export_client(agent)
+        saved = self._clients.setdefault(job, set())
+        if rec is None:
+            saved.discard(key)
+        else:
+            saved.add(key)
+        return rec
+
     def restore(self, records: dict[str, Record]) -> None:
         """Take back what `record` saved (before the node starts)."""
+        clients: dict[tuple[str, str], dict[str, Record]] = {}
+        for key in records:
+            if key.startswith("client/"):
+                _, job, rnd, agent = key.split("/")
+                clients.setdefault((job, rnd), {})[agent] = records[key]
+                self._clients.setdefault(job, set()).add(key)  # stale ones go at the next save
         for key, (doc, arrays) in records.items():
             kind, _, job = key.partition("/")
             if kind != "job":
@@ -230,14 +268,16 @@ class AggregatorMachine:
                                                    p.noise_multiplier, spec.min_agents)[0])
             rnd = records.get(f"round/{job}")
             if rnd is not None:
-                self._restore_round(ej, *rnd)
+                self._restore_round(ej, *rnd, records.get(f"sum/{job}"),
+                                    clients.get((job, str(ej.round)), {}))
             self.jobs[job] = ej
 
-    def _restore_round(self, ej: EdgeJob, doc: dict, arrays: dict[str, np.ndarray]) -> None:
+    def _restore_round(self, ej: EdgeJob, doc: dict, arrays: dict[str, np.ndarray],
+                       summed: Record | None, clients: dict[str, Record]) -> None:
         if "secure" in doc:
             ej.secure = SecureRound.restore(ej.job, ej.round, ej.selected, ej.num_params,
                                             ej.spec, self.topics, self.id, doc["secure"],
-                                            arrays)
+                                            summed, clients)
         else:
             ej.acc = WeightedSum.restore(doc["plain"], arrays["total"])
             ej.senders, ej.clip_bits = set(doc["senders"]), doc["clip_bits"]

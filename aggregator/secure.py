@@ -58,19 +58,31 @@ class SecureRound:
         self.survivors: list[str] = []
         self.outcome: Done | Abort | None = None
 
-    def export(self) -> tuple[dict, dict[str, np.ndarray]]:
-        """A checkpoint of the round: its stage, who answered it, and the server's state."""
+    def export(self) -> dict:
+        """A checkpoint of the round: its stage, who answered it, and the server's own state
+        (the masked sum is `export_sum`, what each agent sent `export_client`)."""
         assert self.outcome is None, "a decided round is settled, never saved"
-        doc, arrays = self.server.export()
         return {"stage": self.stage, "expected": sorted(self.expected), "got": sorted(self.got),
-                "deadline": self.deadline, "survivors": self.survivors, "server": doc}, arrays
+                "deadline": self.deadline, "survivors": self.survivors,
+                "server": self.server.export()}
+
+    def export_sum(self) -> tuple[dict, dict[str, np.ndarray]] | None:
+        """The masked sum, saved when a masked input changed it (None: decided)."""
+        return None if self.outcome is not None else ({"round": self.round},
+                                                       {"acc": self.server.acc})
+
+    def export_client(self, sender: str) -> tuple[dict, dict[str, np.ndarray]] | None:
+        """What `sender` added to the round, saved once as it arrives (None: nothing)."""
+        return None if self.outcome is not None else self.server.export_client(sender)
 
     @classmethod
     def restore(cls, job: str, round: int, selected: list[str], num_params: int,
                 spec: ModelSpec, topics: Topics, agg: str, doc: dict,
-                arrays: dict[str, np.ndarray]) -> SecureRound:
+                summed: tuple[dict, dict[str, np.ndarray]] | None,
+                clients: dict[str, tuple[dict, dict[str, np.ndarray]]]) -> SecureRound:
         sr = cls(job, round, selected, num_params, spec, topics, agg, 0.0)
-        sr.server = Server.restore(sr.params, selected, doc["server"], arrays)
+        acc = summed[1]["acc"] if summed is not None and summed[0]["round"] == round else None
+        sr.server = Server.restore(sr.params, selected, doc["server"], acc, clients)
         sr.stage, sr.survivors, sr.deadline = doc["stage"], list(doc["survivors"]), doc["deadline"]
         sr.expected, sr.got = set(doc["expected"]), set(doc["got"])
         return sr

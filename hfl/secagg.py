@@ -47,7 +47,7 @@ import os
 import secrets
 import struct
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -712,35 +712,56 @@ class Server:
         return sorted(set(self._shares) - set(self._u3)) if self._stage >= 4 else []
 
     # -- checkpoints: the server holds nothing secret (public keys, ciphertexts it only
-    # routes, masked inputs summed, shares revealed to it), so its state may go to disk
+    # routes, masked inputs summed, shares revealed to it), so its state may go to disk.
+    # It comes in two parts, so that a save after each message writes only what changed:
+    # the round's own state, and what each client sent (written once, when it arrives).
 
-    def export(self) -> tuple[dict, dict[str, np.ndarray]]:
-        """The round so far as a JSON document and arrays: what `restore` takes back."""
-        senders = sorted(self._shares)
-        pairs = [(s, r) for s in senders for r in sorted(self._shares[s])]
-        doc = {
-            "stage": self._stage,
-            "adverts": {i: [a.c_pk.hex(), a.s_pk.hex(), a.b_commit.hex(), a.signature.hex()]
-                        for i, a in sorted(self._adverts.items())},
-            "shares": [[s, r] for s, r in pairs],
-            "masked": sorted(self._masked),
-            "u3": list(self._u3),
-            "unmasks": {s: {j: format(y, "x") for j, y in sorted(row.items())}
-                        for s, row in sorted(self._unmasks.items())},
-        }
-        cts = np.frombuffer(b"".join(self._shares[s][r] for s, r in pairs), np.uint8)
-        return doc, {"acc": self._acc, "cts": cts.reshape(len(pairs), CT_BYTES)}
+    def export(self) -> dict:
+        """The round's own state: its stage and who is in the sum (the sum itself, which
+        changes only in stage 3, is `acc`)."""
+        return {"stage": self._stage, "masked": sorted(self._masked), "u3": list(self._u3)}
+
+    @property
+    def acc(self) -> np.ndarray:
+        """The running sum of the masked inputs (read-only for checkpoints)."""
+        view = self._acc.view()
+        view.flags.writeable = False
+        return view
+
+    def export_client(self, sender: str) -> tuple[dict, dict[str, np.ndarray]] | None:
+        """What `sender` added to the round (advert, shares, unmasking shares), or None."""
+        ad = self._adverts.get(sender)
+        if ad is None:
+            return None
+        doc: dict = {"advert": [ad.c_pk.hex(), ad.s_pk.hex(), ad.b_commit.hex(),
+                                ad.signature.hex()]}
+        arrays: dict[str, np.ndarray] = {}
+        row = self._shares.get(sender)
+        if row is not None:
+            doc["shares"] = sorted(row)
+            cts = b"".join(row[r] for r in doc["shares"])
+            arrays["cts"] = np.frombuffer(cts, np.uint8).reshape(len(row), CT_BYTES)
+        unmask = self._unmasks.get(sender)
+        if unmask is not None:
+            doc["unmask"] = {j: format(y, "x") for j, y in sorted(unmask.items())}
+        return doc, arrays
 
     @classmethod
     def restore(cls, params: Params, selected: Sequence[str], doc: dict,
-                arrays: dict[str, np.ndarray]) -> Server:
-        """A server in the state `export` saved (ValueError/KeyError if it does not fit)."""
+                acc: np.ndarray | None,
+                clients: Mapping[str, tuple[dict, dict[str, np.ndarray]]]) -> Server:
+        """A server in the state `export`, `acc` (None: nothing summed yet) and
+        `export_client` (sender → its record) saved (ValueError/KeyError if it does not
+        fit)."""
         server = cls(params, selected)
-        server._adverts = {i: Advert(*(bytes.fromhex(v) for v in a))
-                           for i, a in doc["adverts"].items()}
-        cts = arrays["cts"]
-        for k, (sender, recipient) in enumerate(doc["shares"]):
-            server._shares.setdefault(sender, {})[recipient] = cts[k].tobytes()
+        for sender, (cdoc, carrays) in sorted(clients.items()):
+            server._adverts[sender] = Advert(*(bytes.fromhex(v) for v in cdoc["advert"]))
+            if "shares" in cdoc:
+                cts = carrays["cts"]
+                server._shares[sender] = {r: cts[k].tobytes()
+                                          for k, r in enumerate(cdoc["shares"])}
+            if "unmask" in cdoc:
+                server._unmasks[sender] = {j: int(y, 16) for j, y in cdoc["unmask"].items()}
         server._stage = int(doc["stage"])
         if server._stage >= 2:  # derived from U1, as adverts() derived them
             server._graph = neighbours(list(server._adverts), params.degree,
@@ -748,14 +769,12 @@ class Server:
             server._xs = _x_index(server._adverts)
         if server._stage >= 3:
             server._route()
-        acc = arrays["acc"]
-        if acc.shape != server._acc.shape or acc.dtype != np.uint32:
-            raise ValueError(f"saved sum is {acc.dtype}{list(acc.shape)}")
-        server._acc[...] = acc
+        if acc is not None:
+            if acc.shape != server._acc.shape or acc.dtype != np.uint32:
+                raise ValueError(f"saved sum is {acc.dtype}{list(acc.shape)}")
+            server._acc[...] = acc
         server._masked = set(doc["masked"])
         server._u3 = list(doc["u3"])
-        server._unmasks = {s: {j: int(y, 16) for j, y in row.items()}
-                           for s, row in doc["unmasks"].items()}
         return server
 
     # -- checks shared by the stages

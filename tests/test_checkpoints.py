@@ -6,6 +6,7 @@ one it handled, never acknowledged) arrive again. The outcome must be the unfail
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -164,6 +165,45 @@ def test_secure_round_restarted_after_agents_dropped_still_recovers_their_masks(
     survivors = [a for a in secure.STEP if a not in gone]
     np.testing.assert_allclose(v.params, secure.fedavg(survivors), atol=secure.TOL)
     assert v.agents == 11 and v.dropped == 2
+
+
+def test_a_secure_rounds_saves_do_not_grow_with_the_agents_heard_and_leave_nothing(
+        tmp_path: Path) -> None:
+    """A save after an agent's message writes that agent's record and the round's own
+    state, not again what every earlier agent sent (which made a round's saves O(n²));
+    once the round is over, no agent's record is left in the store."""
+    net = secure.net()
+    store = StateStore(tmp_path)
+    saver = Crashable(aggregator(net, "site-a"), store)
+    written: list[int] = []
+    write = store.write
+
+    def counted(records: dict) -> None:
+        written.append(sum(len(json.dumps(doc)) + sum(a.nbytes for a in arrays.values())
+                           for doc, arrays in filter(None, records.values())))
+        write(records)
+
+    store.write = counted  # type: ignore[method-assign]
+    per_message: list[tuple[str, int]] = []
+    handle = saver.handle
+
+    def measured(env, route, now):
+        before = len(written)
+        out = handle(env, route, now)
+        if "/updates/" in env.topic:
+            per_message.append((env.stage, sum(written[before:])))
+        return out
+
+    saver.handle = measured  # type: ignore[method-assign]
+    net.peers["site-a"].machine = saver
+    request(net, secure.spec())
+    (v,) = versions(net)
+    np.testing.assert_allclose(v.params, secure.fedavg(secure.STEP), atol=secure.TOL)
+    shares = [n for stage, n in per_message if stage == "shares"]
+    assert len(shares) == 10
+    # All but the last, whose stage change also rewrites the round's agents' records.
+    assert max(shares[:-1]) <= 1.2 * min(shares[:-1]), shares
+    assert not [k for k in store.read() if k.startswith("client/")]
 
 
 def coordinator(net: MemNet) -> CoordinatorMachine:
