@@ -20,19 +20,29 @@ both see the same machine load.
   show what TLS costs. The model is `logreg` (or `mnist-cnn`) shaped to hold exactly P
   parameters, so the coordinator's ONNX export of each version is in hfl's time. The
   agents' trainer returns the fixed delta.
-- Flower: bench/overhead_flower.py with Flower's own venv (created here on first use,
-  torch left out), its gRPC server on loopback and N NumPyClients as threads of one
-  process. hfl never imports Flower.
+- Flower, in its own venv (created here on first use, torch left out; hfl never imports
+  Flower), FedAvg over N NumPyClients returning the round model plus the fixed delta
+  (bench/flower_app/overhead_app.py), no TLS. Plain: bench/overhead_flower.py, the legacy
+  gRPC server (`start_server`) on loopback and the N clients as threads of one process.
+  `--secagg` (or `--flower-deployment` for plain): Flower's deployment engine, the only
+  one that runs its SecAgg+ (`SecAggPlusWorkflow` and `secaggplus_mod`): a SuperLink, N
+  SuperNodes and `flwr run`, which in Flower 1.42 talk HTTP/1.1 on loopback, not gRPC;
+  the server side is the SuperLink plus the ServerApp process it starts; each SuperNode
+  starts a ClientApp process per message (four per round with SecAgg+). Its SecAgg+
+  settings follow hfl's defaults (`flower_secagg`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing as mp
 import os
 import platform
 import resource
+import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -51,11 +61,13 @@ from edge_agent import runner as agent_runner  # noqa: E402
 from fleet.broker import free_port  # noqa: E402
 from fleet.inproc import FleetLayout, InProcessFleet  # noqa: E402
 from hfl.app import JobStatus  # noqa: E402
-from hfl.messages import Metrics  # noqa: E402
+from hfl.messages import Metrics, SecureSpec  # noqa: E402
 from hfl.node import run_in_thread  # noqa: E402
+from hfl.secagg import params_for  # noqa: E402
 
 FLOWER = "flwr==1.42.0"
 FLOWER_VENV = HERE / ".venv-flower"
+FLOWER_APP = HERE / "flower_app"
 SITE, DATASET, ROUNDS = "site-a", "bench", 5
 DELTA = 1e-3
 MNIST_CNN = 1_663_370
@@ -191,6 +203,7 @@ def flower_python() -> Path:
 
 
 def run_flower(p: int, n: int) -> dict:
+    """Flower's legacy gRPC server (`start_server`) and its N clients as threads."""
     python, script = str(flower_python()), str(HERE / "overhead_flower.py")
     args = ["--port", str(free_port()), "-P", str(p), "-N", str(n), "--rounds", str(ROUNDS)]
     server = subprocess.Popen([python, script, "server", *args], stdout=subprocess.PIPE,
@@ -208,16 +221,123 @@ def run_flower(p: int, n: int) -> dict:
     return json.loads(line.strip().splitlines()[-1])
 
 
+def flower_secagg(n: int) -> dict[str, float]:
+    """Flower's SecAgg+ settings for n clients, matched to hfl's defaults (SecureSpec): hfl's
+    k neighbours and t shares; Flower counts a client's own share among its k + 1. Flower
+    clips the model itself, not the delta; hfl's bound of 2 holds it (5 × 1e-3 here)."""
+    spec = SecureSpec()
+    params = params_for("bench", 1, n, 1, spec.threshold, spec.degree)
+    return {"num-shares": params.degree + 1, "threshold": params.threshold,
+            "clipping-range": spec.clip}
+
+
+def _tree(pid: int) -> list[int]:
+    """pid and its descendants, from /proc: Flower detaches its SuperExecs into sessions of
+    their own, so a process group would not hold them."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        out.append(todo.pop())
+        todo += children.get(out[-1], [])
+    return out
+
+
+def _kill_trees(procs: list[subprocess.Popen]) -> None:
+    """Stop every process of the trees first, so none starts another, then kill them all."""
+    for sig in (signal.SIGSTOP, signal.SIGKILL):
+        for pid in {q for proc in procs for q in _tree(proc.pid)}:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+    for proc in procs:
+        proc.wait()
+
+
+def run_flower_deployment(p: int, n: int, secagg: bool, timeout: float = 1800) -> dict:
+    """Flower's deployment engine on loopback: a SuperLink, N SuperNodes, the app in
+    bench/flower_app submitted with `flwr run`. The SuperLink runs the ServerApp in a process
+    of its own (through its SuperExec), each SuperNode a ClientApp process per message; the
+    ServerApp writes its figures to a file. The server side is the SuperLink and the
+    ServerApp: CPU seconds and peak RSS are their sums (the SuperExecs only poll and spawn)."""
+    venv = flower_python().parent
+    with tempfile.TemporaryDirectory(prefix="hfl-overhead-flower-") as tmp:
+        port, out, home = free_port(), Path(tmp) / "out.json", Path(tmp) / "flwr-home"
+        home.mkdir()  # flwr's config and installed apps, instead of ~/.flwr
+        (home / "config.toml").write_text(
+            f'[superlink]\ndefault = "bench"\n\n[superlink.bench]\n'
+            f'address = "127.0.0.1:{port}"\ninsecure = true\n')
+        env = {**os.environ, "FLWR_HOME": str(home), "PATH": f"{venv}:{os.environ['PATH']}"}
+        config = {"P": p, "N": n, "rounds": ROUNDS, "secagg": secagg, "out": str(out),
+                  **flower_secagg(n)}
+        with open(Path(tmp) / "flower.log", "wb") as log:
+            def spawn(*cmd: str) -> subprocess.Popen:
+                return subprocess.Popen([str(venv / cmd[0]), *cmd[1:]], env=env, stdout=log,
+                                        stderr=log, stdin=subprocess.DEVNULL)
+
+            procs = [spawn("flower-superlink", "--insecure", "--port", str(port),
+                           "--disable-runtime-dependency-installation")]
+            try:
+                procs += [spawn("flower-supernode", "--insecure", "--superlink",
+                                f"127.0.0.1:{port}", "--port", str(free_port()))
+                          for _ in range(n)]
+                config["superlink-pid"] = procs[0].pid
+                run = [str(venv / "flwr"), "run", str(FLOWER_APP), "--run-config",
+                       " ".join(f"{k}={json.dumps(v)}" for k, v in config.items())]
+                deadline = time.monotonic() + timeout
+                while not _listening(port):  # tens of seconds on a loaded machine
+                    _wait_a_bit(deadline, procs[0], Path(tmp) / "flower.log")
+                subprocess.run(run, env=env, stdout=log, stderr=log, check=True)
+                while not out.exists():
+                    _wait_a_bit(deadline, procs[0], Path(tmp) / "flower.log")
+            finally:
+                _kill_trees(procs)
+        result = json.loads(out.read_text())
+    result["cpu"] += result["superlink_cpu"]
+    result["peak_rss"] += result["superlink_peak_rss"]
+    return result
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _wait_a_bit(deadline: float, superlink: subprocess.Popen, log: Path) -> None:
+    if time.monotonic() > deadline or superlink.poll() is not None:
+        tail = log.read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"Flower's run did not finish; its log ends:\n{tail}")
+    time.sleep(0.2)
+
+
+def flower(p: int, n: int, secagg: bool, deployment: bool) -> dict:
+    """One Flower run, its final model checked: the mean of ROUNDS fixed deltas."""
+    result = run_flower_deployment(p, n, secagg) if secagg or deployment else run_flower(p, n)
+    if abs(result["final_mean"] - ROUNDS * DELTA) > 1e-5:
+        raise RuntimeError(f"Flower's final model averages {result['final_mean']}, "
+                           f"not {ROUNDS * DELTA}")
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-P", type=int, nargs="+", default=[MNIST_CNN])
     ap.add_argument("-N", type=int, nargs="+", default=[10, 50])
     ap.add_argument("--reps", type=int, default=1, help="alternations per configuration")
-    ap.add_argument("--secagg", action="store_true", help="SecAgg+ on hfl's side")
+    ap.add_argument("--secagg", action="store_true",
+                    help="SecAgg+ on both sides (Flower's on its deployment engine)")
+    ap.add_argument("--flower-deployment", action="store_true",
+                    help="plain Flower on its deployment engine too, not start_server")
     ap.add_argument("--no-tls", action="store_true", help="hfl's broker without TLS")
     args = ap.parse_args()
+    deployment = args.secagg or args.flower_deployment
     print(f"## round overhead ({platform.machine()}, {os.cpu_count()} cpus, {ROUNDS} rounds, "
-          f"hfl: {'SecAgg+' if args.secagg else 'plain'}, {'no ' * args.no_tls}TLS; "
+          f"{'SecAgg+' if args.secagg else 'plain'}; hfl: {'no ' * args.no_tls}TLS; Flower: "
+          f"{'deployment engine (HTTP)' if deployment else 'start_server (gRPC)'}, no TLS; "
           f"load average {os.getloadavg()[0]:.1f})\n")
     print("| P | N | hfl s/round | Flower s/round | hfl ÷ Flower | hfl server CPU s/round "
           "| Flower server CPU s/round | hfl server MiB | Flower server MiB | load |")
@@ -227,7 +347,7 @@ def main() -> None:
             runs: dict[str, list[dict]] = {"hfl": [], "flower": []}
             for _ in range(args.reps):
                 runs["hfl"].append(run_hfl(p, n, args.secagg, not args.no_tls))
-                runs["flower"].append(run_flower(p, n))
+                runs["flower"].append(flower(p, n, args.secagg, args.flower_deployment))
             med = {k: statistics.median(t for r in v for t in r["rounds"])
                    for k, v in runs.items()}
             rss = {k: max(r["peak_rss"] for r in v) / 2**20 for k, v in runs.items()}
@@ -240,6 +360,14 @@ def main() -> None:
                 print(f"<!-- {k} rounds: "
                       + "; ".join(" ".join(f"{t:.3f}" for t in r["rounds"]) for r in v)
                       + " -->", flush=True)
+            if deployment:  # the server side's two processes, apart
+                print("<!-- Flower SuperLink / ServerApp: CPU s "
+                      + "; ".join(f"{r['superlink_cpu']:.2f} / {r['cpu'] - r['superlink_cpu']:.2f}"
+                                  for r in runs["flower"])
+                      + ", peak MiB "
+                      + "; ".join(f"{r['superlink_peak_rss'] / 2**20:.0f} / "
+                                  f"{(r['peak_rss'] - r['superlink_peak_rss']) / 2**20:.0f}"
+                                  for r in runs["flower"]) + " -->", flush=True)
 
 
 if __name__ == "__main__":
