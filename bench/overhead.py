@@ -63,6 +63,7 @@ from fleet.inproc import FleetLayout, InProcessFleet  # noqa: E402
 from hfl.app import JobStatus  # noqa: E402
 from hfl.messages import Metrics, SecureSpec  # noqa: E402
 from hfl.node import run_in_thread  # noqa: E402
+from hfl.pki import Pki  # noqa: E402
 from hfl.secagg import params_for  # noqa: E402
 
 FLOWER = "flwr==1.42.0"
@@ -202,14 +203,16 @@ def flower_python() -> Path:
     return python
 
 
-def run_flower(p: int, n: int) -> dict:
+def run_flower(p: int, n: int, tls: dict[str, Path] | None) -> dict:
     """Flower's legacy gRPC server (`start_server`) and its N clients as threads."""
     python, script = str(flower_python()), str(HERE / "overhead_flower.py")
     args = ["--port", str(free_port()), "-P", str(p), "-N", str(n), "--rounds", str(ROUNDS)]
-    server = subprocess.Popen([python, script, "server", *args], stdout=subprocess.PIPE,
-                              stderr=subprocess.DEVNULL, text=True)
+    server_tls = [a for k, path in (tls or {}).items() for a in (f"--{k}", str(path))]
+    server = subprocess.Popen([python, script, "server", *args, *server_tls],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     time.sleep(2)  # the gRPC server listening; clients retry their connection anyway
-    clients = subprocess.Popen([python, script, "clients", *args],
+    client_tls = ["--ca", str(tls["ca"])] if tls else []
+    clients = subprocess.Popen([python, script, "clients", *args, *client_tls],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         line, _ = server.communicate(timeout=600)
@@ -219,6 +222,14 @@ def run_flower(p: int, n: int) -> dict:
     if server.returncode:
         raise RuntimeError(f"Flower's server exited with {server.returncode}")
     return json.loads(line.strip().splitlines()[-1])
+
+
+def flower_tls(dir: Path) -> dict[str, Path]:
+    """A CA and a server certificate for 127.0.0.1 (EC P-256, as hfl's broker has)."""
+    pki = Pki.init(dir / "pki")
+    pki.issue_broker("flower", ["127.0.0.1"])
+    files = pki.device("flower")
+    return {"ca": files.ca, "cert": files.cert, "key": files.tls_key}
 
 
 def flower_secagg(n: int) -> dict[str, float]:
@@ -258,45 +269,47 @@ def _kill_trees(procs: list[subprocess.Popen]) -> None:
         proc.wait()
 
 
-def run_flower_deployment(p: int, n: int, secagg: bool, timeout: float = 1800) -> dict:
+def run_flower_deployment(p: int, n: int, secagg: bool, tmp: Path,
+                          tls: dict[str, Path] | None, timeout: float = 3600) -> dict:
     """Flower's deployment engine on loopback: a SuperLink, N SuperNodes, the app in
     bench/flower_app submitted with `flwr run`. The SuperLink runs the ServerApp in a process
     of its own (through its SuperExec), each SuperNode a ClientApp process per message; the
     ServerApp writes its figures to a file. The server side is the SuperLink and the
     ServerApp: CPU seconds and peak RSS are their sums (the SuperExecs only poll and spawn)."""
     venv = flower_python().parent
-    with tempfile.TemporaryDirectory(prefix="hfl-overhead-flower-") as tmp:
-        port, out, home = free_port(), Path(tmp) / "out.json", Path(tmp) / "flwr-home"
-        home.mkdir()  # flwr's config and installed apps, instead of ~/.flwr
-        (home / "config.toml").write_text(
-            f'[superlink]\ndefault = "bench"\n\n[superlink.bench]\n'
-            f'address = "127.0.0.1:{port}"\ninsecure = true\n')
-        env = {**os.environ, "FLWR_HOME": str(home), "PATH": f"{venv}:{os.environ['PATH']}"}
-        config = {"P": p, "N": n, "rounds": ROUNDS, "secagg": secagg, "out": str(out),
-                  **flower_secagg(n)}
-        with open(Path(tmp) / "flower.log", "wb") as log:
-            def spawn(*cmd: str) -> subprocess.Popen:
-                return subprocess.Popen([str(venv / cmd[0]), *cmd[1:]], env=env, stdout=log,
-                                        stderr=log, stdin=subprocess.DEVNULL)
+    port, out, home, log_path = free_port(), tmp / "out.json", tmp / "flwr-home", tmp / "log"
+    home.mkdir()  # flwr's config and installed apps, instead of ~/.flwr
+    trust = f'root-certificates = "{tls["ca"]}"' if tls else "insecure = true"
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "bench"\n\n[superlink.bench]\n'
+                                      f'address = "127.0.0.1:{port}"\n{trust}\n')
+    link_tls = ["--ssl-ca-certfile", str(tls["ca"]), "--ssl-certfile", str(tls["cert"]),
+                "--ssl-keyfile", str(tls["key"])] if tls else ["--insecure"]
+    node_tls = ["--root-certificates", str(tls["ca"])] if tls else ["--insecure"]
+    env = {**os.environ, "FLWR_HOME": str(home), "PATH": f"{venv}:{os.environ['PATH']}"}
+    config = {"P": p, "N": n, "rounds": ROUNDS, "secagg": secagg, "out": str(out),
+              **flower_secagg(n)}
+    with open(log_path, "wb") as log:
+        def spawn(*cmd: str) -> subprocess.Popen:
+            return subprocess.Popen([str(venv / cmd[0]), *cmd[1:]], env=env, stdout=log,
+                                    stderr=log, stdin=subprocess.DEVNULL)
 
-            procs = [spawn("flower-superlink", "--insecure", "--port", str(port),
-                           "--disable-runtime-dependency-installation")]
-            try:
-                procs += [spawn("flower-supernode", "--insecure", "--superlink",
-                                f"127.0.0.1:{port}", "--port", str(free_port()))
-                          for _ in range(n)]
-                config["superlink-pid"] = procs[0].pid
-                run = [str(venv / "flwr"), "run", str(FLOWER_APP), "--run-config",
-                       " ".join(f"{k}={json.dumps(v)}" for k, v in config.items())]
-                deadline = time.monotonic() + timeout
-                while not _listening(port):  # tens of seconds on a loaded machine
-                    _wait_a_bit(deadline, procs[0], Path(tmp) / "flower.log")
-                subprocess.run(run, env=env, stdout=log, stderr=log, check=True)
-                while not out.exists():
-                    _wait_a_bit(deadline, procs[0], Path(tmp) / "flower.log")
-            finally:
-                _kill_trees(procs)
-        result = json.loads(out.read_text())
+        procs = [spawn("flower-superlink", *link_tls, "--port", str(port),
+                       "--disable-runtime-dependency-installation")]
+        try:
+            procs += [spawn("flower-supernode", *node_tls, "--superlink", f"127.0.0.1:{port}",
+                            "--port", str(free_port())) for _ in range(n)]
+            config["superlink-pid"] = procs[0].pid
+            run = [str(venv / "flwr"), "run", str(FLOWER_APP), "--run-config",
+                   " ".join(f"{k}={json.dumps(v)}" for k, v in config.items())]
+            deadline = time.monotonic() + timeout
+            while not _listening(port):  # tens of seconds on a loaded machine
+                _wait_a_bit(deadline, procs[0], log_path)
+            subprocess.run(run, env=env, stdout=log, stderr=log, check=True)
+            while not out.exists():
+                _wait_a_bit(deadline, procs[0], log_path)
+        finally:
+            _kill_trees(procs)
+    result = json.loads(out.read_text())
     result["cpu"] += result["superlink_cpu"]
     result["peak_rss"] += result["superlink_peak_rss"]
     return result
@@ -314,9 +327,14 @@ def _wait_a_bit(deadline: float, superlink: subprocess.Popen, log: Path) -> None
     time.sleep(0.2)
 
 
-def flower(p: int, n: int, secagg: bool, deployment: bool) -> dict:
+def flower(p: int, n: int, secagg: bool, deployment: bool, tls: bool) -> dict:
     """One Flower run, its final model checked: the mean of ROUNDS fixed deltas."""
-    result = run_flower_deployment(p, n, secagg) if secagg or deployment else run_flower(p, n)
+    with tempfile.TemporaryDirectory(prefix="hfl-overhead-flower-") as tmp:
+        certs = flower_tls(Path(tmp)) if tls else None
+        if secagg or deployment:
+            result = run_flower_deployment(p, n, secagg, Path(tmp), certs)
+        else:
+            result = run_flower(p, n, certs)
     if abs(result["final_mean"] - ROUNDS * DELTA) > 1e-5:
         raise RuntimeError(f"Flower's final model averages {result['final_mean']}, "
                            f"not {ROUNDS * DELTA}")
@@ -333,11 +351,13 @@ def main() -> None:
     ap.add_argument("--flower-deployment", action="store_true",
                     help="plain Flower on its deployment engine too, not start_server")
     ap.add_argument("--no-tls", action="store_true", help="hfl's broker without TLS")
+    ap.add_argument("--flower-tls", action="store_true", help="Flower with TLS (as hfl has)")
     args = ap.parse_args()
     deployment = args.secagg or args.flower_deployment
     print(f"## round overhead ({platform.machine()}, {os.cpu_count()} cpus, {ROUNDS} rounds, "
           f"{'SecAgg+' if args.secagg else 'plain'}; hfl: {'no ' * args.no_tls}TLS; Flower: "
-          f"{'deployment engine (HTTP)' if deployment else 'start_server (gRPC)'}, no TLS; "
+          f"{'deployment engine (HTTP)' if deployment else 'start_server (gRPC)'}, "
+          f"{'' if args.flower_tls else 'no '}TLS; "
           f"load average {os.getloadavg()[0]:.1f})\n")
     print("| P | N | hfl s/round | Flower s/round | hfl ÷ Flower | hfl server CPU s/round "
           "| Flower server CPU s/round | hfl server MiB | Flower server MiB | load |")
@@ -347,7 +367,8 @@ def main() -> None:
             runs: dict[str, list[dict]] = {"hfl": [], "flower": []}
             for _ in range(args.reps):
                 runs["hfl"].append(run_hfl(p, n, args.secagg, not args.no_tls))
-                runs["flower"].append(flower(p, n, args.secagg, args.flower_deployment))
+                runs["flower"].append(flower(p, n, args.secagg, args.flower_deployment,
+                                             args.flower_tls))
             med = {k: statistics.median(t for r in v for t in r["rounds"])
                    for k, v in runs.items()}
             rss = {k: max(r["peak_rss"] for r in v) / 2**20 for k, v in runs.items()}

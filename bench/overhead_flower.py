@@ -3,6 +3,8 @@
     bench/.venv-flower/bin/python bench/overhead_flower.py server --port 9092 -P 100000 -N 10
     bench/.venv-flower/bin/python bench/overhead_flower.py clients --port 9092 -P 100000 -N 10
 
+(with TLS: --ca, --cert and --key to the server, --ca to the clients).
+
 The server is Flower's legacy gRPC server (`start_server`, FedAvg, fit on every client, no
 evaluation); it prints one JSON line: seconds of each round (round 1 from the end of its
 configure_fit, once all N are connected; each later one from the end of the one before),
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import threading
+from pathlib import Path
 
 import flwr as fl
 import numpy as np
@@ -25,16 +28,21 @@ from flower_app.overhead_app import DELTA, FixedDelta, Timed
 
 def server(args: argparse.Namespace) -> None:
     strategy = Timed(args.P, args.N)
+    certificates = None
+    if args.ca:
+        certificates = tuple(Path(p).read_bytes() for p in (args.ca, args.cert, args.key))
     fl.server.start_server(server_address=f"127.0.0.1:{args.port}", strategy=strategy,
-                           config=fl.server.ServerConfig(num_rounds=args.rounds))
+                           config=fl.server.ServerConfig(num_rounds=args.rounds),
+                           certificates=certificates)
     print(json.dumps(strategy.report()), flush=True)
 
 
 def clients(args: argparse.Namespace) -> None:
     delta = np.full(args.P, DELTA, np.float32)  # one array, shared read-only by every client
     address = f"127.0.0.1:{args.port}"
+    ca = Path(args.ca).read_bytes() if args.ca else None
     threads = [threading.Thread(target=fl.client.start_client, daemon=True,
-                                kwargs={"server_address": address,
+                                kwargs={"server_address": address, "root_certificates": ca,
                                         "client": FixedDelta(delta).to_client()})
                for _ in range(args.N)]
     for t in threads:
@@ -50,5 +58,8 @@ if __name__ == "__main__":
     ap.add_argument("-P", type=int, required=True)
     ap.add_argument("-N", type=int, required=True)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--ca", help="TLS: the CA certificate (PEM) the server's chains to")
+    ap.add_argument("--cert", help="TLS: the server's certificate (PEM)")
+    ap.add_argument("--key", help="TLS: the server's private key (PEM)")
     args = ap.parse_args()
     {"server": server, "clients": clients}[args.role](args)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import time
 from pathlib import Path
 
@@ -65,7 +64,7 @@ class Timed(fl.server.strategy.FedAvg):
         final = fl.common.parameters_to_ndarrays(self.final)[0]
         return {"rounds": [b - a for a, b in zip(marks, marks[1:], strict=False)],
                 "cpu": self.cpu_end - self.cpu,
-                "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                "peak_rss": peak_rss("self"),
                 "final_mean": float(final.mean())}
 
 
@@ -79,8 +78,16 @@ class FixedDelta(fl.client.NumPyClient):
         return [parameters[0] + self.delta], SAMPLES, {}
 
 
+def peak_rss(pid: int | str) -> int:
+    """A process's own peak RSS. Not ru_maxrss: Linux carries that over from the parent
+    across fork and exec, and bench/overhead.py's parent is far larger than Flower."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return next(int(line.split()[1]) * 1024 for line in status.splitlines()
+                if line.startswith("VmHWM:"))
+
+
 class ProcClock:
-    """CPU seconds and peak RSS of another process (the SuperLink), from /proc."""
+    """CPU seconds of another process (the SuperLink) between two marks, from /proc."""
 
     def __init__(self, pid: int) -> None:
         self.pid, self.cpu, self.start = pid, 0.0, 0.0
@@ -95,10 +102,6 @@ class ProcClock:
     def mark_end(self) -> None:
         self.cpu = self.cpu_now() - self.start
 
-    def peak_rss(self) -> int:
-        status = Path(f"/proc/{self.pid}/status").read_text()
-        return next(int(line.split()[1]) * 1024 for line in status.splitlines()
-                    if line.startswith("VmHWM:"))
 
 
 server_app = ServerApp()
@@ -120,7 +123,7 @@ def main(grid: Grid, context: Context) -> None:
     DefaultWorkflow(fit_workflow=fit)(grid, legacy)
     out = Path(str(cfg["out"]))
     out.with_suffix(".part").write_text(json.dumps(
-        {**strategy.report(), "superlink_cpu": link.cpu, "superlink_peak_rss": link.peak_rss()}))
+        {**strategy.report(), "superlink_cpu": link.cpu, "superlink_peak_rss": peak_rss(link.pid)}))
     out.with_suffix(".part").replace(out)  # whole, for bench/overhead.py waiting on it
 
 
