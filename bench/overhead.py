@@ -22,14 +22,15 @@ both see the same machine load.
   agents' trainer returns the fixed delta.
 - Flower, in its own venv (created here on first use, torch left out; hfl never imports
   Flower), FedAvg over N NumPyClients returning the round model plus the fixed delta
-  (bench/flower_app/overhead_app.py), no TLS. Plain: bench/overhead_flower.py, the legacy
-  gRPC server (`start_server`) on loopback and the N clients as threads of one process.
-  `--secagg` (or `--flower-deployment` for plain): Flower's deployment engine, the only
-  one that runs its SecAgg+ (`SecAggPlusWorkflow` and `secaggplus_mod`): a SuperLink, N
-  SuperNodes and `flwr run`, which in Flower 1.42 talk HTTP/1.1 on loopback, not gRPC;
-  the server side is the SuperLink plus the ServerApp process it starts; each SuperNode
-  starts a ClientApp process per message (four per round with SecAgg+). Its SecAgg+
-  settings follow hfl's defaults (`flower_secagg`).
+  (bench/flower_app/overhead_app.py); without TLS unless `--flower-tls`. Plain:
+  bench/overhead_flower.py, the legacy gRPC server (`start_server`) on loopback and the N
+  clients as threads of one process. `--secagg` (or `--flower-deployment` for plain):
+  Flower's deployment engine, the only one that runs its SecAgg+ (`SecAggPlusWorkflow`
+  with `secaggplus_mod`), with settings after hfl's defaults (`flower_secagg`): a
+  SuperLink, N SuperNodes and `flwr run`, which in Flower 1.42 talk HTTP/1.1, not gRPC.
+  Its server side is the SuperLink, its SuperExec and the ServerApp process they start
+  (CPU and peak RSS summed); each SuperNode starts a ClientApp process per message, four
+  per round with SecAgg+.
 """
 
 from __future__ import annotations
@@ -274,8 +275,8 @@ def run_flower_deployment(p: int, n: int, secagg: bool, tmp: Path,
     """Flower's deployment engine on loopback: a SuperLink, N SuperNodes, the app in
     bench/flower_app submitted with `flwr run`. The SuperLink runs the ServerApp in a process
     of its own (through its SuperExec), each SuperNode a ClientApp process per message; the
-    ServerApp writes its figures to a file. The server side is the SuperLink and the
-    ServerApp: CPU seconds and peak RSS are their sums (the SuperExecs only poll and spawn)."""
+    ServerApp writes its figures to a file. The server side is the SuperLink, its SuperExec
+    and the ServerApp: the CPU seconds and peak RSS are their sums."""
     venv = flower_python().parent
     port, out, home, log_path = free_port(), tmp / "out.json", tmp / "flwr-home", tmp / "log"
     home.mkdir()  # flwr's config and installed apps, instead of ~/.flwr
@@ -310,8 +311,8 @@ def run_flower_deployment(p: int, n: int, secagg: bool, tmp: Path,
         finally:
             _kill_trees(procs)
     result = json.loads(out.read_text())
-    result["cpu"] += result["superlink_cpu"]
-    result["peak_rss"] += result["superlink_peak_rss"]
+    result["cpu"] += result["link_cpu"]
+    result["peak_rss"] += result["link_peak_rss"]
     return result
 
 
@@ -381,13 +382,13 @@ def main() -> None:
                 print(f"<!-- {k} rounds: "
                       + "; ".join(" ".join(f"{t:.3f}" for t in r["rounds"]) for r in v)
                       + " -->", flush=True)
-            if deployment:  # the server side's two processes, apart
-                print("<!-- Flower SuperLink / ServerApp: CPU s "
-                      + "; ".join(f"{r['superlink_cpu']:.2f} / {r['cpu'] - r['superlink_cpu']:.2f}"
+            if deployment:  # Flower's server side, apart
+                print("<!-- Flower SuperLink + SuperExec / ServerApp: CPU s "
+                      + "; ".join(f"{r['link_cpu']:.2f} / {r['cpu'] - r['link_cpu']:.2f}"
                                   for r in runs["flower"])
                       + ", peak MiB "
-                      + "; ".join(f"{r['superlink_peak_rss'] / 2**20:.0f} / "
-                                  f"{(r['peak_rss'] - r['superlink_peak_rss']) / 2**20:.0f}"
+                      + "; ".join(f"{r['link_peak_rss'] / 2**20:.0f} / "
+                                  f"{(r['peak_rss'] - r['link_peak_rss']) / 2**20:.0f}"
                                   for r in runs["flower"]) + " -->", flush=True)
 
 

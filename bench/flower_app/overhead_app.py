@@ -5,8 +5,9 @@ Runs in Flower's own venv (bench/.venv-flower), never imported by hfl. bench/ove
 starts a SuperLink and N SuperNodes and submits this app with `flwr run`; the SuperLink
 runs the ServerApp in a process of its own, each SuperNode a ClientApp process per message.
 The ServerApp writes one JSON object to the run config's `out`: the seconds of each round
-(as `Timed` notes them), its own CPU seconds and the SuperLink's over those rounds, both
-peak RSS, and the mean of the final model (rounds × the delta if the sum came out right).
+(as `Timed` notes them), the CPU seconds over those rounds and the peak RSS of itself and
+(`link_`) of the SuperLink with its SuperExec, and the mean of the final model (rounds ×
+the delta if the sum came out right).
 """
 
 from __future__ import annotations
@@ -86,15 +87,19 @@ def peak_rss(pid: int | str) -> int:
                 if line.startswith("VmHWM:"))
 
 
-class ProcClock:
-    """CPU seconds of another process (the SuperLink) between two marks, from /proc."""
+class Others:
+    """CPU seconds (between two marks) and peak RSS of other processes, from /proc: the
+    SuperLink and its SuperExec, the ServerApp's parent, the rest of Flower's server side."""
 
-    def __init__(self, pid: int) -> None:
-        self.pid, self.cpu, self.start = pid, 0.0, 0.0
+    def __init__(self, pids: list[int]) -> None:
+        self.pids, self.cpu, self.start = pids, 0.0, 0.0
 
     def cpu_now(self) -> float:
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+        ticks = 0
+        for pid in self.pids:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime
+        return ticks / os.sysconf("SC_CLK_TCK")
 
     def mark_start(self) -> None:
         self.start = self.cpu_now()
@@ -102,6 +107,8 @@ class ProcClock:
     def mark_end(self) -> None:
         self.cpu = self.cpu_now() - self.start
 
+    def peak_rss(self) -> int:
+        return sum(peak_rss(pid) for pid in self.pids)
 
 
 server_app = ServerApp()
@@ -111,7 +118,7 @@ server_app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     cfg = context.run_config
     strategy = Timed(int(cfg["P"]), int(cfg["N"]))
-    link = ProcClock(int(cfg["superlink-pid"]))
+    link = Others([int(cfg["superlink-pid"]), os.getppid()])
     strategy.on_start, strategy.on_end = link.mark_start, link.mark_end
     fit = None
     if cfg["secagg"]:
@@ -123,7 +130,7 @@ def main(grid: Grid, context: Context) -> None:
     DefaultWorkflow(fit_workflow=fit)(grid, legacy)
     out = Path(str(cfg["out"]))
     out.with_suffix(".part").write_text(json.dumps(
-        {**strategy.report(), "superlink_cpu": link.cpu, "superlink_peak_rss": peak_rss(link.pid)}))
+        {**strategy.report(), "link_cpu": link.cpu, "link_peak_rss": link.peak_rss()}))
     out.with_suffix(".part").replace(out)  # whole, for bench/overhead.py waiting on it
 
 
