@@ -375,7 +375,7 @@ def main() -> None:
             rss = {k: max(r["peak_rss"] for r in v) / 2**20 for k, v in runs.items()}
             cpu = {k: statistics.mean(r["cpu"] for r in v) / ROUNDS for k, v in runs.items()}
             print(f"| {p:,} | {n} | {med['hfl']:.3f} | {med['flower']:.3f} "
-                  f"| {med['hfl'] / med['flower']:.2f} | {cpu['hfl']:.3f} | {cpu['flower']:.3f} "
+                  f"| {med['hfl'] / med['flower']:.3g} | {cpu['hfl']:.3f} | {cpu['flower']:.3f} "
                   f"| {rss['hfl']:.0f} "
                   f"| {rss['flower']:.0f} | {os.getloadavg()[0]:.1f} |", flush=True)
             for k, v in runs.items():
