@@ -311,6 +311,8 @@ def run_flower_deployment(p: int, n: int, secagg: bool, tmp: Path,
         finally:
             _kill_trees(procs)
     result = json.loads(out.read_text())
+    if "error" in result:
+        raise RuntimeError(f"Flower's ServerApp: {result['error']}")
     result["cpu"] += result["link_cpu"]
     result["peak_rss"] += result["link_peak_rss"]
     return result
@@ -336,9 +338,9 @@ def flower(p: int, n: int, secagg: bool, deployment: bool, tls: bool) -> dict:
             result = run_flower_deployment(p, n, secagg, Path(tmp), certs)
         else:
             result = run_flower(p, n, certs)
-    if abs(result["final_mean"] - ROUNDS * DELTA) > 1e-5:
-        raise RuntimeError(f"Flower's final model averages {result['final_mean']}, "
-                           f"not {ROUNDS * DELTA}")
+    if len(result["rounds"]) != ROUNDS or abs(result["final_mean"] - ROUNDS * DELTA) > 1e-5:
+        raise RuntimeError(f"Flower: {len(result['rounds'])} rounds, the final model averages "
+                           f"{result['final_mean']}; want {ROUNDS}, {ROUNDS * DELTA}")
     return result
 
 

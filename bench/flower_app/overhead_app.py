@@ -127,11 +127,17 @@ def main(grid: Grid, context: Context) -> None:
                                  clipping_range=float(cfg["clipping-range"]))
     legacy = LegacyContext(context, fl.server.ServerConfig(num_rounds=int(cfg["rounds"])),
                            strategy)
-    DefaultWorkflow(fit_workflow=fit)(grid, legacy)
-    out = Path(str(cfg["out"]))
-    out.with_suffix(".part").write_text(json.dumps(
-        {**strategy.report(), "link_cpu": link.cpu, "link_peak_rss": link.peak_rss()}))
-    out.with_suffix(".part").replace(out)  # whole, for bench/overhead.py waiting on it
+    result: dict = {"error": "the ServerApp failed"}  # bench/overhead.py waits for a result
+    try:
+        DefaultWorkflow(fit_workflow=fit)(grid, legacy)
+        result = {**strategy.report(), "link_cpu": link.cpu, "link_peak_rss": link.peak_rss()}
+    except Exception as e:
+        result["error"] = repr(e)
+        raise
+    finally:
+        out = Path(str(cfg["out"]))
+        out.with_suffix(".part").write_text(json.dumps(result))
+        out.with_suffix(".part").replace(out)  # whole, for bench/overhead.py waiting on it
 
 
 def _client(context: Context) -> fl.client.Client:
