@@ -49,6 +49,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -303,11 +304,9 @@ def run_flower_deployment(p: int, n: int, secagg: bool, tmp: Path,
             run = [str(venv / "flwr"), "run", str(FLOWER_APP), "--run-config",
                    " ".join(f"{k}={json.dumps(v)}" for k, v in config.items())]
             deadline = time.monotonic() + timeout
-            while not _listening(port):  # tens of seconds on a loaded machine
-                _wait_a_bit(deadline, procs[0], log_path)
+            _wait_for(lambda: _listening(port), deadline, procs[0], log_path, n)  # tens of s
             subprocess.run(run, env=env, stdout=log, stderr=log, check=True)
-            while not out.exists():
-                _wait_a_bit(deadline, procs[0], log_path)
+            _wait_for(out.exists, deadline, procs[0], log_path, n)
         finally:
             _kill_trees(procs)
     result = json.loads(out.read_text())
@@ -323,11 +322,24 @@ def _listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def _wait_a_bit(deadline: float, superlink: subprocess.Popen, log: Path) -> None:
-    if time.monotonic() > deadline or superlink.poll() is not None:
-        tail = log.read_text(errors="replace")[-3000:]
-        raise RuntimeError(f"Flower's run did not finish; its log ends:\n{tail}")
-    time.sleep(0.2)
+def _wait_for(ready: Callable[[], bool], deadline: float, superlink: subprocess.Popen,
+              log: Path, n: int) -> None:
+    """Until ready(). Fails once the deadline passes, the SuperLink exits, or ClientApps
+    start too slowly: a SuperNode gives each 30 s to take its task, then starts another,
+    which on a loaded machine snowballs until no round ends."""
+    checked = time.monotonic()
+    while not ready():
+        why = ("timed out" if time.monotonic() > deadline else
+               "the SuperLink exited" if superlink.poll() is not None else None)
+        if why is None and time.monotonic() - checked > 10:
+            checked = time.monotonic()
+            expired = log.read_text(errors="replace").count("task-token authentication failed")
+            if expired > 2 * n:
+                why = f"{expired} ClientApps too slow to start (machine too loaded)"
+        if why:
+            tail = log.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"Flower's run: {why}; its log ends:\n{tail}")
+        time.sleep(0.2)
 
 
 def flower(p: int, n: int, secagg: bool, deployment: bool, tls: bool) -> dict:
