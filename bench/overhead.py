@@ -30,7 +30,8 @@ both see the same machine load.
   SuperLink, N SuperNodes and `flwr run`, which in Flower 1.42 talk HTTP/1.1, not gRPC.
   Its server side is the SuperLink, its SuperExec and the ServerApp process they start
   (CPU and peak RSS summed); each SuperNode starts a ClientApp process per message, four
-  per round with SecAgg+.
+  per round with SecAgg+. Each ClientApp has 30 s to start and take its task: on a loaded
+  machine N of them starting at once miss it, and the run is given up (`_wait_for`).
 """
 
 from __future__ import annotations
