@@ -42,7 +42,6 @@ import json
 import multiprocessing as mp
 import os
 import platform
-import resource
 import signal
 import socket
 import statistics
@@ -61,6 +60,7 @@ sys.path.insert(0, str(HERE.parent))
 from aggregator.runner import aggregator_node  # noqa: E402
 from coordinator.runner import coordinator_node  # noqa: E402
 from edge_agent import runner as agent_runner  # noqa: E402
+from fleet import procs  # noqa: E402
 from fleet.broker import free_port  # noqa: E402
 from fleet.inproc import FleetLayout, InProcessFleet  # noqa: E402
 from hfl.app import JobStatus  # noqa: E402
@@ -128,7 +128,7 @@ def _server(fleet: InProcessFleet, ready: mp.synchronize.Event, stop: mp.synchro
     ready.set()
     _serve_until(stop, nodes)
     registry.close()
-    out.put((time.process_time() - cpu, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    out.put((time.process_time() - cpu, procs.memory_mib(os.getpid()) * 2**20,
              {name: dict(node.rejections) for name, node in (("coordinator", coord), (SITE, agg))
               if node.rejections}))
 

@@ -85,14 +85,6 @@ def busy_s() -> float:
     return (sum(int(f) for f in fields[:8]) - idle) / TICK
 
 
-def memory_mib(pid: int, field: str) -> float:
-    """A memory figure of /proc/PID/status: VmRSS (now) or VmHWM (peak)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 class Probe:
     """CPU seconds and RSS of every process at named moments, their peak RSS at the end."""
 
@@ -107,10 +99,10 @@ class Probe:
         self.wall[label] = time.monotonic()
         self.cpu_at[label] = {n: cpu_s(p) for n, p in self.pids.items()}
         self.cpu_at[label]["machine"] = busy_s()  # everything, the benchmark's own included
-        self.rss_at[label] = {n: memory_mib(p, "VmRSS") for n, p in self.pids.items()}
+        self.rss_at[label] = {n: procs.memory_mib(p, "VmRSS") for n, p in self.pids.items()}
 
     def take_peaks(self) -> None:
-        self.peak = {n: memory_mib(p, "VmHWM") for n, p in self.pids.items()}
+        self.peak = {n: procs.memory_mib(p) for n, p in self.pids.items()}
 
     def cpu(self, since: str, until: str) -> dict[str, float]:
         """CPU seconds each process spent between two marks (0 for one started later)."""

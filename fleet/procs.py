@@ -85,6 +85,15 @@ def spawn_service(id_: str, config: Path, log: Path, cwd: Path) -> subprocess.Po
                                 env=child_env(), cwd=cwd)
 
 
+def memory_mib(pid: int, field: str = "VmHWM") -> float:
+    """A memory figure of /proc/PID/status in MiB: VmHWM (the peak, default) or VmRSS (now).
+    Not `ru_maxrss`, which a child inherits from its parent over fork and exec."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024
+    raise ValueError(f"no {field} for process {pid}")
+
+
 def tally(log: str, id_: str) -> dict:
     """The counters a service logged when it stopped (its last `tally` line)."""
     lines = [ln for ln in log.splitlines() if f"{id_} tally " in ln]

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fleet.procs import memory_mib
 from hfl import envelope
 from hfl.messages import Kind, Metrics, PartialMeta, UpdateMeta
 from tests.faults.fuzz import Target, accounted, cases, draw_cases
@@ -26,14 +27,6 @@ from tests.faults.harness import (
 from tests.faults.test_restarts import SAMPLES, SITE_A, STEPS, fedavg, no_crash
 
 PER_NODE = 6000
-
-
-def peak_rss_mib(pid: int) -> float:
-    """The process's peak resident memory (VmHWM), in MiB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmHWM")
 
 
 def targets(fleet: FaultFleet) -> dict[str, Target]:
@@ -87,7 +80,7 @@ def test_ten_thousand_fuzzed_messages_while_a_job_runs(tmp_path: Path) -> None:
                     time.sleep(0.2)  # spread over the job
             fuzzer.flush(60)
 
-        before = {id_: peak_rss_mib(fleet.procs[id_].pid) for id_ in ("site-a", "coordinator")}
+        before = {id_: memory_mib(fleet.procs[id_].pid) for id_ in ("site-a", "coordinator")}
         thread = threading.Thread(target=flood, daemon=True)
         thread.start()
         app, jobs = fleet.request(sp)
@@ -99,7 +92,7 @@ def test_ten_thousand_fuzzed_messages_while_a_job_runs(tmp_path: Path) -> None:
         assert sent == len(mixed)
         for id_ in ("site-a", "coordinator"):  # each has taken in everything: its log is quiet
             quiet_log(fleet, id_)
-        peak = {id_: peak_rss_mib(fleet.procs[id_].pid) for id_ in ("site-a", "coordinator")}
+        peak = {id_: memory_mib(fleet.procs[id_].pid) for id_ in ("site-a", "coordinator")}
         for id_ in ("site-a", "coordinator"):
             assert fleet.stop(id_) == 0  # alive until asked to stop, and a clean exit
     finally:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from fleet.procs import memory_mib
 from tests.faults.harness import FaultFleet, assert_state, expected_state, spec
-from tests.faults.test_fuzz import peak_rss_mib
 from tests.faults.test_restarts import no_crash
 
 N = 1000
@@ -37,7 +37,7 @@ def test_a_thousand_agents_connect_at_once_and_all_count(tmp_path: Path) -> None
         app, jobs = fleet.request(sp)
         out = fleet.follow(app, jobs, timeout=600)
         job_s = time.monotonic() - t1
-        peak = peak_rss_mib(fleet.procs["site-a"].pid)
+        peak = memory_mib(fleet.procs["site-a"].pid)
         fleet.stop("site-a")
     finally:
         fleet.close()
