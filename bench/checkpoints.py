@@ -32,7 +32,7 @@ from edge_agent.machine import AgentMachine, Train  # noqa: E402
 from fleet.memnet import MemNet  # noqa: E402
 from hfl.actions import Send  # noqa: E402
 from hfl.identity import Identity, Roster  # noqa: E402
-from hfl.messages import Kind, Metrics, ModelRequest, ModelSpec, Origin, Role  # noqa: E402
+from hfl.messages import Kind, Metrics, ModelRequest, ModelSpec, Role  # noqa: E402
 from hfl.state import Checkpointer, StateStore  # noqa: E402
 from hfl.topics import Topics  # noqa: E402
 
@@ -102,10 +102,8 @@ def one_group(n: int, p: int, store: StateStore) -> tuple[int, int, float]:
 
     net = MemNet(topics, roster, trainer=train, record=False)
     coord = ids["coord"]
-    net.add(coord, CoordinatorMachine(
-        lambda: roster.by_role(Role.AGGREGATOR), lambda s: np.zeros(p, np.float32), topics,
-        lambda job, v, params: Origin.sign(coord.id, coord.key, job, v, params), roster.group),
-        topics.coordinator_filters())
+    net.add(coord, CoordinatorMachine.of(coord, roster, topics, lambda s: np.zeros(p, np.float32)),
+            topics.coordinator_filters())
     net.add(ids["app"], Sink(), topics.app_filters(["m"]))
     agg = Saved(AggregatorMachine(AGG, lambda: roster.group(AGG), topics), store)
     net.add(ids[AGG], agg, topics.aggregator_filters(AGG))

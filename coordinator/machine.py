@@ -36,6 +36,7 @@ from hfl.messages import (
     ModelSpec,
     Origin,
     PartialMeta,
+    Role,
     TaskMeta,
     expect_tensor,
     job_id,
@@ -46,6 +47,7 @@ from hfl.topics import Route, Topics
 
 if TYPE_CHECKING:
     from hfl.envelope import Envelope
+    from hfl.identity import Identity, Roster
 
 # How long past the aggregators' own deadlines the coordinator waits for a block.
 GRACE_S = 10.0
@@ -138,6 +140,16 @@ class CoordinatorMachine:
         self.topics = topics
         self.jobs: dict[str, Job] = {}
         self.changed: set[str] = set()  # records to save before anything goes out
+
+    @classmethod
+    def of(cls, identity: Identity, roster: Roster, topics: Topics,
+           init_params: Callable[[ModelSpec], np.ndarray]) -> CoordinatorMachine:
+        """The coordinator `identity`: its aggregators and their agents are `roster`'s (as it
+        changes), and it signs each model version with its own key."""
+        return cls(lambda: roster.by_role(Role.AGGREGATOR), init_params, topics,
+                   lambda job, version, params: Origin.sign(identity.id, identity.key, job,
+                                                            version, params),
+                   roster.group)
 
     # ------------------------------------------------------------------ events
 

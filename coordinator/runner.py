@@ -14,7 +14,7 @@ from coordinator.machine import CoordinatorMachine, NewVersion
 from coordinator.registry import Registry
 from hfl.actions import Action, Send
 from hfl.identity import Identity, Roster
-from hfl.messages import JobMeta, Kind, ModelMeta, ModelSpec, Origin, Role
+from hfl.messages import JobMeta, Kind, ModelMeta, ModelSpec
 from hfl.models import build, init_params, state_dict_arrays, unflatten_into
 from hfl.mqtt import BrokerSettings
 from hfl.node import Node
@@ -103,10 +103,7 @@ def coordinator_node(
 ) -> tuple[Node, CoordinatorMachine, Registry]:
     """Wire the coordinator; it resumes the jobs saved in `state_dir` (StateError when that
     folder cannot be used)."""
-    machine = CoordinatorMachine(
-        lambda: roster.by_role(Role.AGGREGATOR), initial_params, topics,
-        lambda job, version, params: Origin.sign(identity.id, identity.key, job, version, params),
-        roster.group)
+    machine = CoordinatorMachine.of(identity, roster, topics, initial_params)
     registry = Registry(Path(state_dir) / "registry")
     durable = Checkpointer(machine, StateStore(Path(state_dir)),
                            resume=lambda now: pub.unpublished(machine.resume(now)))

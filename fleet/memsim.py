@@ -43,8 +43,6 @@ from hfl.messages import (
     Metrics,
     ModelRequest,
     ModelSpec,
-    Origin,
-    Role,
     StatusMeta,
     parse_meta,
 )
@@ -112,10 +110,7 @@ class MemFleet:
                          for g in layout.groups.values() for agent, data in g.items()}
         self.net = MemNet(self.topics, self.roster, trainer=self._train, record=False)
         coord = ids[layout.coordinator]
-        self.coordinator = CoordinatorMachine(
-            lambda: self.roster.by_role(Role.AGGREGATOR), initial_params, self.topics,
-            lambda job, v, params: Origin.sign(coord.id, coord.key, job, v, params),
-            self.roster.group)
+        self.coordinator = CoordinatorMachine.of(coord, self.roster, self.topics, initial_params)
         self.net.add(coord, self.coordinator, self.topics.coordinator_filters())
         self.app_id = layout.apps[0]
         self.app = _App()

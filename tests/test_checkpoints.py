@@ -16,8 +16,7 @@ from aggregator.machine import AggregatorMachine
 from coordinator.machine import CoordinatorMachine
 from fleet.memnet import MemNet
 from hfl.gate import Gate
-from hfl.identity import Roster
-from hfl.messages import Kind, Origin, Role
+from hfl.messages import Kind
 from hfl.state import Checkpointer, StateStore
 from tests import test_secure_rounds as secure
 from tests.test_machines import GROUPS, build, fedavg, request, spec, versions
@@ -207,11 +206,8 @@ def test_a_secure_rounds_saves_do_not_grow_with_the_agents_heard_and_leave_nothi
 
 
 def coordinator(net: MemNet) -> CoordinatorMachine:
-    roster: Roster = net.roster
-    coord = net.peers["coord"].identity
-    return CoordinatorMachine(
-        lambda: roster.by_role(Role.AGGREGATOR), lambda s: np.zeros(6, np.float32), net.topics,
-        lambda job, v, params: Origin.sign(coord.id, coord.key, job, v, params), roster.group)
+    return CoordinatorMachine.of(net.peers["coord"].identity, net.roster, net.topics,
+                                 lambda s: np.zeros(6, np.float32))
 
 
 def test_coordinator_killed_between_partials_publishes_the_same_global_model(

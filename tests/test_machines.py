@@ -16,7 +16,7 @@ from hfl import envelope
 from hfl.actions import Send
 from hfl.errors import Rejected
 from hfl.identity import Identity, Roster
-from hfl.messages import Kind, Metrics, ModelRequest, ModelSpec, Origin, Role
+from hfl.messages import Kind, Metrics, ModelRequest, ModelSpec, Role
 from hfl.topics import Route, Topics
 
 P = 6
@@ -61,10 +61,8 @@ def build(trainer=None, groups=GROUPS, **netkw) -> MemNet:
             enrol(a, Role.AGENT, agg)
     net = MemNet(topics, roster, trainer=trainer or constant_trainer(), **netkw)
     coord = ids["coord"]
-    net.add(coord, CoordinatorMachine(
-        lambda: roster.by_role(Role.AGGREGATOR), lambda s: np.zeros(P, np.float32), topics,
-        lambda job, v, params: Origin.sign(coord.id, coord.key, job, v, params), roster.group),
-        topics.coordinator_filters())
+    net.add(coord, CoordinatorMachine.of(coord, roster, topics, lambda s: np.zeros(P, np.float32)),
+            topics.coordinator_filters())
     net.add(ids["app"], _Sink(), topics.app_filters(["m"]))
     for agg, agents in groups.items():
         net.add(ids[agg], AggregatorMachine(agg, lambda agg=agg: roster.group(agg), topics),
