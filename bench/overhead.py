@@ -202,7 +202,9 @@ def flower_python() -> Path:
     python = FLOWER_VENV / "bin" / "python"
     if not python.exists():
         subprocess.run([sys.executable, "-m", "venv", str(FLOWER_VENV)], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "-q", FLOWER], check=True)
+        # Without our PYTHONPATH, so that pip neither sees hfl nor checks its requirements.
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        subprocess.run([str(python), "-m", "pip", "install", "-q", FLOWER], check=True, env=env)
     return python
 
 
