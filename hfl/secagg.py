@@ -753,6 +753,8 @@ class Server:
         """A server in the state `export`, `acc` (None: nothing summed yet) and
         `export_client` (sender → its record) saved (ValueError/KeyError if it does not
         fit)."""
+        if "adverts" in doc:  # the whole state in one record, as hfl saved it before
+            raise ValueError("a SecAgg+ round saved in an older format")
         server = cls(params, selected)
         for sender, (cdoc, carrays) in sorted(clients.items()):
             server._adverts[sender] = Advert(*(bytes.fromhex(v) for v in cdoc["advert"]))

@@ -128,6 +128,22 @@ def test_exact_sum_with_dropouts_after_sharing(dropped: int) -> None:
     assert np.abs(r.fixed.decode(total) - floats).max() <= 10 / r.fixed.scale
 
 
+def test_a_server_restored_from_its_records_gives_the_same_sum() -> None:
+    """A checkpoint is the round's own record, the sum and one record per client; an older
+    single-record checkpoint is refused rather than half-restored."""
+    r = Round(10)
+    r.keys_and_shares()
+    survivors = r.mask({r.ids[0]})
+    r.unmask(survivors)
+    clients = {i: rec for i in r.ids if (rec := r.server.export_client(i)) is not None}
+    assert set(clients) == set(r.ids)
+    back = sa.Server.restore(r.params, r.ids, r.server.export(), r.server.acc.copy(), clients)
+    np.testing.assert_array_equal(back.result(), r.expected(survivors))
+    old = {"stage": 4, "adverts": {}, "shares": [], "masked": [], "u3": [], "unmasks": {}}
+    with pytest.raises(ValueError, match="older format"):
+        sa.Server.restore(r.params, r.ids, old, None, {})
+
+
 def test_five_dropped_is_too_few_and_leaves_stage_open() -> None:
     r = Round(10)
     r.keys_and_shares()
