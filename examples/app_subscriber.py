@@ -23,6 +23,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from sklearn.datasets import load_digits
 
 from hfl.app import AppWire, JobStatus, ModelVersion
+from hfl.mqtt import tls_context
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -55,7 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=wire.identity.id,
                          protocol=mqtt.MQTTv5)
     files = wire.files
-    client.tls_set(ca_certs=str(files.ca), certfile=str(files.cert), keyfile=str(files.tls_key))
+    # paho's own TLS settings, with a socket that paho reads at least once a second: with
+    # plain `tls_set`, the end of a large version could wait in OpenSSL for the next packet.
+    client.tls_set_context(tls_context(str(files.ca), str(files.cert), str(files.tls_key)))
     topics = wire.subscriptions([model])
     client.on_connect = lambda c, *_: c.subscribe([(t, 1) for t in topics])
     client.on_message = lambda c, userdata, msg: inbox.put((msg.topic, msg.payload))

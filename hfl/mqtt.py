@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import logging
 import queue
+import ssl
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +40,39 @@ log = logging.getLogger("hfl.mqtt")
 QOS = 1
 PACKET_HEADROOM = 1024  # room under the broker's packet limit for header, topic, properties
 _PUBLISH_FIXED = 1 + 4 + 2 + 2 + 4  # type byte, length (<= 4), topic length, packet id, props
+READ_NUDGE_S = 1.0  # how often a quiet TLS connection is read anyway (see _NudgedSSLSocket)
+
+
+class _NudgedSSLSocket(ssl.SSLSocket):
+    """A TLS socket that paho tries to read at least every READ_NUDGE_S.
+
+    Paho reads when `select` says the socket is readable or `pending()` counts decrypted
+    bytes left in the TLS layer. OpenSSL can also hold bytes it has read but not decrypted,
+    which neither sees: the end of a large message then waits for the next packet to
+    arrive, up to a keepalive (measured: 6.6 MB round models 25 s late in 5 of 12 runs).
+    Claiming a pending byte now and then makes paho try a read, which costs one SSL_read
+    that finds nothing when nothing is there."""
+
+    _nudge_at = 0.0
+
+    def pending(self) -> int:
+        n = super().pending()
+        now = time.monotonic()
+        if n or now < self._nudge_at:
+            return n
+        self._nudge_at = now + READ_NUDGE_S
+        return 1
+
+
+def tls_context(ca: str, cert: str | None = None, key: str | None = None) -> ssl.SSLContext:
+    """What paho's `tls_set` builds (TLS client, the broker's certificate and host name
+    checked against `ca`), with our socket class."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.load_verify_locations(ca)
+    if cert is not None:
+        context.load_cert_chain(cert, key)
+    context.sslsocket_class = _NudgedSSLSocket
+    return context
 
 
 @dataclass(frozen=True)
@@ -141,7 +176,7 @@ class Session:
                         protocol=mqtt.MQTTv5, manual_ack=manual_ack)
         c.enable_logger(logging.getLogger("hfl.mqtt.paho"))
         if s.ca:
-            c.tls_set(ca_certs=s.ca, certfile=s.cert, keyfile=s.key)
+            c.tls_set_context(tls_context(s.ca, s.cert, s.key))
         if s.username is not None:
             c.username_pw_set(s.username, s.password)
         if will is not None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import queue
 import signal
+import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -15,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from fleet.broker import Broker
+from hfl import mqtt
 from hfl.chunks import Reassembler
 from hfl.mqtt import BrokerSettings, Inbound, Session
 
@@ -90,6 +93,25 @@ def test_chunk_limit_follows_the_broker_packet_limit(mosquitto: str, tmp_path: P
         assert pub.flush(TIMEOUT)
         assert receive_whole(inbox) == payload
         assert pub.counters["disconnects"] == 0  # nothing oversized was sent
+
+
+def test_a_quiet_tls_socket_is_offered_for_reading_once_per_interval(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """OpenSSL may hold bytes it has not decrypted, which neither select nor pending()
+    reports, so the end of a large message waited for the next packet (25 s stalls). The
+    session's TLS socket says a byte is pending once per READ_NUDGE_S, and paho reads."""
+    clock = [100.0]
+    monkeypatch.setattr(mqtt.time, "monotonic", lambda: clock[0])
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.sslsocket_class = mqtt._NudgedSSLSocket
+    with socket.socket() as raw, context.wrap_socket(raw, server_hostname="broker",
+                                                     do_handshake_on_connect=False) as tls:
+        assert tls.pending() == 1  # nothing decrypted, but a read is due
+        assert tls.pending() == 0  # not again within the interval
+        clock[0] += mqtt.READ_NUDGE_S / 2
+        assert tls.pending() == 0
+        clock[0] += mqtt.READ_NUDGE_S / 2
+        assert tls.pending() == 1
 
 
 def test_subscribe_after_connect(broker: Broker) -> None:
