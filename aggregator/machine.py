@@ -164,7 +164,7 @@ class AggregatorMachine:
         else:
             raise Rejected("unexpected-type", f"aggregator does not take {kind.value}")
         also = []
-        if kind is Kind.UPDATE:
+        if kind is Kind.UPDATE and env.stage != "update":  # a SecAgg+ stage: its own record
             also.append(f"client/{env.job}/{env.round}/{env.sender}")
             if env.stage == "masked":
                 also.append(f"sum/{env.job}")

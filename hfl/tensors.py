@@ -60,7 +60,8 @@ def dump(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None =
         prepared[name] = _prepare(name, array)
     header: dict[str, Any] = {}
     if metadata:
-        _check_metadata(dict(metadata))
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+            raise ValueError("metadata must map str to str")
         header[_METADATA] = dict(metadata)
     # Widest items first: with the header padded to 8 bytes, every tensor starts on a
     # multiple of its item size, so views over the body are aligned.
