@@ -55,13 +55,11 @@ class Saved:
     def __init__(self, machine: AggregatorMachine, store: StateStore) -> None:
         self.machine, self.saver = machine, Checkpointer(machine, store)
         self.written = self.received = 0
-        self.seconds = 0.0
+        self.seconds = 0.0  # building the records and writing them
         write = store.write
 
         def counted(records: dict) -> None:
-            t = time.perf_counter()
             write(records)
-            self.seconds += time.perf_counter() - t
             self.written += sum(len(str(doc)) + sum(a.nbytes for a in arrays.values())
                                 for doc, arrays in filter(None, records.values()))
 
@@ -69,11 +67,8 @@ class Saved:
 
     def _save(self) -> None:
         t = time.perf_counter()
-        keys = sorted(self.machine.changed)
-        records = {k: self.machine.record(k) for k in keys}
-        self.seconds += time.perf_counter() - t  # building the records
-        self.saver.store.write(records)
-        self.machine.changed.difference_update(keys)
+        self.saver.save()
+        self.seconds += time.perf_counter() - t
 
     def handle(self, env, route, now: float) -> list:
         out = self.machine.handle(env, route, now)
