@@ -39,6 +39,7 @@ from hfl.aggregate import WeightedSum
 from hfl.dp import AdaptiveClip, NoiseSource, adaptive_noise, edge_noise_std
 from hfl.errors import Rejected
 from hfl.messages import (
+    DeclineMeta,
     Kind,
     Metrics,
     ModelSpec,
@@ -114,6 +115,7 @@ class EdgeJob:
     candidates: list[str] = field(default_factory=list)  # this edge round's sampling pool
     clip_bits: float = 0.0  # adaptive clipping, plain rounds: Σ of the agents' bits
     releases: list[Release] = field(default_factory=list)  # this block's, for DP accounting
+    declined: dict[str, str] = field(default_factory=dict)  # this block's: agent → why
     partial: Send | None = None  # the block's result, kept to answer a repeated task
 
     @property
@@ -128,6 +130,7 @@ class EdgeJob:
                "attempt": self.attempt, "selected": self.selected, "deadline": self.deadline,
                "dropped": self.dropped, "candidates": self.candidates,
                "releases": [r.model_dump(mode="json") for r in self.releases],
+               "declined": self.declined,
                "partial": self.partial.meta if self.partial else None}
         arrays = {"global": self.global_params, "params": self.params}
         if self.partial is not None and "sum" in self.partial.tensors:
@@ -258,7 +261,8 @@ class AggregatorMachine:
                          edge_round=doc["edge_round"], attempt=doc["attempt"],
                          selected=doc["selected"], deadline=doc["deadline"],
                          dropped=doc["dropped"], candidates=doc["candidates"],
-                         releases=[Release.model_validate(r) for r in doc["releases"]])
+                         releases=[Release.model_validate(r) for r in doc["releases"]],
+                         declined=dict(doc.get("declined", {})))
             if doc["partial"] is not None:
                 ej.partial = self._partial_send(ej, doc["partial"], arrays.get("partial"))
             p = spec.privacy
@@ -279,7 +283,7 @@ class AggregatorMachine:
                                             ej.spec, self.topics, self.id, doc["secure"],
                                             summed, clients)
         else:
-            ej.acc = WeightedSum.restore(doc["plain"], arrays["total"])
+            ej.acc = WeightedSum.restore(doc["plain"], arrays["total"], ej.spec.metrics)
             ej.senders, ej.clip_bits = set(doc["senders"]), doc["clip_bits"]
 
     def resume(self, now: float) -> list[Action]:
@@ -346,6 +350,8 @@ class AggregatorMachine:
             raise Rejected("stale-round", f"update for {env.job}/{env.round}")
         if env.sender not in ej.selected:
             raise Rejected("not-selected", env.sender)
+        if env.stage == "decline":
+            return self._decline(ej, env, now)
         if ej.secure is not None:
             return ej.secure.handle(env, now) + self._settle(ej, now)
         assert ej.acc is not None
@@ -353,18 +359,49 @@ class AggregatorMachine:
             raise Rejected("stale-stage", f"{env.stage} in a plain round")
         if env.sender in ej.senders:
             return [Note("duplicate", {"job": ej.job, "round": ej.round, "agent": env.sender})]
+        if env.sender in ej.declined:
+            raise Rejected("stale-stage", f"update from {env.sender}, which declined")
         meta = parse_meta(UpdateMeta, env.meta)
         delta = update_delta(env.tensors, ej.spec, ej.num_params)
         if meta.metrics.samples <= 0:
             raise Rejected("bad-meta", "an update needs samples > 0")
         # DP-FedAvg counts every agent once: the sensitivity analysis assumes weights of 1.
         weight = 1.0 if ej.spec.privacy is not None else meta.metrics.samples
-        ej.acc.add(delta, weight, meta.metrics)
+        try:
+            ej.acc.add(delta, weight, meta.metrics)
+        except ValueError as e:  # metrics other than the task's: nothing was added
+            raise Rejected("bad-meta", str(e)) from None
         ej.clip_bits += meta.clip_bit or 0.0
         ej.senders.add(env.sender)
-        if len(ej.senders) == len(ej.selected):
+        return self._answered_plain(ej, now)
+
+    def _decline(self, ej: EdgeJob, env: Envelope, now: float) -> list[Action]:
+        """A selected agent sits the round out: the round stops waiting for it, it is not
+        selected again in this block, and the reason goes up with the partial."""
+        if env.sender in ej.declined:
+            return [Note("duplicate", {"job": ej.job, "round": ej.round, "agent": env.sender})]
+        if env.sender in ej.senders:
+            raise Rejected("stale-stage", f"decline from {env.sender} after its update")
+        meta = parse_meta(DeclineMeta, env.meta)
+        out: list[Action] = [Note("declined", {"job": ej.job, "round": ej.round,
+                                               "agent": env.sender, "reason": meta.reason,
+                                               "detail": meta.detail})]
+        if ej.secure is not None:
+            out += ej.secure.decline(env.sender, now)
+        ej.declined[env.sender] = f"{meta.reason}: {meta.detail}"[:200]
+        if ej.secure is not None:
+            return out + self._settle(ej, now)
+        return out + self._answered_plain(ej, now)
+
+    def _answered_plain(self, ej: EdgeJob, now: float) -> list[Action]:
+        """Close a plain round once every selected agent sent its update or declined."""
+        assert ej.acc is not None
+        if not set(ej.selected) <= ej.senders | set(ej.declined):
+            return []
+        if ej.acc.count >= ej.spec.min_agents:
             return self._close_plain(ej, now)
-        return []
+        return self._retry(ej, now, f"{ej.acc.count} < {ej.spec.min_agents} "
+                           f"({len(set(ej.selected) & set(ej.declined))} declined)")
 
     def _settle(self, ej: EdgeJob, now: float) -> list[Action]:
         """Act on a secure round's outcome once it has one."""
@@ -382,12 +419,15 @@ class AggregatorMachine:
     # ------------------------------------------------------------------ transitions
 
     def _open(self, ej: EdgeJob, now: float) -> list[Action]:
-        group = set(self.group())
+        group = set(self.group()) - set(ej.declined)  # a decliner sits out the block
         online = sorted(self.online & group)
         # Status may lag the agents' connections: fall back to the whole enrolled group.
         candidates = online if len(online) >= ej.spec.min_agents else sorted(group)
         if not candidates:
-            return self._fail_block(ej, "no agents enrolled in this group")
+            why = "no agents enrolled in this group"
+            if ej.declined:
+                why = f"every agent declined ({'; '.join(sorted(set(ej.declined.values())))})"
+            return self._fail_block(ej, why[:500])
         ej.candidates = candidates
         ej.selected = select(candidates, ej.spec, ej.job, ej.round)
         ej.senders = set()
@@ -400,7 +440,7 @@ class AggregatorMachine:
             except ValueError as e:  # e.g. a group too small to hide anyone's update
                 return self._fail_block(ej, f"secure aggregation impossible: {e}")
         else:
-            ej.acc = WeightedSum(ej.num_params)
+            ej.acc = WeightedSum(ej.num_params, ej.spec.metrics)
         info = {"job": ej.job, "round": ej.round, "block": ej.block, "selected": len(ej.selected)}
         return [*self._announce(ej), Note("round_open", info)]
 
@@ -480,7 +520,8 @@ class AggregatorMachine:
         failure: str = "",
     ) -> list[Action]:
         meta = PartialMeta(weight=weight, agents=agents, dropped=ej.dropped, metrics=m,
-                           failure=failure[:500], releases=ej.releases)
+                           failure=failure[:500], releases=ej.releases,
+                           declined=dict(list(ej.declined.items())[:1000]))
         ej.partial = self._partial_send(ej, meta.model_dump(mode="json"), partial)
         info = {"job": ej.job, "block": ej.block, "weight": weight, "agents": agents}
         return [ej.partial, Note("partial_sent", info)]

@@ -107,6 +107,14 @@ class SecureRound:
         self.got.add(sender)
         return self._advance(now) if self.got >= self.expected else []
 
+    def decline(self, sender: str, now: float) -> list[Action]:
+        """`sender` sits the round out instead of advertising: the advert stage stops
+        waiting for it (a decline after its advert is a peer's error)."""
+        if self.outcome is not None or self.stage != "advert" or sender in self.got:
+            raise Rejected("stale-stage", f"decline from {sender} during {self.stage}")
+        self.expected.discard(sender)
+        return self._advance(now) if self.got >= self.expected else []
+
     def tick(self, now: float) -> list[Action]:
         if self.outcome is None and now >= self.deadline:
             return self._advance(now)
@@ -157,7 +165,7 @@ class SecureRound:
             if not self.server.ready():
                 raise Rejected("secagg-too-few", "not enough shares to unmask")
             total = self.fixed.decode(self.server.result())
-            mean, metrics, bits = wire.unpack(total, self.num_params, self.spec.secagg)
+            mean, metrics, bits = wire.unpack(total, self.num_params, self.spec)
             self.outcome = Done(mean, metrics, len(self.survivors), self.server.dropped, bits)
         except Rejected as r:
             self.outcome = Abort(f"{self.stage}: {r}")

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from aggregator.machine import AggregatorMachine  # noqa: E402
 from coordinator.machine import CoordinatorMachine, NewVersion  # noqa: E402
-from edge_agent.machine import AgentMachine, Train  # noqa: E402
+from edge_agent.machine import AgentMachine, Train, Update  # noqa: E402
 from fleet.memnet import MemNet  # noqa: E402
 from hfl.actions import Send  # noqa: E402
 from hfl.identity import Identity, Roster  # noqa: E402
@@ -92,18 +92,19 @@ def one_group(n: int, p: int, store: StateStore) -> tuple[int, int, float]:
         roster.enroll(ids[id_], group)
     delta = np.full(p, 1e-3, np.float32)
 
-    def train(agent: str, t: Train) -> tuple[np.ndarray, Metrics]:
-        return delta, Metrics(samples=600)
+    def train(agent: str, t: Train) -> Update:
+        return Update(delta, Metrics(samples=600))
 
     net = MemNet(topics, roster, trainer=train, record=False)
     coord = ids["coord"]
-    net.add(coord, CoordinatorMachine.of(coord, roster, topics, lambda s: np.zeros(p, np.float32)),
+    net.add(coord, CoordinatorMachine.of(coord, roster, topics,
+                                         lambda s: (s, np.zeros(p, np.float32))),
             topics.coordinator_filters())
     net.add(ids["app"], Sink(), topics.app_filters(["m"]))
     agg = Saved(AggregatorMachine(AGG, lambda: roster.group(AGG), topics), store)
     net.add(ids[AGG], agg, topics.aggregator_filters(AGG))
     for a in roster.group(AGG):
-        net.add(ids[a], AgentMachine(ids[a], AGG, {"d"}, topics, roster),
+        net.add(ids[a], AgentMachine(ids[a], AGG, {"logreg"}, {"d"}, topics, roster),
                 topics.agent_filters(AGG, a))
         net.publish(a, Send(Kind.STATUS, topics.status("agent", a), "", 0, "online",
                             {"state": "online", "group": AGG}, retain=True))
@@ -116,9 +117,8 @@ def one_group(n: int, p: int, store: StateStore) -> tuple[int, int, float]:
         deliver(peer, topic, payload)
 
     net._deliver = counting  # type: ignore[method-assign]
-    spec = ModelSpec(name="m", arch="logreg", input_shape=(1, 1, (p - 10) // 10),
-                     num_classes=10, dataset="d", aggregators=[AGG], rounds=1, min_agents=n,
-                     deadline_s=60)
+    spec = ModelSpec(name="m", task="logreg", dataset="d", aggregators=[AGG], rounds=1,
+                     min_agents=n, deadline_s=60)
     versions: list[object] = []
     net.handlers[NewVersion] = lambda peer, v: versions.append(v)
     req = ModelRequest(request_id="bench", models=[spec])

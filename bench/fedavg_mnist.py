@@ -44,6 +44,8 @@ def one_run(args: argparse.Namespace, lr: float, save: Callable[[dict], None]) -
     so far after every round, so a run cut short still leaves its curve."""
     cfg = load_sim_config(SETTING)
     cfg.data.path = args.data
+    if cfg.test is not None:
+        cfg.test.path = args.data
     cfg.data.partition = args.partition
     cfg.fleet.agents, cfg.timeout = args.agents, args.rounds * 900
     cfg.model.update(lr=lr, rounds=args.rounds, min_agents=max(1, round(
@@ -59,11 +61,11 @@ def one_run(args: argparse.Namespace, lr: float, save: Callable[[dict], None]) -
         return {
             "lr": lr,
             "ended": ended,
-            "rounds_to_target": next((r.round for r in rows if r.accuracy >= args.target),
-                                     None),
+            "rounds_to_target": next(
+                (r.round for r in rows if r.metrics["accuracy"] >= args.target), None),
             "rounds_run": len(rows),
-            "best_accuracy": max((r.accuracy for r in rows), default=None),
-            "accuracy_per_round": [r.accuracy for r in rows],
+            "best_accuracy": max((r.metrics["accuracy"] for r in rows), default=None),
+            "accuracy_per_round": [r.metrics["accuracy"] for r in rows],
             "agents_per_round": [r.agents for r in rows],
             "seconds": round(time.perf_counter() - t0, 1),
             "seconds_per_round_median": round(gaps[len(gaps) // 2], 1) if gaps else None,
@@ -72,10 +74,10 @@ def one_run(args: argparse.Namespace, lr: float, save: Callable[[dict], None]) -
     def on_row(row: RoundRow) -> None:
         rows.append(row)
         stamps.append(time.perf_counter())
-        print(f"  lr {lr:g} round {row.round}: accuracy {row.accuracy:.4f} "
+        print(f"  lr {lr:g} round {row.round}: accuracy {row.metrics['accuracy']:.4f} "
               f"({row.agents} agents)", flush=True)
         save(result("running"))
-        if row.accuracy >= args.target:
+        if row.metrics["accuracy"] >= args.target:
             raise Reached
 
     ended = "target reached"

@@ -60,6 +60,7 @@ sys.path.insert(0, str(HERE.parent))
 from aggregator.runner import aggregator_node  # noqa: E402
 from coordinator.runner import coordinator_node  # noqa: E402
 from edge_agent import runner as agent_runner  # noqa: E402
+from edge_agent.machine import Update  # noqa: E402
 from fleet import procs  # noqa: E402
 from fleet.broker import free_port  # noqa: E402
 from fleet.inproc import FleetLayout, InProcessFleet  # noqa: E402
@@ -81,12 +82,13 @@ def model_for(p: int) -> dict:
     """An architecture of exactly p parameters: mnist-cnn, or logreg over a (1, a, b) input
     with 10 classes (p = 10·a·b + 10)."""
     if p == MNIST_CNN:
-        return {"arch": "mnist-cnn", "input_shape": (1, 28, 28), "num_classes": 10}
+        return {"task": "mnist-cnn", "options": {"input_shape": [1, 28, 28], "num_classes": 10}}
     features, rest = divmod(p - 10, 10)
     a = next((a for a in range(int(features**0.5), 0, -1) if features % a == 0), 1)
     if rest or features // a > 4096:
         raise SystemExit(f"P = {p}: want 10·a·b + 10 with a, b <= 4096")
-    return {"arch": "logreg", "input_shape": (1, a, features // a), "num_classes": 10}
+    return {"task": "logreg",
+            "options": {"input_shape": [1, a, features // a], "num_classes": 10}}
 
 
 class FixedDelta:
@@ -97,8 +99,8 @@ class FixedDelta:
     def __init__(self, *args: object, **kwargs: object) -> None:
         pass
 
-    def __call__(self, t: object) -> tuple[np.ndarray, Metrics]:
-        return self.delta, Metrics(samples=600)
+    def __call__(self, t: object) -> Update:
+        return Update(self.delta, Metrics(samples=600))
 
 
 def _serve_until(stop: mp.synchronize.Event, nodes: list) -> None:

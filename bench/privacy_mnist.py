@@ -34,7 +34,14 @@ from coordinator.budget import sampling_rate
 from fleet.inproc import FleetLayout
 from fleet.memsim import MemFleet, MemRun
 from fleet.report import plot_curves, write_json
-from fleet.simulate import APP, DataSection, FleetSection, SimConfig, fleet_data
+from fleet.simulate import (
+    APP,
+    DataSection,
+    FleetSection,
+    SimConfig,
+    TestSection,
+    fleet_data,
+)
 from hfl.dp import adaptive_noise
 from hfl.messages import ModelSpec
 from hfl.privacy import epsilon
@@ -49,7 +56,8 @@ def config(args: argparse.Namespace) -> SimConfig:
         fleet=FleetSection(aggregators=args.aggregators, agents=args.agents),
         data=DataSection(source="mnist", path=args.data, partition=args.partition,
                          shards_per_agent=2, local_test_fraction=0.0),
-        model=dict(arch="mnist-2nn", input_shape=(1, 28, 28), num_classes=10,
+        test=TestSection(source="mnist", path=args.data, split="test"),
+        model=dict(task="mnist-2nn", options={"input_shape": [1, 28, 28], "num_classes": 10},
                    rounds=args.rounds, epochs=args.epochs, batch_size=args.batch_size,
                    lr=args.lr, momentum=args.momentum, server_lr=args.server_lr,
                    server_momentum=args.server_momentum, client_fraction=args.client_fraction,
@@ -111,14 +119,14 @@ def record(label: str, run: MemRun, fleet: MemFleet) -> dict:
         "final_clip_per_group": bounds,
         "adaptive": bool(p and p.adaptive),
         "rounds": len(run.rows),
-        "accuracy": last.accuracy if last else None,
-        "best_accuracy": max(r.accuracy for r in run.rows) if run.rows else None,
+        "accuracy": last.metrics["accuracy"] if last else None,
+        "best_accuracy": max(r.metrics["accuracy"] for r in run.rows) if run.rows else None,
         "loss": last.loss if last else None,
         "agents_per_round": last.agents if last else None,
         "seconds": round(run.seconds, 1),
         "seconds_per_round": round(run.seconds / max(len(run.rows), 1), 2),
         "round_seconds": [round(s, 2) for s in run.round_seconds],
-        "accuracy_per_round": [r.accuracy for r in run.rows],
+        "accuracy_per_round": [r.metrics["accuracy"] for r in run.rows],
         "epsilon_per_round": [r.epsilon for r in run.rows],
         "rejections": run.rejections,
         **(hierarchy_cost(run, len(groups), len(next(iter(groups.values()))))
@@ -170,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     cfg = config(args)
     groups, test = fleet_data(cfg)
-    fleet = MemFleet(FleetLayout(groups, apps=(APP,)))
+    fleet = MemFleet(FleetLayout(groups, apps=(APP,)), cfg.task_set())
     print(f"fleet: {args.agents} agents under {args.aggregators} aggregator(s), {len(test)} "
           f"test images, ready in {time.perf_counter() - t0:.1f} s", flush=True)
     results = []
@@ -180,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
 
         def show(row, label=label) -> None:
             eps = "" if row.epsilon is None else f" ε {row.epsilon:.3f}"
-            print(f"  {label} round {row.round}: accuracy {row.accuracy:.4f}{eps}", flush=True)
+            print(f"  {label} round {row.round}: accuracy {row.metrics['accuracy']:.4f}{eps}",
+                  flush=True)
 
         run = fleet.run(spec, f"bench{i}", test, on_row=show)
         results.append(record(label, run, fleet))

@@ -204,7 +204,8 @@ def wait_for(what: str, check: Callable[[], bool], timeout: float,
 
 def spec(aggregators: list[str], group: int, args: argparse.Namespace) -> ModelSpec:
     return ModelSpec(
-        name="scale", arch="logreg", input_shape=(1, 28, 28), num_classes=10, dataset="d",
+        name="scale", task="logreg", options={"input_shape": [1, 28, 28], "num_classes": 10},
+        dataset="d",
         aggregators=aggregators, rounds=args.rounds, min_agents=group,
         deadline_s=args.deadline, max_retries=1,
         secagg={"enabled": True, "stage_timeout_s": args.deadline},
@@ -309,7 +310,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
                   f"ε {row.epsilon or 0:.2f}, {versions[-1][0] - t_request:.1f} s after the "
                   "request", flush=True)
 
-        out = follow(app, jobs, None, args.timeout, on_row)
+        out = follow(app, jobs, None, None, args.timeout, on_row)
         probe.mark("end")
         probe.take_peaks()
         finished = all(out.finished(j) for j in jobs)

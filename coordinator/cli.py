@@ -19,9 +19,10 @@ from hfl.cli import (
     setup_logging,
     table_console,
 )
-from hfl.messages import Role
+from hfl.messages import Role, evaluation_text
 from hfl.service import serve
 from hfl.state import StateError
+from hfl.task import TaskError
 
 app = typer.Typer(help="The coordinator: turn app requests into jobs, average partials, "
                   "publish model versions.", no_args_is_help=True)
@@ -34,10 +35,11 @@ def run(config: ConfigOption, verbose: VerboseOption = False) -> None:
     cfg, identity, roster, feed = open_config(config, Role.COORDINATOR, "coordinator")
     assert cfg.coordinator is not None
     try:
+        tasks = cfg.coordinator.task_set()
         node, machine, registry = coordinator_node(identity, roster, cfg.broker_settings(),
-                                                   cfg.topics, cfg.coordinator.state_dir,
+                                                   cfg.topics, cfg.coordinator.state_dir, tasks,
                                                    max_payload=cfg.max_payload, feed=feed)
-    except StateError as e:
+    except (StateError, TaskError) as e:
         fail(str(e))
     try:
         code = serve(node, machine, device_dir=cfg.device.dir, metrics=cfg.metrics)
@@ -71,31 +73,32 @@ def models(state_dir: StateDirOption = Path("state")) -> None:
         versions = reg.versions()
     finally:
         reg.close()
-    table = Table("job", "version", "agents", "train loss", "fed. accuracy", "ε", "created")
+    table = Table("job", "version", "agents", "train loss", "federated evaluation", "ε",
+                  "created")
     table.add_column("onnx", overflow="fold")  # a path is no use cut short
     for v in versions:
         m = v.metrics
         table.add_row(v.job, str(v.version), _num(m.get("agents"), "d"),
-                      _num(m.get("train_loss"), ".4f"), _num(m.get("eval_accuracy"), ".3f"),
+                      _num(m.get("train_loss"), ".4f"), evaluation_text(m),
                       _num(m.get("epsilon"), ".2f"), _when(v.created), str(v.onnx))
     table_console().print(table)
 
 
 @app.command()
 def jobs(state_dir: StateDirOption = Path("state")) -> None:
-    """List jobs in the registry: state, newest version, its accuracy and ε spent."""
+    """List jobs in the registry: state, newest version, its evaluation and ε spent."""
     reg = open_registry(state_dir)
     try:
         rows = [(j, reg.versions(j["job"])) for j in reg.jobs()]
     finally:
         reg.close()
-    table = Table("job", "model", "app", "state", "version", "fed. accuracy", "ε", "reason",
-                  "updated")
+    table = Table("job", "model", "app", "state", "version", "federated evaluation", "ε",
+                  "reason", "updated")
     for j, versions in rows:
         m = versions[-1].metrics if versions else {}
         table.add_row(j["job"], j["model"], j["app"], j["state"], str(j["version"]),
-                      _num(m.get("eval_accuracy"), ".3f"), _num(m.get("epsilon"), ".2f"),
-                      j["reason"], _when(j["updated"]))
+                      evaluation_text(m), _num(m.get("epsilon"), ".2f"), j["reason"],
+                      _when(j["updated"]))
     table_console().print(table)
 
 

@@ -16,13 +16,22 @@ from torch import nn
 OPSET = 17  # old enough for the onnxruntime builds shipped on boards, new enough for our ops
 
 
-def export_onnx(model: nn.Module, input_shape: Sequence[int]) -> bytes:
-    """One self-contained ONNX file: `input` (batch, *input_shape) -> `logits` (batch, classes),
-    with a dynamic batch axis. The caller's model is left untouched (device and mode)."""
+def io_names(prefix: str, n: int) -> list[str]:
+    """`input`/`output` for one tensor, `input_0`, `input_1`, ... for several."""
+    return [prefix] if n == 1 else [f"{prefix}_{i}" for i in range(n)]
+
+
+def export_onnx(model: nn.Module, example: Sequence[torch.Tensor]) -> bytes:
+    """One self-contained ONNX file from a task's example batch: inputs `input` (or
+    `input_0`, ...) to outputs `output` (or `output_0`, ...), with a dynamic batch axis on
+    each. The caller's model is left untouched (device and mode)."""
     # A CPU copy in eval mode: export traces, and must not move or switch the caller's model.
     m = copy.deepcopy(model).to("cpu").eval()
-    # Batch 2, not 1: a traced batch of 1 can get folded into constant shapes.
-    example = torch.zeros((2, *(int(d) for d in input_shape)), dtype=torch.float32)
+    example = tuple(t.to("cpu") for t in example)
+    with torch.no_grad():
+        out = m(*example)
+    n_out = len(out) if isinstance(out, (tuple, list)) else 1
+    inputs, outputs = io_names("input", len(example)), io_names("output", n_out)
     buf = io.BytesIO()
     with warnings.catch_warnings():
         # The TorchScript exporter is deprecated but 20x faster than the dynamo one here.
@@ -30,12 +39,12 @@ def export_onnx(model: nn.Module, input_shape: Sequence[int]) -> bytes:
         warnings.simplefilter("ignore", FutureWarning)
         torch.onnx.export(
             m,
-            (example,),
+            example,
             buf,
             dynamo=False,
-            input_names=["input"],
-            output_names=["logits"],
-            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+            input_names=inputs,
+            output_names=outputs,
+            dynamic_axes={name: {0: "batch"} for name in inputs + outputs},
             opset_version=OPSET,
             do_constant_folding=True,
         )
@@ -45,9 +54,10 @@ def export_onnx(model: nn.Module, input_shape: Sequence[int]) -> bytes:
 
 
 def onnx_predict(onnx_bytes: bytes, x: np.ndarray) -> np.ndarray:
-    """Logits for a batch `x` from an exported model, on onnxruntime's CPU provider."""
+    """The first output for a batch `x` (the first input) from an exported model, on
+    onnxruntime's CPU provider."""
     opts = ort.SessionOptions()
     opts.log_severity_level = 3  # errors only: keep the optimizer's notices out of app logs
     session = ort.InferenceSession(onnx_bytes, opts, providers=["CPUExecutionProvider"])
-    (logits,) = session.run(["logits"], {"input": np.ascontiguousarray(x, dtype=np.float32)})
-    return logits
+    feed = {session.get_inputs()[0].name: np.ascontiguousarray(x, dtype=np.float32)}
+    return session.run([session.get_outputs()[0].name], feed)[0]

@@ -49,6 +49,10 @@ if TYPE_CHECKING:
     from hfl.envelope import Envelope
     from hfl.identity import Identity, Roster
 
+# A requested spec → the job's spec, filled in from its installed task (hfl.tasks.TaskSet
+# .resolve), and its initial parameters; ValueError when the task cannot run it.
+Prepare = Callable[[ModelSpec], "tuple[ModelSpec, np.ndarray]"]
+
 # How long past the aggregators' own deadlines the coordinator waits for a block.
 GRACE_S = 10.0
 # After a restart, a block gets at least this long to take in what the broker kept for us.
@@ -68,6 +72,7 @@ class NewVersion:
     agents: int
     dropped: int = 0
     epsilon: float | None = None
+    declines: int = 0
 
 
 @dataclass
@@ -81,6 +86,7 @@ class Job:
     acc: WeightedSum | None = None
     reported: set[str] = field(default_factory=set)
     failures: list[str] = field(default_factory=list)  # this block's, from the aggregators
+    declined: dict[str, str] = field(default_factory=dict)  # this block's: agent → why
     agents: int = 0
     dropped: int = 0
     deadline: float = 0.0
@@ -99,7 +105,8 @@ class Job:
     def export(self) -> Record:
         doc = {"app": self.app, "spec": self.spec.model_dump(mode="json"),
                "version": self.version, "attempt": self.attempt, "reported": sorted(self.reported),
-               "failures": self.failures, "agents": self.agents, "dropped": self.dropped,
+               "failures": self.failures, "declined": self.declined, "agents": self.agents,
+               "dropped": self.dropped,
                "deadline": self.deadline, "state": self.state, "reason": self.reason,
                "best_loss": self.best_loss,
                "since_best": self.since_best, "history": self.history,
@@ -114,9 +121,9 @@ class Job:
     def latest(self) -> NewVersion:
         """The newest version again, from the job's history (its last row)."""
         row = self.history[-1]
-        metrics = Metrics(**{k: row[k] for k in Metrics.model_fields})
+        metrics = Metrics(**{k: row[k] for k in Metrics.model_fields if k in row})
         return NewVersion(self.job, self.app, self.spec, self.version, self.params, metrics,
-                          row["agents"], row["dropped"], row["epsilon"])
+                          row["agents"], row["dropped"], row["epsilon"], row.get("declines", 0))
 
 
 def block_timeout(spec: ModelSpec) -> float:
@@ -128,14 +135,14 @@ class CoordinatorMachine:
     def __init__(
         self,
         aggregators: Callable[[], list[str]],
-        init_params: Callable[[ModelSpec], np.ndarray],
+        prepare: Prepare,
         topics: Topics,
         sign: Callable[[str, int, np.ndarray], Origin],
         group: Callable[[str], list[str]],
     ) -> None:
         self.aggregators = aggregators  # the enrolled aggregators (the roster may change)
         self.group = group  # an aggregator's enrolled agents, for privacy accounting
-        self.init_params = init_params
+        self.prepare = prepare
         self.sign = sign  # our signature on a model version, which agents check
         self.topics = topics
         self.jobs: dict[str, Job] = {}
@@ -143,10 +150,10 @@ class CoordinatorMachine:
 
     @classmethod
     def of(cls, identity: Identity, roster: Roster, topics: Topics,
-           init_params: Callable[[ModelSpec], np.ndarray]) -> CoordinatorMachine:
+           prepare: Prepare) -> CoordinatorMachine:
         """The coordinator `identity`: its aggregators and their agents are `roster`'s (as it
         changes), and it signs each model version with its own key."""
-        return cls(lambda: roster.by_role(Role.AGGREGATOR), init_params, topics,
+        return cls(lambda: roster.by_role(Role.AGGREGATOR), prepare, topics,
                    lambda job, version, params: Origin.sign(identity.id, identity.key, job,
                                                             version, params),
                    roster.group)
@@ -193,10 +200,11 @@ class CoordinatorMachine:
             try:
                 if unknown:
                     raise ValueError(f"unknown aggregators: {', '.join(unknown)}")
+                spec, params = self.prepare(spec)  # the task's version, layout, metrics
                 if spec.privacy is not None:
                     budget = Budget(spec, self.group)
                     spec = budget.spec  # with the noise multiplier resolved
-                params = np.ascontiguousarray(self.init_params(spec), dtype=np.float32)
+                params = np.ascontiguousarray(params, dtype=np.float32)
             except ValueError as e:
                 job = Job(jid, route.app, spec, np.zeros(1, np.float32))
                 self.jobs[jid] = job
@@ -229,6 +237,10 @@ class CoordinatorMachine:
             return [Note("duplicate", {"job": job.job, "aggregator": env.sender})]
         meta = parse_meta(PartialMeta, env.meta)
         assert job.acc is not None
+        try:
+            job.acc.check_metrics(meta.metrics)
+        except ValueError as e:
+            raise Rejected("bad-meta", str(e)) from None
         if meta.weight > 0:
             total = expect_tensor(env.tensors, "sum", np.float32, (job.num_params,))
             job.acc.add_weighted(total, meta.weight, meta.metrics)
@@ -239,6 +251,7 @@ class CoordinatorMachine:
         else:
             job.acc.add_metrics(meta.metrics)
             job.failures.append(f"{env.sender}: {meta.failure or 'no partial'}")
+        job.declined.update(meta.declined)
         job.reported.add(env.sender)
         self.changed.add(f"job/{job.job}")
         if job.reported >= set(job.spec.aggregators):
@@ -258,13 +271,14 @@ class CoordinatorMachine:
             spec = ModelSpec.model_validate(doc["spec"])
             job = Job(jid, doc["app"], spec, arrays["params"], version=doc["version"],
                       attempt=doc["attempt"], reported=set(doc["reported"]),
-                      failures=doc["failures"], agents=doc["agents"], dropped=doc["dropped"],
+                      failures=doc["failures"], declined=dict(doc.get("declined", {})),
+                      agents=doc["agents"], dropped=doc["dropped"],
                       deadline=doc["deadline"], state=doc["state"], reason=doc["reason"],
                       best_loss=doc["best_loss"],
                       since_best=doc["since_best"], history=doc["history"],
                       velocity=arrays.get("velocity"))
             if doc["acc"] is not None:
-                job.acc = WeightedSum.restore(doc["acc"], arrays["acc"])
+                job.acc = WeightedSum.restore(doc["acc"], arrays["acc"], spec.metrics)
             if doc["ledger"] is not None:
                 job.budget = Budget.restore(spec, self.group, doc["ledger"])
             self.jobs[jid] = job
@@ -295,8 +309,8 @@ class CoordinatorMachine:
             return self._end(job, "stopped", f"privacy budget: the next block could exceed "
                              f"ε = {job.budget.privacy.epsilon:g} (spent "
                              f"{job.budget.spent():.3g})")
-        job.acc = WeightedSum(job.num_params)
-        job.reported, job.failures = set(), []
+        job.acc = WeightedSum(job.num_params, job.spec.metrics)
+        job.reported, job.failures, job.declined = set(), [], {}
         job.agents = job.dropped = 0
         job.deadline = now + block_timeout(job.spec)
         return self._tasks(job, job.spec.aggregators)
@@ -327,11 +341,14 @@ class CoordinatorMachine:
         metrics = acc.metrics()
         eps = job.budget.spent() if job.budget is not None else None
         row = {"version": job.version, "agents": job.agents, "dropped": job.dropped,
-               "aggregators": len(job.reported), "epsilon": eps, **metrics.model_dump()}
+               "aggregators": len(job.reported), "epsilon": eps,
+               # who sat the block out and why (the first few: the row is retained, per version)
+               "declines": len(job.declined), "declined": dict(list(job.declined.items())[:20]),
+               **metrics.model_dump()}
         job.history.append(row)
         out: list[Action] = [
             NewVersion(job.job, job.app, job.spec, job.version, job.params, metrics, job.agents,
-                       job.dropped, eps),
+                       job.dropped, eps, len(job.declined)),
             Note("version", {"job": job.job, **row}),
         ]
         if metrics.eval_samples > 0:
@@ -357,7 +374,8 @@ class CoordinatorMachine:
 
     def _status(self, job: Job) -> Send:
         b = job.budget
-        meta = JobMeta(job=job.job, app=job.app, model=job.spec.name, state=job.state,  # type: ignore[arg-type]
+        meta = JobMeta(job=job.job, app=job.app, model=job.spec.name, task=job.spec.task,
+                       metric_specs=job.spec.metrics, state=job.state,  # type: ignore[arg-type]
                        reason=job.reason, version=job.version, rounds=job.spec.rounds,
                        epsilon=b.spent() if b else None, delta=b.privacy.delta if b else None,
                        history=job.history)

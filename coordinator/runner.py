@@ -10,33 +10,43 @@ from pathlib import Path
 import numpy as np
 
 from coordinator.export import export_onnx
-from coordinator.machine import CoordinatorMachine, NewVersion
+from coordinator.machine import CoordinatorMachine, NewVersion, Prepare
 from coordinator.registry import Registry
 from hfl.actions import Action, Send
 from hfl.identity import Identity, Roster
 from hfl.messages import JobMeta, Kind, ModelMeta, ModelSpec
-from hfl.models import build, init_params, state_dict_arrays, unflatten_into
 from hfl.mqtt import BrokerSettings
 from hfl.node import Node
 from hfl.roster_feed import RosterFeed
 from hfl.state import Checkpointer, StateStore
+from hfl.tasks import TaskSet, state_arrays, unflatten_into
 from hfl.topics import Topics
 
 log = logging.getLogger("hfl.coordinator")
 
 
-def initial_params(spec: ModelSpec) -> np.ndarray:
-    return init_params(spec.arch, spec.input_shape, spec.num_classes, spec.seed)
+def job_preparer(tasks: TaskSet) -> Prepare:
+    """How the coordinator turns a requested spec into a job: the installed task's version,
+    layout, metrics and round settings filled in, and its seeded initial parameters."""
+
+    def prepare(spec: ModelSpec) -> tuple[ModelSpec, np.ndarray]:
+        spec, p = tasks.resolve(spec)
+        return spec, p.init_params(spec.seed)
+
+    return prepare
 
 
-def model_message(v: NewVersion, topics: Topics, onnx: bytes, state: dict) -> Send:
+def model_message(v: NewVersion, topics: Topics, onnx: bytes, state: dict,
+                  inputs: list[list[int]]) -> Send:
     """The retained model version for apps: named tensors (a safetensors file that loads
     straight into the torch model) plus the ONNX file as a uint8 tensor named `onnx`."""
-    meta = ModelMeta(model=v.spec.name, job=v.job, version=v.version, arch=v.spec.arch,
-                     input_shape=v.spec.input_shape, num_classes=v.spec.num_classes,
+    meta = ModelMeta(model=v.spec.name, job=v.job, version=v.version, task=v.spec.task,
+                     task_version=v.spec.task_version, options=v.spec.options,
+                     layout=v.spec.layout, inputs=inputs,
                      num_params=int(v.params.size), agents=v.agents, dropped=v.dropped,
-                     epsilon=v.epsilon, delta=v.spec.privacy.delta if v.spec.privacy else None,
-                     metrics=v.metrics)
+                     declines=v.declines, epsilon=v.epsilon,
+                     delta=v.spec.privacy.delta if v.spec.privacy else None, metrics=v.metrics,
+                     metric_specs=v.spec.metrics)
     tensors = {**state, "onnx": np.frombuffer(onnx, dtype=np.uint8)}
     return Send(Kind.MODEL, topics.model(v.spec.name), v.job, v.version, "model",
                 meta.model_dump(mode="json"), tensors, retain=True, to=(v.app,))
@@ -45,17 +55,19 @@ def model_message(v: NewVersion, topics: Topics, onnx: bytes, state: dict) -> Se
 class Publisher:
     """Carries out `NewVersion`: registry first (atomic files, then the row), then MQTT."""
 
-    def __init__(self, node: Node, registry: Registry, topics: Topics) -> None:
-        self.node, self.registry, self.topics = node, registry, topics
+    def __init__(self, node: Node, registry: Registry, topics: Topics, tasks: TaskSet) -> None:
+        self.node, self.registry, self.topics, self.tasks = node, registry, topics, tasks
 
     def new_version(self, v: NewVersion) -> None:
-        model = build(v.spec.arch, v.spec.input_shape, v.spec.num_classes)
+        p = self.tasks.prepare(v.spec.task, v.spec.options)
+        model = p.build()
         unflatten_into(model, v.params)
-        onnx = export_onnx(model, v.spec.input_shape)
-        state = state_dict_arrays(model)
+        example = p.example_input()
+        onnx = export_onnx(model, example)
+        state = state_arrays(model)
         # Beside its metrics: who made the version and the ε spent (hfl models, dashboard).
         metrics = {**v.metrics.model_dump(), "agents": v.agents, "dropped": v.dropped,
-                   "epsilon": v.epsilon}
+                   "declines": v.declines, "epsilon": v.epsilon}
         try:
             rec = self.registry.save_version(v.job, v.spec.name, v.version, state, onnx,
                                              metrics)
@@ -64,7 +76,8 @@ class Publisher:
             self.node.counters["registry_errors"] += 1
             log.error("model %s v%d not saved in %s: %s (it is saved when the coordinator "
                       "restarts with room)", v.spec.name, v.version, self.registry.root, e)
-        self.node.send(model_message(v, self.topics, onnx, state))
+        inputs = [list(t.shape[1:]) for t in example]
+        self.node.send(model_message(v, self.topics, onnx, state, inputs))
 
     def send(self, action: Send) -> None:
         if action.kind is Kind.JOB:
@@ -97,13 +110,14 @@ def coordinator_node(
     settings: BrokerSettings,
     topics: Topics,
     state_dir: Path,
+    tasks: TaskSet,
     *,
     max_payload: int = 256 * 1024,
     feed: RosterFeed | None = None,
 ) -> tuple[Node, CoordinatorMachine, Registry]:
-    """Wire the coordinator; it resumes the jobs saved in `state_dir` (StateError when that
-    folder cannot be used)."""
-    machine = CoordinatorMachine.of(identity, roster, topics, initial_params)
+    """Wire the coordinator, with the tasks jobs may use; it resumes the jobs saved in
+    `state_dir` (StateError when that folder cannot be used)."""
+    machine = CoordinatorMachine.of(identity, roster, topics, job_preparer(tasks))
     registry = Registry(Path(state_dir) / "registry")
     durable = Checkpointer(machine, StateStore(Path(state_dir)),
                            resume=lambda now: pub.unpublished(machine.resume(now)))
@@ -111,7 +125,7 @@ def coordinator_node(
         log.info("resuming %d job(s) from %s", len(machine.jobs), state_dir)
     node = Node(identity, roster, settings, topics, topics.coordinator_filters(),
                 max_payload=max_payload, feed=feed, durable=durable)
-    pub = Publisher(node, registry, topics)
+    pub = Publisher(node, registry, topics, tasks)
     node.handlers[NewVersion] = pub.new_version
     node.handlers[Send] = pub.send
     return node, machine, registry

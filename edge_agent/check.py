@@ -36,8 +36,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 import hfl
-from edge_agent.runner import load_local
-from edge_agent.train import pick_device
+from edge_agent.device import pick_device
+from edge_agent.runner import board_data
 from hfl.config import Config, load_config
 from hfl.gate import Gate
 from hfl.identity import Identity, Roster
@@ -162,6 +162,7 @@ class Board:
     ca: x509.Certificate | None = None
     roster: Roster | None = None
     stamps: list[tuple[str, float]] = field(default_factory=list)
+    tasks: list = field(default_factory=list)  # the allowed task classes that loaded
 
     def utcnow(self) -> dt.datetime:
         return dt.datetime.fromtimestamp(self.now(), dt.timezone.utc)
@@ -175,7 +176,7 @@ def run_checks(path: Path, *, timeout: float = 10.0,
     if b.cfg is None:
         return out
     for step in (identity_check, roster_check, enrolled_check, certificate_check, clock_check,
-                 broker_check, fleet_check, datasets_check, device_check):
+                 broker_check, fleet_check, tasks_check, datasets_check, device_check):
         out += step(b)
     return out
 
@@ -368,23 +369,49 @@ def fleet_check(b: Board) -> list[Check]:
     return [fleet_clock_check(b.now(), b.stamps)]
 
 
-def datasets_check(b: Board) -> list[Check]:
+def tasks_check(b: Board) -> list[Check]:
+    """Each allowed task imports and is a valid task."""
+    from hfl.tasks import load
+
     assert b.cfg is not None and b.cfg.agent is not None
     out = []
-    for ds_name, section in b.cfg.agent.datasets.items():
-        name = f"data {ds_name}"
+    for ref in b.cfg.agent.tasks:
         try:
-            local = load_local(section)
-        except Exception as e:  # a check reports whatever loading raises, it does not crash
-            out.append(bad(name, f"{section.source}: {type(e).__name__}: {e}",
-                           f"fix [agent.datasets.{ds_name}] (source, path) or the files"))
+            cls = load(ref)
+        except Exception as e:  # a broken wheel is a finding, not a crash of the check
+            out.append(bad(f"task {ref}", str(e), "install the task's wheel on this board "
+                           "(pip install), or fix [agent] tasks"))
             continue
-        if len(local.train) == 0:
-            out.append(bad(name, f"{section.source}: no training samples",
-                           f"point [agent.datasets.{ds_name}] at a non-empty dataset"))
-        else:
-            out.append(ok(name, f"{section.source}: {len(local.train)} training, "
+        b.tasks.append(cls)
+        out.append(ok(f"task {ref}", f"{cls.name} {cls.version} ({cls.__module__})"))
+    return out
+
+
+def datasets_check(b: Board) -> list[Check]:
+    """Each data source can be read by at least one allowed task (those that need a job's
+    options to read data are skipped)."""
+    assert b.cfg is not None and b.cfg.agent is not None
+    out = []
+    for ds_name, bd in board_data(b.cfg.agent.datasets, b.cfg.agent.state_dir).items():
+        name, readers, errors = f"data {ds_name}", [], []
+        for cls in b.tasks:
+            try:
+                local = bd.load(cls())
+            except Exception as e:  # whatever a task's loading raises is a finding
+                errors.append(f"{cls.name}: {e}")
+                continue
+            if len(local.train) == 0:
+                errors.append(f"{cls.name}: no training samples")
+            else:
+                readers.append((cls.name, local))
+        if readers:
+            names = ", ".join(n for n, _ in readers)
+            local = readers[0][1]
+            out.append(ok(name, f"read by {names}: {len(local.train)} training, "
                           f"{len(local.test)} held-out samples"))
+        else:
+            out.append(bad(name, "; ".join(errors)[:300] or "no allowed task",
+                           f"fix [agent.datasets.{ds_name}] or its files"))
     return out
 
 

@@ -10,10 +10,11 @@ from rich.markup import escape
 from rich.table import Table
 
 from edge_agent.check import Check, passed, run_checks
-from edge_agent.runner import agent_node, load_local
-from hfl.cli import ConfigOption, VerboseOption, open_config, setup_logging
+from edge_agent.runner import agent_node, board_data
+from hfl.cli import ConfigOption, VerboseOption, fail, open_config, setup_logging
 from hfl.messages import Role
 from hfl.service import serve
+from hfl.task import TaskError
 
 app = typer.Typer(help="The client layer: train on local data, send updates to the aggregator.",
                   no_args_is_help=True)
@@ -30,9 +31,13 @@ def run(config: ConfigOption, verbose: VerboseOption = False) -> None:
     setup_logging(verbose)
     cfg, identity, roster, feed = open_config(config, Role.AGENT, "agent")
     assert cfg.agent is not None
-    data = {name: load_local(ds) for name, ds in cfg.agent.datasets.items()}
+    try:
+        tasks = cfg.agent.task_set()
+    except TaskError as e:
+        fail(str(e))
+    data = board_data(cfg.agent.datasets, cfg.agent.state_dir)
     node, machine = agent_node(identity, roster, cfg.broker_settings(), cfg.topics,
-                               cfg.agent.aggregator, data, device=cfg.agent.device,
+                               cfg.agent.aggregator, tasks, data, device=cfg.agent.device,
                                max_payload=cfg.max_payload, feed=feed)
     raise typer.Exit(serve(node, machine, device_dir=cfg.device.dir, metrics=cfg.metrics))
 

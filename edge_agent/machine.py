@@ -2,9 +2,11 @@
 
 Events in: round announcements and stage messages from its aggregator (the announcement is
 retained, so it may repeat), the result of local training, `now`. Actions out: `Train` (the
-runner trains on local data) and what goes to the aggregator: the sealed delta in a plain
-round, the SecAgg+ stage answers in a secure one (`edge_agent.secure`). Training happens
-outside, so the machine stays pure.
+runner trains the job's task on local data) and what goes to the aggregator: the sealed
+delta in a plain round, the SecAgg+ stage answers in a secure one (`edge_agent.secure`), or
+a decline (`DeclineMeta`: a task this board does not allow or has in another version or
+layout, no usable data, a task that failed), so the round goes on without waiting for us
+and the reason reaches the coordinator. Training happens outside, so the machine stays pure.
 
 The round model is checked before anything trains on it: the first edge round of a block
 must carry the coordinator's signature on exactly these parameters (`Origin`). In a DP job
@@ -24,6 +26,7 @@ from hfl.actions import Action, Note, Send
 from hfl.dp import NoiseSource, adaptive_noise, agent_noise_std, clip_l2
 from hfl.errors import Rejected
 from hfl.messages import (
+    DeclineMeta,
     Kind,
     Metrics,
     ModelSpec,
@@ -43,7 +46,8 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Train:
-    """Train on the local `spec.dataset` from `params`; answer with `AgentMachine.trained`."""
+    """Train the job's task on the local `spec.data_source` from `params`; answer with
+    `AgentMachine.trained`."""
 
     job: str
     round: int
@@ -51,18 +55,36 @@ class Train:
     params: np.ndarray
 
 
+@dataclass(frozen=True)
+class Update:
+    """What training gave: the delta from the round model and its metrics."""
+
+    delta: np.ndarray
+    metrics: Metrics
+
+
+@dataclass(frozen=True)
+class Declined:
+    """Why this board sits the round out (a `DeclineMeta` reason) and the details."""
+
+    reason: str
+    detail: str = ""
+
+
 class AgentMachine:
-    def __init__(self, identity: Identity, aggregator: str, datasets: set[str], topics: Topics,
-                 roster: Roster) -> None:
+    def __init__(self, identity: Identity, aggregator: str, tasks: set[str],
+                 datasets: set[str], topics: Topics, roster: Roster) -> None:
         self.identity = identity
         self.id = identity.id
         self.aggregator = aggregator
+        self.tasks = set(tasks)  # the tasks this board's config allows
         self.datasets = set(datasets)
         self.topics = topics
         self.roster = roster
         self.last_round: dict[str, int] = {}  # per job: the newest round seen
         self.pending: tuple[str, int] | None = None  # the (job, round) being trained
         self.specs: dict[str, ModelSpec] = {}  # per job: the spec of its newest round
+        self.sizes: dict[str, int] = {}  # per job: its parameter count
         self.secure: dict[str, SecureClient] = {}  # per job: the secure round under way
         self.noise = NoiseSource()  # DP noise shares, from a secret seed
         self.rounding = np.random.default_rng()  # stochastic rounding of int8 updates
@@ -102,10 +124,14 @@ class AgentMachine:
         info = {"job": env.job, "round": env.round}
         if self.id not in meta.selected:
             return [Note("not_selected", info)]
-        if meta.spec.dataset not in self.datasets:
-            return [Note("no_data", {**info, "dataset": meta.spec.dataset})]
         params = expect_tensor(env.tensors, "params", np.float32, (meta.num_params,))
         self._check_origin(meta, env.job, params)
+        if meta.spec.task not in self.tasks:
+            return self._decline(env.job, env.round, Declined(
+                "no-task", f"task {meta.spec.task} is not allowed on this board"))
+        if meta.spec.data_source not in self.datasets:
+            return self._decline(env.job, env.round, Declined(
+                "no-data", f"no data source {meta.spec.data_source} on this board"))
         if meta.spec.secagg.enabled:
             self.secure[env.job] = SecureClient(
                 self.id, env.job, env.round, len(meta.selected), meta.num_params, meta.spec,
@@ -113,6 +139,7 @@ class AgentMachine:
                 self.identity.key, self.roster.public_key)
         self.pending = (env.job, env.round)
         self.specs[env.job] = meta.spec
+        self.sizes[env.job] = meta.num_params
         # The note first: the runner carries out Train at once, and its answer (the update)
         # would otherwise come before the note that training started.
         return [Note("train", info), Train(env.job, env.round, meta.spec, params)]
@@ -147,13 +174,27 @@ class AgentMachine:
             self.noise.add_gaussian(delta, agent_noise_std(z, p.clip, m))
         return bit
 
-    def trained(self, job: str, round: int, delta: np.ndarray, metrics: Metrics) -> list[Action]:
+    def _decline(self, job: str, round: int, why: Declined) -> list[Action]:
+        self.secure.pop(job, None)
+        meta = DeclineMeta(reason=why.reason, detail=why.detail[:500])  # type: ignore[arg-type]
+        send = Send(Kind.UPDATE, self.topics.update(self.aggregator, self.id), job, round,
+                    "decline", meta.model_dump(mode="json"))
+        return [send, Note("declined", {"job": job, "round": round, "reason": why.reason,
+                                        "detail": why.detail})]
+
+    def trained(self, job: str, round: int, result: Update | Declined) -> list[Action]:
         """The runner finished `Train(job, round)`: answer unless the round moved on."""
         if self.pending != (job, round):
             return [Note("train_discarded", {"job": job, "round": round})]
         self.pending = None
         if self.last_round.get(job) != round:
             return [Note("train_late", {"job": job, "round": round})]
+        if isinstance(result, Declined):
+            return self._decline(job, round, result)
+        delta, metrics = result.delta, result.metrics
+        if delta.shape != (self.sizes[job],) or not np.isfinite(delta).all():
+            return self._decline(job, round, Declined(
+                "bad-update", "the task's update is not finite or has the wrong size"))
         clip_bit = None
         if self.specs[job].privacy is not None:
             delta = np.array(delta, dtype=np.float32)  # ours to change

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-KINDS: tuple[str, ...] = ("iid", "dirichlet", "shards")
+KINDS: tuple[str, ...] = ("iid", "dirichlet", "shards", "contiguous")
 
 
 def _check_parts(n_samples: int, n_parts: int) -> None:
@@ -35,6 +35,13 @@ def iid(n_samples: int, n_parts: int, seed: int) -> list[np.ndarray]:
     _check_parts(n_samples, n_parts)
     perm = np.random.default_rng(seed).permutation(n_samples)
     return _finish(np.array_split(perm, n_parts))
+
+
+def contiguous(n_samples: int, n_parts: int) -> list[np.ndarray]:
+    """Consecutive runs in the data's own order (the first n/k samples to part 0, ...), as
+    when each board records its own stretch of a stream."""
+    _check_parts(n_samples, n_parts)
+    return _finish(np.array_split(np.arange(n_samples), n_parts))
 
 
 def _dirichlet_draw(
@@ -111,17 +118,24 @@ def shards(
 
 def partition(
     kind: str,
-    labels: np.ndarray,
+    n_samples: int,
     n_parts: int,
     seed: int,
+    labels: np.ndarray | None = None,
     alpha: float = 0.5,
     shards_per_part: int = 2,
 ) -> list[np.ndarray]:
-    """Dispatch by kind: "iid", "dirichlet" (uses alpha) or "shards" (uses shards_per_part)."""
+    """Dispatch by kind: "iid", "contiguous", or by integer class labels "dirichlet" (uses
+    alpha) or "shards" (uses shards_per_part)."""
     if kind == "iid":
-        return iid(len(_labels(labels)), n_parts, seed)
+        return iid(n_samples, n_parts, seed)
+    if kind == "contiguous":
+        return contiguous(n_samples, n_parts)
+    if kind not in KINDS:
+        raise ValueError(f"unknown partition kind {kind!r}; known: {', '.join(KINDS)}")
+    if labels is None or labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"a {kind} partition needs integer class labels (y), as a "
+                         "classifier's data has; use iid or contiguous")
     if kind == "dirichlet":
         return dirichlet(labels, n_parts, alpha, seed)
-    if kind == "shards":
-        return shards(labels, n_parts, shards_per_part, seed)
-    raise ValueError(f"unknown partition kind {kind!r}; known: {', '.join(KINDS)}")
+    return shards(labels, n_parts, shards_per_part, seed)

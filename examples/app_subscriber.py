@@ -80,8 +80,9 @@ def main(argv: list[str] | None = None) -> int:
                     predicted = event.predict(x).argmax(axis=1)
                     accuracy = np.mean(predicted == digits.target)
                     eps = f", ε = {m.epsilon:.2f}" if m.epsilon is not None else ""
+                    agents = ", ".join(f"{k} {v:.3f}" for k, v in m.metrics.eval_metrics.items())
                     print(f"{m.job} v{m.version}: accuracy {accuracy:.4f} on {len(x)} digits "
-                          f"(agents: {m.metrics.eval_accuracy:.3f}){eps}; "
+                          f"(agents: {agents or 'no evaluation'}){eps}; "
                           f"first ten: {predicted[:10].tolist()}", flush=True)
                 elif isinstance(event, JobStatus) and event.finished:
                     print(f"{event.meta.job} {event.meta.state}: {event.meta.reason}", flush=True)

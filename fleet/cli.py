@@ -4,6 +4,8 @@ dashboard."""
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -18,7 +20,7 @@ from coordinator import cli as coordinator_cli
 from edge_agent.cli import app as agent_app
 from fleet import ops_cli, pki_cli
 from fleet.follow import RoundRow
-from hfl.cli import VerboseOption, fail, setup_logging
+from hfl.cli import VerboseOption, fail, setup_logging, table_console
 
 app = typer.Typer(
     help="hfl: hierarchical federated learning for edge fleets over MQTT.\n\n"
@@ -71,15 +73,39 @@ def progress_bar(total: int) -> Progress:
     )
 
 
+def _num(v: float | None, fmt: str = ".4f") -> str:
+    return "-" if v is None or v != v else format(v, fmt)  # v != v: NaN, nothing measured
+
+
 def rounds_table(rows: list[RoundRow]) -> Table:
-    table = Table("job", "round", "accuracy", "loss", "agents", "dropped", "train loss",
-                  "fed. accuracy", "ε",
-                  title="global rounds (accuracy and loss on held-out data, via onnxruntime)")
+    """One row per version: the app's held-out loss and the task's metrics (onnxruntime),
+    then the agents' own (federated) evaluation of the model they started from."""
+    names = list(dict.fromkeys(k for r in rows for k in (*r.metrics, *r.federated)))
+    declines = any(r.declines for r in rows)
+    jobs = len({r.job for r in rows}) > 1  # one job: its name is in the lines below
+    table = Table(*(["job"] if jobs else []), "round", "loss", *names, "agents", "dropped",
+                  *(["declined"] if declines else []), "train loss", "fed. loss",
+                  *(f"fed. {n}" for n in names), "ε",
+                  title="global rounds (loss and metrics on held-out data, via onnxruntime)")
     for r in rows:
-        table.add_row(r.job, str(r.round), f"{r.accuracy:.3f}", f"{r.loss:.4f}", str(r.agents),
-                      str(r.dropped), f"{r.train_loss:.4f}", f"{r.federated_accuracy:.3f}",
-                      "-" if r.epsilon is None else f"{r.epsilon:.2f}")
+        table.add_row(*([r.job] if jobs else []), str(r.round), _num(r.loss),
+                      *(_num(r.metrics.get(n)) for n in names),
+                      str(r.agents), str(r.dropped), *([str(r.declines)] if declines else []),
+                      _num(r.train_loss), _num(r.federated_loss),
+                      *(_num(r.federated.get(n)) for n in names), _num(r.epsilon, ".2f"))
     return table
+
+
+def headline(r: RoundRow) -> str:
+    """A version's score in a few words: the task's first metric on held-out data (or the
+    agents' own evaluation when the app has none), else the loss."""
+    for values, loss in ((r.metrics, r.loss), (r.federated, r.federated_loss)):
+        if values:
+            name, v = next(iter(values.items()))
+            return f"{name} {v:.3f}"
+        if loss == loss:
+            return f"loss {loss:.4g}"
+    return f"train loss {r.train_loss:.4g}"
 
 
 def run_and_report(cfg, out: Path, report: Path | None, title: str, verbose: bool) -> None:
@@ -88,7 +114,7 @@ def run_and_report(cfg, out: Path, report: Path | None, title: str, verbose: boo
     from fleet.simulate import run, summary
 
     setup_logging(verbose, quiet=not verbose)
-    rounds = int(cfg.model.get("rounds", 10))
+    rounds = cfg.rounds
     spec = cfg.spec(["check"])
     dp = spec.privacy
     memory = cfg.fleet.network == "memory"
@@ -97,25 +123,25 @@ def run_and_report(cfg, out: Path, report: Path | None, title: str, verbose: boo
                               ("SecAgg+", spec.secagg.enabled),
                               (f"DP (ε ≤ {dp.epsilon:g}, δ = {dp.delta:g})" if dp else "",
                                dp is not None)) if on]
-    console.print(f"[bold]{title}[/]: {cfg.fleet.aggregators} aggregators, "
+    console.print(f"[bold]{title}[/]: task {spec.task}, {cfg.fleet.aggregators} aggregators, "
                   f"{cfg.fleet.agents} agents, {rounds} rounds, "
                   f"{' and '.join(guards) or 'no TLS, no secure aggregation'}, "
                   f"working in {out}/")
     try:
         with progress_bar(rounds) as progress:
-            task = progress.add_task("training", total=rounds)
+            bar = progress.add_task("training", total=rounds)
 
             def on_row(r: RoundRow) -> None:
-                progress.update(task, completed=r.round,
-                                description=f"round {r.round}: accuracy {r.accuracy:.3f}")
+                progress.update(bar, completed=r.round,
+                                description=f"round {r.round}: {headline(r)}")
 
             outcome, fleet, secs = run(cfg, out, on_row=on_row)
-    except (RuntimeError, ValueError) as e:  # no broker binary, bad data path, ...
+    except (RuntimeError, ValueError) as e:  # no broker binary, bad data path, a bad task
         fail(str(e))
     doc = summary(cfg, outcome, fleet, secs)
     console.print(rounds_table(outcome.rows))
     if outcome.rows:
-        console.print(f"accuracy plot: {plot_rounds(outcome.rows, out / 'accuracy.png', title)}")
+        console.print(f"plot:         {plot_rounds(outcome.rows, out / 'metrics.png', title)}")
     if doc["onnx"]:
         console.print(f"ONNX model:   {doc['onnx']}\nsafetensors:  {doc['safetensors']}")
     for job, st in doc["jobs"].items():
@@ -127,7 +153,7 @@ def run_and_report(cfg, out: Path, report: Path | None, title: str, verbose: boo
         console.print(f"report: {report}")
     if not outcome.rows or any(s["state"] == "failed" for s in doc["jobs"].values()):
         fail("the job did not complete")
-    console.print(f"[bold green]final accuracy {outcome.rows[-1].accuracy:.3f}[/]")
+    console.print(f"[bold green]final {headline(outcome.rows[-1])}[/]")
 
 
 OutOption = Annotated[Path, typer.Option(help="Working folder: keys, broker, registry, plot.")]
@@ -213,6 +239,30 @@ def privacy(
                   f"exceed it. Plot: {plot_epsilon(curve, plot, f'hfl privacy {config.name}')}")
 
 
+@app.command()
+def tasks(
+    ref: Annotated[list[str] | None, typer.Argument(
+        help="Also these tasks, by entry-point name or module:Attribute.")] = None,
+) -> None:
+    """List the tasks installed here (the entry points of group hfl.tasks) and any named:
+    version, where the code is, the metrics it reports and the options it takes."""
+    from hfl.task import TaskError
+    from hfl.tasks import installed, load
+
+    table = Table("task", "version", "code", "metrics", "options",
+                  title="tasks (docs/tasks.md: how to write one)")
+    for name in [*installed(), *(ref or [])]:
+        try:
+            cls = load(name)
+        except TaskError as e:
+            table.add_row(name, "-", f"[red]{e}[/]", "", "")
+            continue
+        metrics = ", ".join(f"{m.name} ({m.better} is better)" for m in cls.metrics) or "-"
+        table.add_row(cls.name, cls.version, f"{cls.__module__}:{cls.__qualname__}", metrics,
+                      ", ".join(cls.Options.model_fields) or "-")
+    table_console().print(table)
+
+
 # The operator's view: the same listings as `hfl coordinator jobs/models`, and the live ones.
 app.command("jobs")(coordinator_cli.jobs)
 app.command("models")(coordinator_cli.models)
@@ -221,4 +271,8 @@ app.command("dashboard")(ops_cli.dashboard)
 
 
 def main() -> None:
+    # `module:Attribute` task references from a config or the command line are found in the
+    # current folder too, as for a script run here (services do not: hfl-agent and friends
+    # import only what is installed).
+    sys.path.insert(0, os.getcwd())
     app()

@@ -1,7 +1,7 @@
 """`hfl dashboard`: a read-only web page over the coordinator's registry and the fleet's
 status and telemetry topics.
 
-The page (fleet/web/) polls `/api/state` and redraws: jobs, accuracy and ε curves per model
+The page (fleet/web/) polls `/api/state` and redraws: jobs, loss, metric and ε curves per model
 (inline SVG from fleet.charts) and the health of each aggregator's site. The server is the
 standard library's, bound to localhost unless told otherwise; it answers GET and HEAD only,
 and its pages load nothing from elsewhere (Content-Security-Policy).
@@ -23,6 +23,7 @@ from typing import Any
 
 from coordinator.registry import Registry, VersionRecord
 from fleet.charts import line_chart
+from hfl.messages import evaluation_text
 
 log = logging.getLogger("hfl.dashboard")
 
@@ -41,22 +42,36 @@ HEADERS = {
 
 
 def model_charts(versions: list[VersionRecord]) -> list[dict[str, Any]]:
-    """Per model: its jobs' accuracy curve and, for DP jobs, their ε curve."""
+    """Per model: its jobs' curves of the agents' held-out loss and of each of the task's
+    metrics and, for DP jobs, their ε curve."""
     by_model: dict[str, dict[str, list[VersionRecord]]] = {}
     for v in versions:
         by_model.setdefault(v.model, {}).setdefault(v.job, []).append(v)
     out = []
     for model, jobs in sorted(by_model.items()):
-        acc = {j: [(v.version, float(v.metrics.get("eval_accuracy", 0.0))) for v in vs]
-               for j, vs in jobs.items()}
+        names = list(dict.fromkeys(k for vs in jobs.values() for v in vs
+                                   for k in v.metrics.get("eval_metrics") or {}))
+        charts = []
+        for name in names:
+            pts = {j: [(v.version, float(v.metrics["eval_metrics"][name])) for v in vs
+                       if name in (v.metrics.get("eval_metrics") or {})]
+                   for j, vs in jobs.items()}
+            ys = [y for p in pts.values() for _, y in p]
+            unit = all(0.0 <= y <= 1.0 for y in ys if math.isfinite(y))  # a rate: 0 to 1
+            charts.append(line_chart(pts, title=f"{model}: {name}", chart_id=f"m-{model}-{name}",
+                                     y_label=f"agents' held-out {name}",
+                                     y_range=(0, 1) if unit else None))
+        loss = {j: [(v.version, float(v.metrics.get("eval_loss", 0.0))) for v in vs
+                    if v.metrics.get("eval_samples")] for j, vs in jobs.items()}
+        charts.append(line_chart(loss, title=f"{model}: loss", chart_id=f"loss-{model}",
+                                 y_label="agents' held-out loss"))
         eps = {j: [(v.version, float(v.metrics["epsilon"])) for v in vs
                    if v.metrics.get("epsilon") is not None] for j, vs in jobs.items()}
         eps = {j: pts for j, pts in eps.items() if pts}
         out.append({
             "model": model,
             "versions": {j: len(vs) for j, vs in jobs.items()},
-            "accuracy_svg": line_chart(acc, title=f"{model}: accuracy", chart_id=f"acc-{model}",
-                                       y_label="agents' held-out accuracy", y_range=(0, 1)),
+            "charts": charts,
             "epsilon_svg": line_chart(eps, title=f"{model}: ε spent", chart_id=f"eps-{model}",
                                       y_label="ε") if eps else None,
         })
@@ -64,7 +79,7 @@ def model_charts(versions: list[VersionRecord]) -> list[dict[str, Any]]:
 
 
 def job_rows(jobs: list[dict[str, Any]], versions: list[VersionRecord]) -> list[dict[str, Any]]:
-    """The registry's jobs, newest first, with their newest version's accuracy and ε."""
+    """The registry's jobs, newest first, with their newest version's evaluation and ε."""
     last: dict[str, VersionRecord] = {}
     for v in versions:
         if v.job not in last or v.version > last[v.job].version:
@@ -72,7 +87,7 @@ def job_rows(jobs: list[dict[str, Any]], versions: list[VersionRecord]) -> list[
     rows = []
     for j in sorted(jobs, key=lambda j: j["updated"], reverse=True):
         m = last[j["job"]].metrics if j["job"] in last else {}
-        rows.append({**j, "accuracy": m.get("eval_accuracy"), "epsilon": m.get("epsilon"),
+        rows.append({**j, "evaluation": evaluation_text(m), "epsilon": m.get("epsilon"),
                      "onnx": str(last[j["job"]].onnx) if j["job"] in last else None})
     return rows
 

@@ -1,45 +1,56 @@
 """Follow jobs as an app would: receive each model version, score it on held-out data with
-onnxruntime, and stop when every job has finished."""
+onnxruntime and the task's own loss and metrics, and stop when every job has finished."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
+import torch
 
-from edge_agent.data import Dataset
 from hfl.app import App, JobStatus, ModelVersion
+from hfl.messages import ModelMeta
+from hfl.task import Evaluation, Samples, Task
+from hfl.tasks import TaskSet
+
+NAN = float("nan")
 
 
 @dataclass(frozen=True)
 class RoundRow:
     job: str
     round: int  # the model version
-    accuracy: float  # on the app's held-out test set (NaN without one)
-    loss: float
+    loss: float  # on the app's held-out data (NaN without any)
+    metrics: dict[str, float]  # the task's metrics on it
     agents: int
     dropped: int  # agents whose masks were recovered (secure aggregation)
     train_loss: float
-    federated_accuracy: float  # agents' own evaluation of the model they started from
+    federated_loss: float  # the agents' own evaluation of the model they started from
+    federated: dict[str, float] = field(default_factory=dict)
     epsilon: float | None = None  # privacy budget spent so far (DP jobs)
+    declines: int = 0  # agents that sat the block out
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-def score(version: ModelVersion, test: Dataset, batch: int = 1024) -> tuple[float, float]:
-    """Accuracy and mean cross-entropy of a version's ONNX model on `test`."""
-    correct, loss = 0, 0.0
-    for i in range(0, len(test), batch):
-        logits = version.predict(test.x[i : i + batch]).astype(np.float64)
-        y = test.y[i : i + batch]
-        shifted = logits - logits.max(axis=1, keepdims=True)
-        logp = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-        loss -= float(logp[np.arange(len(y)), y].sum())
-        correct += int((logits.argmax(axis=1) == y).sum())
-    n = max(len(test), 1)
-    return correct / n, loss / n
+def score(task: Task, predict: Callable[[np.ndarray], np.ndarray], test: Samples,
+          batch: int = 1024) -> Evaluation:
+    """The task's loss and metrics of a model's outputs on `test`, the outputs computed in
+    batches by `predict` (an exported model's onnxruntime session)."""
+    out = np.concatenate([predict(test.x[i:i + batch]) for i in range(0, len(test), batch)])
+    target = None if test.y is None else torch.from_numpy(np.ascontiguousarray(test.y))
+    return task.score(torch.from_numpy(out), target)
+
+
+def version_row(meta: ModelMeta, held_out: Evaluation | None) -> RoundRow:
+    """A table row for a version's meta and its held-out evaluation."""
+    m = meta.metrics
+    return RoundRow(meta.job, meta.version, held_out.loss if held_out else NAN,
+                    dict(held_out.metrics) if held_out else {}, meta.agents, meta.dropped,
+                    m.train_loss, m.eval_loss if m.eval_samples else NAN, dict(m.eval_metrics),
+                    meta.epsilon, meta.declines)
 
 
 @dataclass
@@ -58,24 +69,28 @@ class Outcome:
 def follow(
     app: App,
     jobs: list[str],
-    test: Dataset | None,
+    tasks: TaskSet | None,
+    test: Samples | None,
     timeout: float,
     on_row: Callable[[RoundRow], None] | None = None,
 ) -> Outcome:
-    """Collect every version of `jobs` until they all end or `timeout` seconds pass."""
+    """Collect every version of `jobs` until they all end or `timeout` seconds pass, each
+    scored on `test` by its own task (named in the version, with its options)."""
     out = Outcome([], {}, {})
     for event in app.events(timeout):
         if isinstance(event, JobStatus) and event.meta.job in jobs:
             out.status[event.meta.job] = event
         elif isinstance(event, ModelVersion) and event.meta.job in jobs:
-            m = event.meta
-            acc, loss = score(event, test) if test is not None else (float("nan"),) * 2
-            row = RoundRow(m.job, m.version, acc, loss, m.agents, m.dropped,
-                           m.metrics.train_loss, m.metrics.eval_accuracy, m.epsilon)
-            out.latest[m.job] = event
+            held_out = None
+            if tasks is not None and test is not None and len(test):
+                task = tasks.prepare(event.meta.task, event.meta.options).task
+                held_out = score(task, event.predict, test)
+            row = version_row(event.meta, held_out)
+            out.latest[event.meta.job] = event
             out.rows.append(row)
             if on_row:
                 on_row(row)
         if all(out.finished(j) for j in jobs):
             break
     return out
+

@@ -18,7 +18,7 @@ from pathlib import Path
 from aggregator.runner import aggregator_node
 from coordinator.registry import Registry, VersionRecord
 from coordinator.runner import coordinator_node
-from edge_agent.runner import LocalData, agent_node
+from edge_agent.runner import DataSource, agent_node
 from fleet.broker import Broker, BrokerTls
 from hfl.app import App
 from hfl.identity import Identity, Roster
@@ -27,6 +27,7 @@ from hfl.mqtt import BrokerSettings
 from hfl.node import Machine, Node, run_in_thread
 from hfl.pki import Pki
 from hfl.roster_feed import RosterFeed
+from hfl.tasks import TaskSet
 from hfl.telemetry import Telemetry, instrument
 from hfl.topics import Topics
 
@@ -35,9 +36,9 @@ log = logging.getLogger("hfl.fleet")
 
 @dataclass
 class FleetLayout:
-    """Who is in the fleet: aggregator id → {agent id → its local data}."""
+    """Who is in the fleet: aggregator id → {agent id → its data sources by name}."""
 
-    groups: dict[str, dict[str, dict[str, LocalData]]]
+    groups: dict[str, dict[str, dict[str, DataSource]]]
     coordinator: str = "coordinator"
     apps: tuple[str, ...] = ("app",)
     observers: tuple[str, ...] = ()
@@ -61,6 +62,7 @@ class FleetLayout:
 class InProcessFleet:
     layout: FleetLayout
     workdir: Path
+    tasks: TaskSet = field(default_factory=TaskSet.everything_installed)
     tls: bool = True
     topics: Topics = field(default_factory=Topics)
     device: str = "cpu"
@@ -123,7 +125,7 @@ class InProcessFleet:
         ids, lay, s = self.identities, self.layout, self.settings
         node, machine, self.registry = coordinator_node(
             ids[lay.coordinator], self.roster, s(lay.coordinator), self.topics,
-            self.workdir / "coordinator", max_payload=self.max_payload,
+            self.workdir / "coordinator", self.tasks, max_payload=self.max_payload,
             feed=self.feed(publish=True))
         self._serve(lay.coordinator, node, machine, timeout)
         aggregators = {}
@@ -134,7 +136,7 @@ class InProcessFleet:
             self._serve(agg, node, aggregators[agg], timeout)
             for agent, data in agents.items():
                 node, machine = agent_node(ids[agent], self.roster, s(agent), self.topics,
-                                           agg, data, device=self.device,
+                                           agg, self.tasks, data, device=self.device,
                                            max_payload=self.max_payload, feed=self.feed())
                 self._serve(agent, node, machine, timeout)
         # An aggregator samples among the agents it has seen online: wait until it has seen

@@ -18,19 +18,17 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
 from paho.mqtt.client import topic_matches_sub
 
-from edge_agent.machine import Train
+from edge_agent.machine import Declined, Train, Update
 from hfl.actions import Note, Send
 from hfl.errors import Rejected
 from hfl.gate import Gate
 from hfl.identity import Identity, Roster
-from hfl.messages import Metrics
 from hfl.node import encode_send
 from hfl.topics import Topics
 
-Trainer = Callable[[str, Train], "tuple[np.ndarray, Metrics] | None"]
+Trainer = Callable[[str, Train], "Update | Declined | None"]  # None: the agent stays silent
 Fault = Callable[[str, bytes], list[bytes]]  # one message in, what gets delivered out
 
 
@@ -137,7 +135,7 @@ class MemNet:
             elif isinstance(a, Train):
                 result = self.trainer(peer.identity.id, a) if self.trainer else None
                 if result is not None:
-                    self._act(peer, peer.machine.trained(a.job, a.round, *result))  # type: ignore[attr-defined]
+                    self._act(peer, peer.machine.trained(a.job, a.round, result))  # type: ignore[attr-defined]
             elif (handler := self.handlers.get(type(a))) is not None:
                 handler(peer.identity.id, a)
             else:

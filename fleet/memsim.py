@@ -26,12 +26,11 @@ import torch
 
 from aggregator.machine import AggregatorMachine
 from coordinator.machine import CoordinatorMachine, NewVersion
-from coordinator.runner import initial_params
-from edge_agent.data import Dataset
-from edge_agent.machine import AgentMachine, Train
+from coordinator.runner import job_preparer
+from edge_agent.device import pick_device
+from edge_agent.machine import AgentMachine, Declined, Train, Update
 from edge_agent.runner import LocalTrainer
-from edge_agent.train import evaluate, pick_device
-from fleet.follow import RoundRow
+from fleet.follow import NAN, RoundRow
 from fleet.inproc import FleetLayout
 from fleet.memnet import MemNet
 from hfl.actions import Send
@@ -40,13 +39,13 @@ from hfl.identity import Identity, Roster
 from hfl.messages import (
     JobMeta,
     Kind,
-    Metrics,
     ModelRequest,
     ModelSpec,
     StatusMeta,
     parse_meta,
 )
-from hfl.models import build, unflatten_into
+from hfl.task import Evaluation, Round, Samples
+from hfl.tasks import TaskSet, unflatten_into
 from hfl.topics import Route, Topics
 
 ENDED = ("done", "stopped", "failed")
@@ -93,10 +92,11 @@ class MemFleet:
     def versions(self) -> list:
         return []  # no registry or ONNX export: each version is scored as it comes
 
-    def __init__(self, layout: FleetLayout, *, device: str = "cpu",
+    def __init__(self, layout: FleetLayout, tasks: TaskSet, *, device: str = "cpu",
                  silent: Collection[str] = ()) -> None:
         """`silent`: agents that never answer a round (dropouts, for deadline tests)."""
         self.layout = layout
+        self.tasks = tasks
         self.device = pick_device(device)
         self.silent = set(silent)
         self.topics = Topics()
@@ -105,12 +105,13 @@ class MemFleet:
         for id_, role, group in layout.members():
             ids[id_] = Identity.generate(id_, role)
             self.roster.enroll(ids[id_], group)
-        models: dict[tuple, torch.nn.Module] = {}  # one model per arch for every trainer
-        self.trainers = {agent: LocalTrainer(agent, data, self.device, models=models)
+        models: dict[tuple, torch.nn.Module] = {}  # one model per task for every trainer
+        self.trainers = {agent: LocalTrainer(agent, tasks, data, self.device, models=models)
                          for g in layout.groups.values() for agent, data in g.items()}
         self.net = MemNet(self.topics, self.roster, trainer=self._train, record=False)
         coord = ids[layout.coordinator]
-        self.coordinator = CoordinatorMachine.of(coord, self.roster, self.topics, initial_params)
+        self.coordinator = CoordinatorMachine.of(coord, self.roster, self.topics,
+                                                 job_preparer(tasks))
         self.net.add(coord, self.coordinator, self.topics.coordinator_filters())
         self.app_id = layout.apps[0]
         self.app = _App()
@@ -121,8 +122,9 @@ class MemFleet:
                 agg, lambda agg=agg: self.roster.group(agg), self.topics)
             self.net.add(ids[agg], self.aggregators[agg], self.topics.aggregator_filters(agg))
             for agent in agents:
-                self.net.add(ids[agent], AgentMachine(ids[agent], agg, set(agents[agent]),
-                                                      self.topics, self.roster),
+                self.net.add(ids[agent], AgentMachine(ids[agent], agg, set(tasks.names()),
+                                                      set(agents[agent]), self.topics,
+                                                      self.roster),
                              self.topics.agent_filters(agg, agent))
                 self._online(agent, agg)
         self.net.run()
@@ -138,26 +140,29 @@ class MemFleet:
         self.net.publish(agent, Send(Kind.STATUS, self.topics.status("agent", agent), "", 0,
                                      "online", meta, retain=True))
 
-    def _train(self, agent: str, t: Train) -> tuple[np.ndarray, Metrics] | None:
+    def _train(self, agent: str, t: Train) -> Update | Declined | None:
         return None if agent in self.silent else self.trainers[agent](t)
 
-    def run(self, spec: ModelSpec, request_id: str, test: Dataset | None = None, *,
+    def run(self, spec: ModelSpec, request_id: str, test: Samples | None = None, *,
             tick_s: float = 1.0, timeout_s: float = 86_400.0,
             on_row: Callable[[RoundRow], None] | None = None) -> MemRun:
         """Request `spec` as the app and drive the network until the job ends, or until
         `timeout_s` of simulated time pass (a TimeoutError)."""
         req = ModelRequest(request_id=request_id, models=[spec])
         (job,) = req.job_ids()
-        scorer = _Scorer(spec, test, self.device)
+        scorer = _Scorer(self.tasks, spec, test, self.device)
         rows: list[RoundRow] = []
         laps: list[float] = []
         t0 = time.perf_counter()
 
         def version(peer: str, v: NewVersion) -> None:
             laps.append(time.perf_counter() - t0 - sum(laps))
-            acc, loss = scorer(v.params)
-            row = RoundRow(v.job, v.version, acc, loss, v.agents, v.dropped,
-                           v.metrics.train_loss, v.metrics.eval_accuracy, v.epsilon)
+            ev = scorer(v.params)
+            m = v.metrics
+            row = RoundRow(v.job, v.version, ev.loss if ev else NAN, ev.metrics if ev else {},
+                           v.agents, v.dropped, m.train_loss,
+                           m.eval_loss if m.eval_samples else NAN, dict(m.eval_metrics),
+                           v.epsilon, v.declines)
             rows.append(row)
             if on_row:
                 on_row(row)
@@ -177,15 +182,16 @@ class MemFleet:
 
 
 class _Scorer:
-    """Accuracy and mean cross-entropy of a parameter vector on the held-out set."""
+    """The task's loss and metrics of a parameter vector on the held-out set (torch)."""
 
-    def __init__(self, spec: ModelSpec, test: Dataset | None, device: torch.device) -> None:
+    def __init__(self, tasks: TaskSet, spec: ModelSpec, test: Samples | None,
+                 device: torch.device) -> None:
+        self.prepared = tasks.prepare(spec.task, spec.options)
         self.test, self.device = test, device
-        self.model = build(spec.arch, spec.input_shape, spec.num_classes).to(device)
+        self.model = self.prepared.build(device)
 
-    def __call__(self, params: np.ndarray) -> tuple[float, float]:
+    def __call__(self, params: np.ndarray) -> Evaluation | None:
         if self.test is None or not len(self.test):
-            return float("nan"), float("nan")
+            return None
         unflatten_into(self.model, params)
-        ev = evaluate(self.model, self.test, device=self.device)
-        return ev["accuracy"], ev["loss"]
+        return self.prepared.task.evaluate(self.model, self.test, Round(device=self.device))

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_agent.machine import AgentMachine, Train
+from edge_agent.machine import AgentMachine, Train, Update
 from hfl.actions import Send
 from hfl.identity import Identity, Roster
 from hfl.messages import Metrics, Role
@@ -118,7 +118,9 @@ class FixedDeltaAgent:
         self.node = Node(identity, roster, settings, topics,
                          topics.agent_filters(aggregator, identity.id),
                          group=aggregator)
-        self.machine = AgentMachine(identity, aggregator, {"d"}, topics, roster)
+        # Its jobs name the built-in logreg (the size of its parameter vector is all that
+        # matters here) and the data source "d".
+        self.machine = AgentMachine(identity, aggregator, {"logreg"}, {"d"}, topics, roster)
         self.node.handlers[Train] = self._train
         self.node.handlers[Send] = self._send
         self.silent = set(STAGES[STAGES.index(silent):]) if silent else set()
@@ -136,8 +138,8 @@ class FixedDeltaAgent:
         self.rounds.append(t.round)
         delta = np.full(t.params.size, self.step, np.float32)
         m = Metrics(samples=self.samples, train_loss=1.0, eval_samples=1, eval_loss=1.0,
-                    eval_accuracy=0.5)
-        return self.machine.trained(t.job, t.round, delta, m)
+                    eval_metrics={s.name: 0.5 for s in t.spec.metrics})
+        return self.machine.trained(t.job, t.round, Update(delta, m))
 
     def _send(self, action: Send) -> None:
         if action.stage in self.silent and (self.silent_rounds is None

@@ -1,5 +1,5 @@
-"""Reports of a run: the JSON document, the accuracy plot (with ε spent for a DP job) and
-the privacy plot of `hfl privacy`."""
+"""Reports of a run: the JSON document, the plot of the loss and the task's metrics (with ε
+spent for a DP job) and the privacy plot of `hfl privacy`."""
 
 from __future__ import annotations
 
@@ -33,27 +33,36 @@ def _save(fig, path: Path, title: str) -> Path:
 
 
 def plot_rounds(rows: list[RoundRow], path: Path, title: str) -> Path:
-    """Accuracy (held-out and federated) and loss per round, one line per job; a third
-    panel with the privacy budget spent when a job is differentially private."""
+    """Per round, one line per job: the loss, then each of the task's metrics (held-out
+    solid, the agents' federated evaluation dashed), and the privacy budget spent when a job
+    is differentially private."""
+    names = list(dict.fromkeys(k for r in rows for k in (*r.metrics, *r.federated)))
     private = any(r.epsilon is not None for r in rows)
-    fig, axes = _pyplot().subplots(1, 3 if private else 2, figsize=(15 if private else 10, 4))
-    ax1, ax2 = axes[0], axes[1]
+    panels = 1 + len(names) + private
+    fig, axes = _pyplot().subplots(1, panels, figsize=(5 * panels, 4), squeeze=False)
+    axes = axes[0]
     for job in sorted({r.job for r in rows}):
         rs = [r for r in rows if r.job == job]
         x = [r.round for r in rs]
-        ax1.plot(x, [r.accuracy for r in rs], marker="o", label=f"{job} held-out")
-        ax1.plot(x, [r.federated_accuracy for r in rs], linestyle="--",
-                 label=f"{job} federated eval")
-        ax2.plot(x, [r.loss for r in rs], marker="o", label=job)
+        axes[0].plot(x, [r.loss for r in rs], marker="o", label=f"{job} held-out")
+        axes[0].plot(x, [r.federated_loss for r in rs], linestyle="--",
+                     label=f"{job} federated eval")
+        for ax, name in zip(axes[1:], names, strict=False):
+            ax.plot(x, [r.metrics.get(name, float("nan")) for r in rs], marker="o",
+                    label=f"{job} held-out")
+            ax.plot(x, [r.federated.get(name, float("nan")) for r in rs], linestyle="--",
+                    label=f"{job} federated eval")
         if private:
-            axes[2].plot(x, [r.epsilon for r in rs], marker="o", label=job)
-    ax1.set(xlabel="global round (model version)", ylabel="accuracy", ylim=(0, 1))
-    ax2.set(xlabel="global round (model version)", ylabel="held-out loss")
+            axes[-1].plot(x, [r.epsilon for r in rs], marker="o", label=job)
+    xlabel = "global round (model version)"
+    axes[0].set(xlabel=xlabel, ylabel="loss")
+    for ax, name in zip(axes[1:], names, strict=False):
+        ax.set(xlabel=xlabel, ylabel=name)
     if private:
-        axes[2].set(xlabel="global round (model version)", ylabel="ε spent")
+        axes[-1].set(xlabel=xlabel, ylabel="ε spent")
     for ax in axes:
         ax.grid(alpha=0.3)
-    ax1.legend(fontsize=8)
+    axes[0].legend(fontsize=8)
     return _save(fig, path, title)
 
 

@@ -1,23 +1,27 @@
 """`hfl simulate` and `hfl demo`: a whole fleet on one machine, over a real broker.
 
-A TOML config names the fleet (agents, aggregators), the data (digits, MNIST IDX files or
-an .npz, and how to split it between agents) and the model request. The run starts a
-Mosquitto on a free loopback port, a coordinator, the aggregators and agents as
-in-process nodes (each its own MQTT client), and an app that requests the model, receives
-every version and scores it with onnxruntime on data no agent holds.
+A TOML config names the fleet (agents, aggregators), the data (read once through the task,
+then split between the agents) and the model request. The run starts a Mosquitto on a free
+loopback port, a coordinator, the aggregators and agents as in-process nodes (each its own
+MQTT client), and an app that requests the model, receives every version and scores it
+with onnxruntime, by the task's own loss and metrics, on data no agent holds.
 
 ```toml
+tasks = ["my_tasks:Vibration"]   # tasks not installed as entry points (module:Attr)
+
 [fleet]
 aggregators = 2
 agents = 6
 
-[data]
-source = "digits"            # digits | mnist | npz
-partition = "dirichlet"      # iid | dirichlet | shards
+[data]                       # what the task's data() reads (its source.settings), and:
+source = "digits"
+partition = "dirichlet"      # iid | contiguous | dirichlet | shards (the last two: classes)
 alpha = 0.5
+holdout = 0.2                # kept for the app's scoring (0: none); or a [test] table
 
 [model]                      # the model request (see hfl.messages.ModelSpec)
-arch = "mlp"
+task = "mlp"
+options = {input_shape = [1, 8, 8], num_classes = 10}
 rounds = 12
 ```
 """
@@ -32,8 +36,6 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from edge_agent import data as datasets
-from edge_agent.data import Dataset
 from edge_agent.partition import partition
 from edge_agent.runner import LocalData
 from fleet.follow import Outcome, follow
@@ -41,6 +43,8 @@ from fleet.inproc import FleetLayout, InProcessFleet
 from fleet.memsim import MemFleet
 from hfl.app import JobStatus
 from hfl.messages import ModelRequest, ModelSpec, short_error
+from hfl.task import Samples, Source, Task, TaskError
+from hfl.tasks import TaskSet
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -49,6 +53,7 @@ else:
 
 APP = "sim-app"
 MODEL_NAME = "model"
+SOURCE = "data"  # the agents' data source, as the job names it
 
 
 class _Section(BaseModel):
@@ -65,29 +70,58 @@ class FleetSection(_Section):
         "same machines on an in-memory network (fleet.memsim), for thousands of agents")
 
 
-class DataSection(_Section):
-    source: Literal["digits", "mnist", "npz"] = "digits"
+class DataSection(BaseModel):
+    """The agents' data: read once through the task (every key but hfl's below is the
+    task's, as in an agent's `[agent.datasets.NAME]`), then split between them."""
+
+    model_config = ConfigDict(extra="allow")
+
     path: Path | None = None
-    test_path: Path | None = Field(default=None, description="npz held out for the app")
-    partition: Literal["iid", "dirichlet", "shards"] = "dirichlet"
+    partition: Literal["iid", "dirichlet", "shards", "contiguous"] = "iid"
     alpha: float = Field(default=0.5, gt=0)
     shards_per_agent: int = Field(default=2, ge=1)
-    holdout: float = Field(default=0.2, gt=0, lt=1, description="kept for the app when the "
-                           "source has no test split")
+    holdout: float = Field(default=0.2, ge=0, lt=1, description="kept for the app when "
+                           "there is no [test] table (0: the app scores nothing)")
     local_test_fraction: float = Field(default=0.2, ge=0, lt=1)
 
 
+class TestSection(BaseModel):
+    """The app's held-out data, read through the task as well (e.g. MNIST's test split)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    path: Path | None = None
+
+
 class SimConfig(_Section):
+    tasks: list[str] = Field(default_factory=list, description="tasks beyond the installed "
+                             "entry points: module:Attribute references")
     fleet: FleetSection = FleetSection()
     data: DataSection = DataSection()
+    test: TestSection | None = None
     model: dict[str, Any] = Field(default_factory=dict)
     seed: int = 0
     timeout: float = Field(default=3600, gt=0)
 
     def spec(self, aggregators: list[str]) -> ModelSpec:
-        fields = {"name": MODEL_NAME, "dataset": "data", "seed": self.seed, **self.model,
+        fields = {"name": MODEL_NAME, "dataset": SOURCE, "seed": self.seed, **self.model,
                   "aggregators": aggregators}
         return ModelSpec.model_validate(fields)
+
+    def task_set(self) -> TaskSet:
+        return TaskSet([*TaskSet.everything_installed().classes.values(), *self.tasks])
+
+    def task(self, tasks: TaskSet | None = None) -> Task:
+        """The model's task with its options; ValueError when it cannot be used."""
+        spec = self.spec(["check"])
+        try:
+            return (tasks or self.task_set()).prepare(spec.task, spec.options).task
+        except TaskError as e:
+            raise ValueError(str(e)) from None
+
+    @property
+    def rounds(self) -> int:
+        return int(self.model.get("rounds", 10))
 
 
 def load_sim_config(path: Path) -> SimConfig:
@@ -102,8 +136,9 @@ def load_sim_config(path: Path) -> SimConfig:
         raise ValueError(f"{path}: not valid TOML: {e}") from None
     except ValidationError as e:
         raise ValueError(f"{path}: {short_error(e)}") from None
-    if cfg.data.path is not None and not cfg.data.path.is_absolute():
-        cfg.data.path = Path(path).parent / cfg.data.path
+    for section in (cfg.data, cfg.test):
+        if section is not None and section.path is not None and not section.path.is_absolute():
+            section.path = Path(path).parent / section.path
     return cfg
 
 
@@ -111,28 +146,31 @@ def aggregator_ids(n: int) -> list[str]:
     return [f"site-{i + 1}" for i in range(n)]
 
 
-def fleet_data(cfg: SimConfig) -> tuple[dict[str, dict[str, dict[str, LocalData]]], Dataset]:
-    """Split the data over the agents (non-IID as configured), keeping the app's test set."""
+def fleet_data(cfg: SimConfig, task: Task | None = None,
+               ) -> tuple[dict[str, dict[str, dict[str, LocalData]]], Samples | None]:
+    """Read the data through the task (the config's own by default), keep the app's
+    held-out set, and split the rest between the agents as configured."""
+    task = task or cfg.task()
     d = cfg.data
-    path = str(d.path) if d.path else None
-    if d.source == "mnist":
-        pool, held_out = datasets.load("mnist", path=path), datasets.load("mnist", path=path,
-                                                                          split="test")
-    elif d.test_path is not None:
-        pool, held_out = datasets.load(d.source, path=path), datasets.load_npz(d.test_path)
-    else:
-        pool, held_out = datasets.split(datasets.load(d.source, path=path), d.holdout,
-                                        seed=cfg.seed)
+    got = task.data(Source(SOURCE, d.model_extra or {}, d.path))
+    pool, held_out = got if isinstance(got, tuple) else (got, None)
+    if cfg.test is not None:
+        held_out = _whole(task.data(Source("test", cfg.test.model_extra or {}, cfg.test.path)))
+    elif held_out is None and d.holdout > 0:
+        pool, held_out = pool.split(d.holdout, seed=cfg.seed)
     layout = group_members(cfg)
-    parts = partition(d.partition, pool.y, cfg.fleet.agents, seed=cfg.seed, alpha=d.alpha,
-                      shards_per_part=d.shards_per_agent)
+    parts = partition(d.partition, len(pool), cfg.fleet.agents, seed=cfg.seed, labels=pool.y,
+                      alpha=d.alpha, shards_per_part=d.shards_per_agent)
     groups: dict[str, dict[str, dict[str, LocalData]]] = {a: {} for a in layout}
     placed = ((agg, agent) for agg, agents in layout.items() for agent in agents)
     for i, (agg, agent) in enumerate(placed):  # agent-(i+1) holds part i
-        train, test = datasets.split(pool.subset(parts[i]), d.local_test_fraction,
-                                     seed=cfg.seed + i)
-        groups[agg][agent] = {"data": LocalData(train, test)}
+        train, test = pool.subset(parts[i]).split(d.local_test_fraction, seed=cfg.seed + i)
+        groups[agg][agent] = {SOURCE: LocalData(train, test)}
     return groups, held_out
+
+
+def _whole(got: Samples | tuple[Samples, Samples]) -> Samples:
+    return got if isinstance(got, Samples) else got[0]
 
 
 def group_members(cfg: SimConfig) -> dict[str, list[str]]:
@@ -153,14 +191,17 @@ def run(cfg: SimConfig, workdir: Path,
     With `network = "memory"` nothing is written: the versions are scored with torch, and
     `timeout` counts simulated seconds."""
     t0 = time.monotonic()
-    groups, held_out = fleet_data(cfg)
+    tasks = cfg.task_set()
+    spec = cfg.spec(aggregator_ids(cfg.fleet.aggregators))
+    task = cfg.task(tasks)
+    groups, held_out = fleet_data(cfg, task)
     if cfg.fleet.network == "memory":
-        mem = MemFleet(FleetLayout(groups, apps=(APP,)), device=cfg.fleet.device)
-        done = mem.run(cfg.spec(sorted(groups)), f"sim-seed{cfg.seed}", held_out,
-                       timeout_s=cfg.timeout, on_row=on_row)
+        mem = MemFleet(FleetLayout(groups, apps=(APP,)), tasks, device=cfg.fleet.device)
+        done = mem.run(spec, f"sim-seed{cfg.seed}", held_out, timeout_s=cfg.timeout,
+                       on_row=on_row)
         return (Outcome(done.rows, {done.status.job: JobStatus(done.status)}, {}), mem,
                 time.monotonic() - t0)
-    fleet = InProcessFleet(FleetLayout(groups, apps=(APP,)), workdir, tls=cfg.fleet.tls,
+    fleet = InProcessFleet(FleetLayout(groups, apps=(APP,)), workdir, tasks, tls=cfg.fleet.tls,
                            device=cfg.fleet.device)
     app = None
     try:
@@ -168,8 +209,8 @@ def run(cfg: SimConfig, workdir: Path,
         app = fleet.app(APP, models=[MODEL_NAME])
         app.start()
         req = ModelRequest(request_id=f"sim-seed{cfg.seed}",  # reproducible runs
-                           models=[cfg.spec(sorted(groups))])
-        outcome = follow(app, app.request(req), held_out, cfg.timeout, on_row=on_row)
+                           models=[spec])
+        outcome = follow(app, app.request(req), tasks, held_out, cfg.timeout, on_row=on_row)
     finally:
         if app is not None:
             app.stop()
@@ -183,10 +224,11 @@ def summary(cfg: SimConfig, outcome: Outcome, fleet: InProcessFleet | MemFleet,
     spec = cfg.spec(sorted(fleet.layout.groups))
     last = fleet.versions[-1] if fleet.versions else None
     return {
+        "task": spec.task,
         "rounds": [
-            {"round": r.round, "accuracy": r.accuracy, "loss": r.loss, "agents": r.agents,
-             "dropped": r.dropped, "federated_accuracy": r.federated_accuracy,
-             "train_loss": r.train_loss, "epsilon": r.epsilon}
+            {"round": r.round, "loss": r.loss, **r.metrics, "agents": r.agents,
+             "dropped": r.dropped, "declines": r.declines, "train_loss": r.train_loss,
+             "federated": {"loss": r.federated_loss, **r.federated}, "epsilon": r.epsilon}
             for r in outcome.rows
         ],
         "delta": spec.privacy.delta if spec.privacy else None,
@@ -201,6 +243,9 @@ def summary(cfg: SimConfig, outcome: Outcome, fleet: InProcessFleet | MemFleet,
     }
 
 
+DIGITS = {"input_shape": [1, 8, 8], "num_classes": 10}  # the built-in tasks' options
+
+
 def demo_config(rounds: int | None = None, seed: int = 0, private: bool = True) -> SimConfig:
     """The demo, over TLS + SecAgg+ either way.
 
@@ -212,9 +257,9 @@ def demo_config(rounds: int | None = None, seed: int = 0, private: bool = True) 
         return SimConfig(
             fleet=FleetSection(aggregators=2, agents=100),
             data=DataSection(source="digits", partition="iid"),
-            model=dict(arch="logreg", input_shape=(1, 8, 8), num_classes=10,
-                       rounds=rounds or 15, epochs=5, batch_size=16, lr=0.1, momentum=0.9,
-                       server_momentum=0.9, min_agents=20, deadline_s=60,
+            model=dict(task="logreg", options=DIGITS, rounds=rounds or 15, epochs=5,
+                       batch_size=16, lr=0.1, momentum=0.9, server_momentum=0.9,
+                       min_agents=20, deadline_s=60,
                        privacy=dict(epsilon=8.0, clip=1.0, mode="distributed")),
             seed=seed,
             timeout=900,
@@ -222,7 +267,7 @@ def demo_config(rounds: int | None = None, seed: int = 0, private: bool = True) 
     return SimConfig(
         fleet=FleetSection(aggregators=2, agents=6),
         data=DataSection(source="digits", partition="dirichlet", alpha=0.5),
-        model=dict(arch="mlp", input_shape=(1, 8, 8), num_classes=10, rounds=rounds or 12,
+        model=dict(task="mlp", options=DIGITS, rounds=rounds or 12,
                    kappa1=2, epochs=2, batch_size=16, lr=0.05, momentum=0.9, min_agents=2,
                    deadline_s=30),
         seed=seed,

@@ -18,7 +18,15 @@ from rich.text import Text
 from hfl.envelope import Envelope
 from hfl.errors import Rejected
 from hfl.identity import Roster
-from hfl.messages import JobMeta, Kind, Role, StatusMeta, TelemetryMeta, parse_meta
+from hfl.messages import (
+    JobMeta,
+    Kind,
+    Role,
+    StatusMeta,
+    TelemetryMeta,
+    evaluation_text,
+    parse_meta,
+)
 from hfl.topics import Route
 
 STATES = ("online", "offline", "lost", "unknown")  # unknown: enrolled, never heard of
@@ -109,7 +117,8 @@ def _job_doc(m: JobMeta) -> dict[str, Any]:
     last = m.history[-1] if m.history else {}
     return {"job": m.job, "app": m.app, "model": m.model, "state": m.state,
             "reason": m.reason, "version": m.version, "rounds": m.rounds,
-            "epsilon": m.epsilon, "delta": m.delta, "accuracy": last.get("eval_accuracy")}
+            "epsilon": m.epsilon, "delta": m.delta, "task": m.task,
+            "evaluation": evaluation_text(last), "declines": last.get("declines", 0)}
 
 
 # ---------------------------------------------------------------------- terminal rendering
@@ -153,16 +162,15 @@ def summary(snap: dict[str, Any]) -> Text:
 
 
 def jobs_table(snap: dict[str, Any]) -> Table:
-    table = Table("job", "model", "app", "state", "version", "ε", "accuracy", "reason",
-                  title="jobs", title_justify="left")
+    table = Table("job", "model", "app", "state", "version", "ε", "evaluation", "declined",
+                  "reason", title="jobs", title_justify="left")
     for j in snap["jobs"]:
         eps = "-" if j["epsilon"] is None else f"{j['epsilon']:.2f}"
-        acc = "-" if j["accuracy"] is None else f"{j['accuracy']:.3f}"
         table.add_row(escape(j["job"]), escape(j["model"]), escape(j["app"]),
-                      _state(j["state"]), f"{j['version']}/{j['rounds']}", eps, acc,
-                      escape(j["reason"]))
+                      _state(j["state"]), f"{j['version']}/{j['rounds']}", eps,
+                      escape(j["evaluation"]), str(j["declines"] or "-"), escape(j["reason"]))
     if not snap["jobs"]:
-        table.add_row("[dim]none yet[/]", *[""] * 7)
+        table.add_row("[dim]none yet[/]", *[""] * 8)
     return table
 
 

@@ -7,7 +7,7 @@ With the SDK's own MQTT client:
 ```python
 app = App.from_device("pki/devices/app", "broker.lan", 8883, models=["digits"])
 app.start()
-app.request(name="digits", arch="mlp", input_shape=[1, 8, 8], num_classes=10,
+app.request(name="digits", task="mlp", options={"input_shape": [1, 8, 8], "num_classes": 10},
             dataset="digits", aggregators=["site-a"], rounds=10)
 for version in app.models("digits"):
     print(version.meta.version, version.meta.epsilon, version.predict(x).argmax(axis=1))
@@ -78,7 +78,7 @@ def request(*models: ModelSpec | Mapping[str, Any], request_id: str | None = Non
     or mappings, e.g. read from TOML). `request_id` defaults to a fresh random id.
 
     Every problem is reported at once in a `RequestError` that names the field:
-    `rounds: must be >= 1 (got 0)`, `models[1].arch: ...` when there are several models.
+    `rounds: must be >= 1 (got 0)`, `models[1].task: ...` when there are several models.
     """
     if spec and models:
         raise TypeError("pass one model's fields as keywords, or models, not both")
@@ -164,13 +164,17 @@ def _build(models: tuple[Any, ...], request_id: str | None, spec: dict[str, Any]
 
 @dataclass(frozen=True)
 class ModelVersion:
-    meta: ModelMeta  # version, job, metrics, ε spent (DP jobs), architecture, input shape
+    meta: ModelMeta  # version, job, task, metrics, ε spent (DP jobs), input shapes
     onnx: bytes
     state: dict[str, np.ndarray]  # parameter name → array, as the torch model names them
 
-    def predict(self, x: np.ndarray) -> np.ndarray:
-        """Logits for a batch shaped (n, *input_shape), via onnxruntime."""
-        return _session(self.onnx).run(["logits"], {"input": np.asarray(x, np.float32)})[0]
+    def predict(self, *x: np.ndarray) -> np.ndarray:
+        """The model's (first) output for a batch of inputs shaped (n, *meta.inputs[i]),
+        via onnxruntime: a classifier's logits, a regression's predictions."""
+        session = _session(self.onnx)
+        feed = {i.name: np.asarray(a, np.float32) for i, a in zip(session.get_inputs(), x,
+                                                                  strict=True)}
+        return session.run([session.get_outputs()[0].name], feed)[0]
 
 
 @dataclass(frozen=True)

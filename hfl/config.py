@@ -12,9 +12,11 @@ port = 8883                      # TLS with the device's certificate (tls = fals
 [agent]
 aggregator = "site-a"
 device = "auto"                  # cuda on a Jetson, else cpu
+tasks = ["mlp", "logreg"]        # the tasks this board may run (entry points or module:Attr)
 
-[agent.datasets.digits]          # the name a model request asks for
-source = "digits"                # digits | mnist | npz
+[agent.datasets.digits]          # a data source; a job names it (default: the task's name)
+source = "digits"                # the rest of the table is the task's (see its data())
+test_fraction = 0.2              # kept aside to evaluate each round model
 
 [metrics]                        # optional
 port = 9464                      # a Prometheus endpoint on 127.0.0.1 (off without a port)
@@ -27,7 +29,7 @@ from __future__ import annotations
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -40,6 +42,9 @@ else:  # Jetson images still ship Python 3.10
 from hfl.mqtt import BrokerSettings
 from hfl.pki import DeviceFiles
 from hfl.topics import DEFAULT_PREFIX, Topics, check_id
+
+if TYPE_CHECKING:
+    from hfl.tasks import TaskSet
 
 
 class _Section(BaseModel):
@@ -64,27 +69,57 @@ class BrokerSection(_Section):
     session_expiry: int = Field(default=3600, ge=0)
 
 
-class DatasetSection(_Section):
-    source: Literal["digits", "mnist", "npz"]
-    path: Path | None = None
-    split: Literal["train", "test"] = "train"
-    test_fraction: float = Field(default=0.2, ge=0, lt=1)
+class DatasetSection(BaseModel):
+    """One of the board's data sources. hfl reads the keys below; every other key is the
+    task's own (its `data()` gets them as `source.settings`)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    path: Path | None = Field(default=None, description="a file or folder, relative to the "
+                              "config's folder")
+    test_fraction: float = Field(default=0.2, ge=0, lt=1, description="kept aside to "
+                                 "evaluate each round model")
+    seed: int = 0
     # Simulation only: take part `index` of `parts` from a partition of the whole set.
-    partition: Literal["iid", "dirichlet", "shards"] | None = None
+    partition: Literal["iid", "dirichlet", "shards", "contiguous"] | None = None
     parts: int = Field(default=1, ge=1)
     index: int = Field(default=0, ge=0)
     alpha: float = Field(default=0.5, gt=0)
-    seed: int = 0
+    shards_per_part: int = Field(default=2, ge=1)
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The task's own keys."""
+        return dict(self.model_extra or {})
+
+
+BUILTIN_TASKS = ("mnist-cnn", "mnist-2nn", "mlp", "logreg")  # hfl.zoo
 
 
 class AgentSection(_Section):
     aggregator: str
     device: str = "auto"
+    tasks: list[str] = Field(default=list(BUILTIN_TASKS), min_length=1, description="the "
+                             "tasks this board may run: entry-point names or module:Attr")
     datasets: dict[str, DatasetSection] = Field(min_length=1)
+    state_dir: Path = Field(default=Path("state"), description="files the tasks keep across "
+                            "restarts (a live window)")
+
+    def task_set(self) -> TaskSet:
+        from hfl.tasks import TaskSet
+
+        return TaskSet(self.tasks)
 
 
 class CoordinatorSection(_Section):
     state_dir: Path = Path("state")
+    tasks: list[str] | None = Field(default=None, description="the tasks jobs may use "
+                                    "(empty: every task installed)")
+
+    def task_set(self) -> TaskSet:
+        from hfl.tasks import TaskSet  # torch: only the roles that train or export load it
+
+        return TaskSet(self.tasks) if self.tasks is not None else TaskSet.everything_installed()
 
 
 class AggregatorSection(_Section):
@@ -153,6 +188,7 @@ def _resolve(cfg: Config, base: Path) -> Config:
 
     cfg.identity.dir = fix(cfg.identity.dir)  # type: ignore[assignment]
     if cfg.agent:
+        cfg.agent.state_dir = fix(cfg.agent.state_dir)  # type: ignore[assignment]
         for ds in cfg.agent.datasets.values():
             ds.path = fix(ds.path)
     for section in (cfg.coordinator, cfg.aggregator):

@@ -338,6 +338,7 @@ class LiveWindow:
         self._answered = threading.Event()  # the first CONNACK failure or SUBACK
         self._connected = False
         self._last_error = ""
+        self._refusal = ""  # why the broker refused the last connect, if it did
         self._counts = {"received": 0, "stored": 0, "dropped": 0}
         self._refused: collections.Counter[str] = collections.Counter()
 
@@ -374,7 +375,8 @@ class LiveWindow:
             raise LiveSourceError(f"{self.source}: cannot reach the broker: {e}") from e
         client.loop_start()
         if not self._answered.wait(timeout) or not self._connected:
-            why = self._last_error or f"no answer within {timeout} s"
+            # A refused CONNACK is followed by a disconnect: say the refusal, not that.
+            why = self._refusal or self._last_error or f"no answer within {timeout} s"
             self.stop()
             raise LiveSourceError(f"{self.source}: not subscribed: {why}")
         return self
@@ -480,10 +482,11 @@ class LiveWindow:
     def _on_connect(self, client: mqtt.Client, _u: Any, _f: Any, reason: Any,
                     _p: Any) -> None:
         if reason.is_failure:
-            self._last_error = f"the broker refused the connection: {reason}"
+            self._last_error = self._refusal = f"the broker refused the connection: {reason}"
             log.warning("%s: %s", self.source, self._last_error)
             self._answered.set()
             return
+        self._refusal = ""
         client.subscribe(self.topic, qos=1)
 
     def _on_subscribe(self, _c: mqtt.Client, _u: Any, _mid: int, reasons: list[Any],

@@ -18,7 +18,15 @@ from typing import Annotated, Any, Literal, TypeVar
 import numpy as np
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from hfl.errors import Rejected
 from hfl.topics import ID_MAX, ID_PATTERN, Route, check_id
@@ -150,21 +158,52 @@ class PrivacySpec(_Strict):
     clip_lr: float = Field(default=0.2, gt=0, le=10, description="geometric step of the bound")
 
 
+class MetricSpec(_Strict):
+    """One of the task's named metrics (hfl.task.Metric), as a job declares it: how the
+    fleet combines the agents' values and how far they may range."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,32}$")
+    reduce: Literal["mean", "rms"] = Field(default="mean", description="rms: root of the "
+                                           "weighted mean of squares (exact for an RMSE)")
+    better: Literal["higher", "lower"] = "higher"
+    bound: float = Field(default=64.0, gt=0, le=1e6, description="largest magnitude kept")
+
+
+_TaskName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,31}$",
+                                 description="the task's name (hfl.task.Task.name)")]
+_Option = Annotated[JsonValue, Field()]
+
+
 class ModelSpec(_Strict):
-    """One model to train: the unit the coordinator turns into a job."""
+    """One model to train: the unit the coordinator turns into a job.
+
+    The task (hfl.task) is installed on the coordinator and the boards and named here with
+    its options. The coordinator fills in what the installed task declares (its version,
+    the fingerprint of its parameter layout, its metrics and loss bound, its round settings
+    where the request leaves them out) before any aggregator or agent sees the job, and
+    agents refuse a job whose task they would read differently."""
 
     name: _Id
-    arch: Literal["mnist-cnn", "mnist-2nn", "mlp", "logreg"]
-    input_shape: tuple[int, ...] = Field(min_length=1, max_length=4)
-    num_classes: int = Field(ge=2, le=100_000)
-    dataset: _Id
+    task: _TaskName
+    options: dict[str, _Option] = Field(default_factory=dict, max_length=64,
+                                        description="the task's options (its Options model)")
+    task_version: str = Field(default="", max_length=64, description="the task's version "
+                              "(empty: the coordinator's installed one, filled in)")
+    layout: str = Field(default="", pattern=r"^([0-9a-f]{64})?$", description="SHA-256 of "
+                        "the parameter layout: names, shapes, dtypes (filled in)")
+    metrics: list[MetricSpec] = Field(default_factory=list, max_length=32,
+                                      description="the task's named metrics (filled in)")
+    loss_bound: float = Field(default=64.0, gt=0, le=1e6, description="losses clip here in "
+                              "secure aggregation (filled in from the task)")
+    dataset: _Id | None = Field(default=None, description="the boards' data source "
+                                "(`[agent.datasets.NAME]`); empty: the task's name")
     aggregators: list[_Id] = Field(min_length=1, max_length=1000)
     rounds: int = Field(default=10, ge=1, le=100_000, description="global rounds (model versions)")
     kappa1: int = Field(default=1, ge=1, le=1000, description="edge rounds per global round")
-    epochs: int = Field(default=1, ge=1, le=1000)
-    batch_size: int = Field(default=32, ge=1, le=65_536)
-    lr: float = Field(default=0.05, gt=0, le=100)
-    momentum: float = Field(default=0.0, ge=0, lt=1)
+    epochs: int | None = Field(default=None, ge=1, le=1000, description="empty: the task's")
+    batch_size: int | None = Field(default=None, ge=1, le=65_536, description="empty: the task's")
+    lr: float | None = Field(default=None, gt=0, le=100, description="empty: the task's")
+    momentum: float | None = Field(default=None, ge=0, lt=1, description="empty: the task's")
     server_lr: float = Field(default=1.0, gt=0, le=100, description="global step on the mean")
     server_momentum: float = Field(default=0.0, ge=0, lt=1,
                                    description="FedAvgM: momentum of the global steps")
@@ -182,15 +221,32 @@ class ModelSpec(_Strict):
         default="none", description="int8: each update travels as int8 levels and one scale, "
         "stochastically rounded (about P bytes instead of 4P); plain rounds only")
 
+    @property
+    def data_source(self) -> str:
+        """The boards' data source this job trains on."""
+        return self.dataset or self.task
+
     def sample_size(self, candidates: int) -> int:
         """Agents an edge round selects among `candidates`: ⌈C·n⌉, at least the quorum."""
         return min(candidates, max(self.min_agents,
                                    math.ceil(self.client_fraction * candidates)))
 
-    @field_validator("name", "dataset")
+    @field_validator("name")
     @classmethod
     def _topic_safe(cls, v: str) -> str:
         return check_id(v)
+
+    @field_validator("dataset")
+    @classmethod
+    def _source_id(cls, v: str | None) -> str | None:
+        return None if v is None else check_id(v, "dataset")
+
+    @field_validator("metrics")
+    @classmethod
+    def _metric_names(cls, v: list[MetricSpec]) -> list[MetricSpec]:
+        if len({m.name for m in v}) != len(v):
+            raise ValueError("metric names must be distinct")
+        return v
 
     @field_validator("aggregators")
     @classmethod
@@ -198,13 +254,6 @@ class ModelSpec(_Strict):
         if len(set(v)) != len(v):
             raise ValueError("aggregators must be distinct")
         return [check_id(a, "aggregator") for a in v]
-
-    @field_validator("input_shape")
-    @classmethod
-    def _shape(cls, v: tuple[int, ...]) -> tuple[int, ...]:
-        if any(d < 1 or d > 4096 for d in v):
-            raise ValueError("input_shape dimensions must be in 1..4096")
-        return v
 
     @model_validator(mode="after")
     def _compression_is_plain(self) -> ModelSpec:
@@ -308,11 +357,30 @@ class Metrics(_Strict):
     """Sample-weighted metrics of one contribution (agent) or a sum of them (partial)."""
 
     samples: float = Field(ge=0, description="training samples (in a DP job: agents)")
-    train_loss: float = Field(default=0.0, description="mean training loss")
+    train_loss: float = Field(default=0.0, allow_inf_nan=False, description="mean training loss")
     eval_samples: float = Field(default=0.0, ge=0, description="held-out samples evaluated")
-    eval_loss: float = Field(default=0.0, description="mean loss on the agents' held-out data")
-    eval_accuracy: float = Field(default=0.0, ge=0, le=1,
-                                 description="accuracy on the agents' held-out data")
+    eval_loss: float = Field(default=0.0, allow_inf_nan=False,
+                             description="mean loss on the agents' held-out data")
+    eval_metrics: dict[str, Annotated[float, Field(allow_inf_nan=False)]] = Field(
+        default_factory=dict, max_length=32, description="the task's named metrics on the "
+        "agents' held-out data, combined as the job's `metrics` say (e.g. accuracy, rmse)")
+
+    @field_validator("eval_metrics")
+    @classmethod
+    def _names(cls, v: dict[str, float]) -> dict[str, float]:
+        for k in v:
+            if not (0 < len(k) <= 32 and k.replace("_", "").replace("-", "").isalnum()):
+                raise ValueError(f"metric name {k[:40]!r}: 1-32 letters, digits, '-' or '_'")
+        return v
+
+
+def evaluation_text(m: dict[str, Any]) -> str:
+    """A version's federated evaluation as the task reports it, from a metrics document
+    (`Metrics.model_dump()`, a job's history row): `loss 0.31, accuracy 0.912`."""
+    if not m.get("eval_samples"):
+        return "-"
+    named = ", ".join(f"{k} {v:.4g}" for k, v in (m.get("eval_metrics") or {}).items())
+    return f"loss {m.get('eval_loss', 0.0):.4g}" + (f", {named}" if named else "")
 
 
 class UpdateMeta(_Strict):
@@ -321,6 +389,16 @@ class UpdateMeta(_Strict):
     metrics: Metrics
     clip_bit: float | None = Field(default=None, allow_inf_nan=False,
                                    description="adaptive clipping: [norm <= S] - 1/2, noised")
+
+
+class DeclineMeta(_Strict):
+    """agent → aggregator: it sits this round out, and why (a task it does not have or has
+    in another version or layout, no usable data, a task that failed or gave a non-finite
+    update). The round goes on without it, and the reason travels on to the coordinator."""
+
+    reason: Literal["no-task", "task-version", "task-layout", "no-data", "bad-data",
+                    "task-error", "bad-update"]
+    detail: str = Field(default="", max_length=500)
 
 
 class Release(_Strict):
@@ -339,6 +417,8 @@ class PartialMeta(_Strict):
     failure: str = Field(default="", max_length=500, description="why the block failed")
     releases: list[Release] = Field(default_factory=list, max_length=1000,
                                     description="the block's edge rounds, for DP accounting")
+    declined: dict[str, str] = Field(default_factory=dict, max_length=1000, description=
+                                     "agents that sat a round of the block out: id → why")
     metrics: Metrics
 
 
@@ -348,17 +428,25 @@ class ModelMeta(_Strict):
     model: str
     job: str
     version: int = Field(ge=0)
-    arch: str
-    input_shape: tuple[int, ...] = Field(description="one input, without the batch axis")
-    num_classes: int
+    task: str = Field(description="the task that defines the model")
+    task_version: str
+    options: dict[str, JsonValue] = Field(default_factory=dict, description="the task's "
+                                          "options in this job")
+    layout: str = Field(description="SHA-256 of the parameter layout")
+    inputs: list[list[int]] = Field(description="the ONNX inputs' shapes, each without "
+                                    "its batch axis")
     num_params: int
     agents: int = Field(ge=0, description="agents whose updates made this version")
     dropped: int = Field(default=0, ge=0, description="agents that dropped out mid-round")
+    declines: int = Field(default=0, ge=0, description="agents that sat the block out (the "
+                          "job's history says who and why)")
     epsilon: float | None = Field(default=None, ge=0, description="ε spent (DP jobs)")
     delta: float | None = Field(default=None, description="the job's δ (DP jobs)")
     metrics: Metrics = Field(description="the block's last edge round, over all sites: its "
                              "training loss and the agents' evaluation of the model it started "
                              "from (the previous version when kappa1 = 1)")
+    metric_specs: list[MetricSpec] = Field(default_factory=list,
+                                           description="what each named metric means")
 
 
 class JobMeta(_Strict):
@@ -367,6 +455,9 @@ class JobMeta(_Strict):
     job: str
     app: str
     model: str
+    task: str = Field(default="", description="the task that defines the model")
+    metric_specs: list[MetricSpec] = Field(default_factory=list,
+                                           description="what each named metric means")
     state: Literal["running", "done", "stopped", "failed"]
     reason: str = Field(default="", description="why it ended")
     version: int = Field(ge=0, description="the newest version published")
@@ -375,7 +466,7 @@ class JobMeta(_Strict):
     delta: float | None = None
     history: list[dict[str, Any]] = Field(default_factory=list, max_length=100_000,
                                           description="one row per version: its metrics, "
-                                          "agents and ε")
+                                          "agents, ε, and the agents that declined and why")
 
 
 class StatusMeta(_Strict):
@@ -445,6 +536,9 @@ class TelemetryMeta(_Strict):
     round_s: RoundTimes
     rejections: dict[str, _Count] = Field(default_factory=dict, max_length=256,
                                           description="messages refused, by reason")
+    declines: dict[str, _Count] = Field(default_factory=dict, max_length=64, description=
+                                        "rounds sat out, by reason: an agent's own; an "
+                                        "aggregator's, its agents' (no-task, bad-data, ...)")
     epsilon: dict[str, float] = Field(default_factory=dict, max_length=10_000,
                                       description="coordinator: ε spent per DP job")
 

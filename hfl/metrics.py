@@ -65,11 +65,14 @@ class TelemetryCollector:
         for name, value in meta.counts.model_dump().items():
             metric, help_ = COUNTERS[name]
             yield _one(CounterMetricFamily(metric, help_, labels=LABELS), labels, value)
-        rejections = CounterMetricFamily("hfl_rejections", "Messages refused, by reason.",
-                                         labels=[*LABELS, "reason"])
-        for reason, n in sorted(meta.rejections.items()):
-            rejections.add_metric([*labels, reason], n)
-        yield rejections
+        for name, help_, counts in (
+                ("hfl_rejections", "Messages refused, by reason.", meta.rejections),
+                ("hfl_declines", "Rounds sat out, by reason (an agent's own; at an "
+                 "aggregator, its agents').", meta.declines)):
+            family = CounterMetricFamily(name, help_, labels=[*LABELS, "reason"])
+            for reason, n in sorted(counts.items()):
+                family.add_metric([*labels, reason], n)
+            yield family
         st = t.stats
         rounds = HistogramMetricFamily(
             "hfl_round_duration_seconds", "Aggregator: edge round, open to closed; agent: "

@@ -12,11 +12,13 @@ Every codec here validates what a peer sent (shapes, sizes, ids) and raises `Rej
 The input vector of an agent is its weighted delta followed by a trailer of weighted metrics,
 all in fixed point, so that the aggregator learns the group's metrics only as sums too:
 
-    [ w·Δ (P) | w | w·train_loss/L | e | e·eval_loss/L | e·eval_accuracy | clip bit ]
+    [ w·Δ (P) | w | w·train_loss/L | e | e·eval_loss/L | e·m_1/B_1 … e·m_k/B_k | clip bit ]
 
 with w = min(samples, cap)/cap (1 in a DP job, whose analysis counts agents equally),
-e = min(eval_samples, cap)/cap, losses clipped to L, and the adaptive-clipping bit
-(`hfl.dp.AdaptiveClip`, 0 when unused) summed like the rest. In a DP job the delta arrives
+e = min(eval_samples, cap)/cap, losses clipped to the task's `loss_bound` L, the task's
+named metrics m_i (squared for an RMS metric) clipped to their bound B_i (B_i² when
+squared), and the adaptive-clipping bit (`hfl.dp.AdaptiveClip`, 0 when unused) summed like
+the rest. In a DP job the delta arrives
 clipped to L2 norm S and noised already (clip → noise → quantize → mask), and the
 fixed-point range widens to hold an agent's noise share without clipping it.
 """
@@ -27,20 +29,19 @@ from typing import Any
 
 import numpy as np
 
+from hfl.aggregate import fold, unfold
 from hfl.dp import agent_noise_std
 from hfl.errors import Rejected
-from hfl.messages import Metrics, ModelSpec, SecureSpec, expect_tensor
+from hfl.messages import Metrics, MetricSpec, ModelSpec, expect_tensor
 from hfl.secagg import PRIME, Advert, FixedPoint, Params, params_for
 from hfl.topics import check_id
 
-TRAILER = 6
-LOSS_SCALE = 64.0  # losses are sent as loss/64, clipped: a diverged agent cannot swamp the sum
 SHARE_BYTES = (PRIME.bit_length() + 7) // 8
 _ADVERT = {"c_pk": 32, "s_pk": 32, "b_commit": 32, "signature": 64}
 
 
-def input_length(num_params: int) -> int:
-    return num_params + TRAILER
+def input_length(num_params: int, spec: ModelSpec) -> int:
+    return num_params + 5 + len(spec.metrics)
 
 
 def input_bound(spec: ModelSpec) -> float:
@@ -60,7 +61,8 @@ def round_params(job: str, round: int, selected: int, num_params: int,
                  spec: ModelSpec) -> tuple[Params, FixedPoint]:
     """What both sides derive from the round announcement: protocol and fixed-point settings."""
     sec = spec.secagg
-    params = params_for(job, round, selected, input_length(num_params), sec.threshold, sec.degree)
+    params = params_for(job, round, selected, input_length(num_params, spec), sec.threshold,
+                        sec.degree)
     return params, FixedPoint.for_sum(input_bound(spec), selected)
 
 
@@ -75,34 +77,50 @@ def pack(delta: np.ndarray, metrics: Metrics, spec: ModelSpec, fixed: FixedPoint
     w = 1.0 if dp else min(metrics.samples, sec.weight_cap) / sec.weight_cap
     e = min(metrics.eval_samples, sec.weight_cap) / sec.weight_cap
     clip = input_bound(spec) if dp else sec.clip
-    x = np.empty(input_length(delta.size), dtype=np.float32)
+    x = np.empty(input_length(delta.size, spec), dtype=np.float32)
     np.multiply(delta, np.float32(w), out=x[: delta.size])
     clipped = int(np.count_nonzero(np.abs(x[: delta.size]) > clip))
     np.clip(x[: delta.size], -clip, clip, out=x[: delta.size])
-    x[delta.size :] = [w, w * _loss(metrics.train_loss), e, e * _loss(metrics.eval_loss),
-                       e * metrics.eval_accuracy, clip_bit]
+    loss = spec.loss_bound
+    named = [e * _scaled(m, metrics.eval_metrics.get(m.name, 0.0)) for m in spec.metrics]
+    x[delta.size :] = [w, w * _scaled_loss(metrics.train_loss, loss), e,
+                       e * _scaled_loss(metrics.eval_loss, loss), *named, clip_bit]
     out = np.empty(x.size, dtype=np.uint32)
     fixed.encode(x, out)
     return out, clipped
 
 
-def _loss(v: float) -> float:
-    return min(max(v, 0.0), LOSS_SCALE) / LOSS_SCALE
+def _scaled_loss(v: float, bound: float) -> float:
+    return min(max(v, 0.0), bound) / bound
+
+
+def _scaled(m: MetricSpec, v: float) -> float:
+    """A metric as its share of the bound, in [-1, 1] (squared ones in [0, 1])."""
+    scale = m.bound * m.bound if m.reduce == "rms" else m.bound
+    return min(max(fold(m, v) / scale, -1.0), 1.0)
 
 
 def unpack(total: np.ndarray, num_params: int,
-           sec: SecureSpec) -> tuple[np.ndarray, Metrics, float]:
+           spec: ModelSpec) -> tuple[np.ndarray, Metrics, float]:
     """The group's mean delta, summed metrics and clip-bit sum from the decoded sum."""
-    w, wl, e, el, ea, bits = (float(v) for v in total[num_params:])
+    trailer = [float(v) for v in total[num_params:]]
+    w, wl, e, el = trailer[:4]
+    named, bits = trailer[4:-1], trailer[-1]
     if w <= 0:
         raise Rejected("secagg-empty", "the unmasked sum carries no weight")
     mean = (total[:num_params] / w).astype(np.float32)
+    cap, loss = spec.secagg.weight_cap, spec.loss_bound
+    values = {}
+    if e > 0:
+        for m, v in zip(spec.metrics, named, strict=True):
+            scale = m.bound * m.bound if m.reduce == "rms" else m.bound
+            values[m.name] = unfold(m, v * scale / e)
     metrics = Metrics(
-        samples=w * sec.weight_cap,
-        train_loss=wl * LOSS_SCALE / w,
-        eval_samples=max(e, 0.0) * sec.weight_cap,
-        eval_loss=el * LOSS_SCALE / e if e > 0 else 0.0,
-        eval_accuracy=min(1.0, max(0.0, ea / e)) if e > 0 else 0.0,
+        samples=w * cap,
+        train_loss=wl * loss / w,
+        eval_samples=max(e, 0.0) * cap,
+        eval_loss=el * loss / e if e > 0 else 0.0,
+        eval_metrics=values,
     )
     return mean, metrics, bits
 

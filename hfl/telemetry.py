@@ -43,6 +43,7 @@ class Stats:
     failures: int = 0
     updates: int = 0
     dropped: int = 0
+    declines: dict[str, int] = field(default_factory=dict)  # rounds sat out, by reason
     epsilon: dict[str, float] = field(default_factory=dict)
     buckets: list[int] = field(default_factory=lambda: [0] * (len(ROUND_BUCKETS) + 1))
     round_count: int = 0
@@ -75,6 +76,9 @@ class Stats:
                 self._end((job, f["version"] - 1), now)
             if f.get("epsilon") is not None:
                 self.epsilon[str(job)] = float(f["epsilon"])
+        elif event == "declined":  # an agent's own, or at its aggregator, each of its agents'
+            reason = str(f.get("reason", "unknown"))[:64]
+            self.declines[reason] = self.declines.get(reason, 0) + 1
         elif event in ("round_retry", "block_retry"):
             self.retries += 1
         elif event == "block_failed" or (event == "job_ended" and f.get("state") == "failed"):
@@ -148,6 +152,7 @@ class Telemetry:
             round_s=RoundTimes(count=st.round_count, total_s=st.round_total,
                                last_s=st.round_last),
             rejections=dict(self.node.rejections),
+            declines=dict(st.declines),
             epsilon=dict(st.epsilon))
 
     def tick(self, now: float) -> list[Action]:

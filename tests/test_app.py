@@ -18,13 +18,13 @@ from hfl.app import App, AppWire, JobStatus, ModelVersion, RequestError, request
 from hfl.chunks import split
 from hfl.identity import Identity, Roster
 from hfl.messages import KNOWN_TYPES, Metrics, ModelRequest, ModelSpec, Role
-from hfl.models import build, init_params, state_dict_arrays, unflatten_into
 from hfl.mqtt import BrokerSettings
 from hfl.node import encode_send
 from hfl.pki import Pki
+from hfl.tasks import TaskSet, state_arrays, unflatten_into
 from hfl.topics import Topics
 
-SPEC = dict(name="digits", arch="logreg", input_shape=[1, 8, 8], num_classes=10,
+SPEC = dict(name="digits", task="logreg", options={"input_shape": [1, 8, 8], "num_classes": 10},
             dataset="digits", aggregators=["site-a"])
 
 
@@ -44,11 +44,11 @@ def test_request_from_keywords_is_a_valid_request_with_a_fresh_id() -> None:
 
 def test_every_bad_field_is_named_at_once() -> None:
     with pytest.raises(RequestError) as e:
-        request(**{**SPEC, "arch": "resnet", "rounds": 0, "epoch": 2,
+        request(**{**SPEC, "task": "res net", "rounds": 0, "epoch": 2,
                    "privacy": {"epsilon": -1}})
     fields = dict(e.value.problems)
-    assert set(fields) == {"arch", "rounds", "epoch", "privacy.epsilon"}
-    assert "'mlp'" in fields["arch"] and "(got 'resnet')" in fields["arch"]
+    assert set(fields) == {"task", "rounds", "epoch", "privacy.epsilon"}
+    assert "pattern" in fields["task"] and "(got 'res net')" in fields["task"]
     assert "(got 0)" in fields["rounds"]
     assert fields["epoch"] == "unknown field (did you mean 'epochs'?)"
     assert str(e.value).startswith("invalid model request: ")
@@ -58,8 +58,8 @@ def test_problems_of_several_models_say_which_model() -> None:
     with pytest.raises(RequestError) as e:
         request(SPEC, {"name": "bad name"}, 3)
     fields = dict(e.value.problems)
-    assert "models[1].name" in fields and "models[1].arch" in fields
-    assert fields["models[1].arch"] == "required"
+    assert "models[1].name" in fields and "models[1].task" in fields
+    assert fields["models[1].task"] == "required"
     assert fields["models[2]"] == "a ModelSpec or a mapping, not int"
     assert not any(f.startswith("models[0]") for f in fields)
 
@@ -99,14 +99,14 @@ def _roster(ids: dict[str, Identity]) -> Roster:
 def _version(ids, roster, version: int, job: str = "r1-digits", app: str = "app",
              epsilon: float | None = 0.5) -> tuple[str, bytes, np.ndarray]:
     """A model version as the coordinator publishes it: real export, real envelope."""
-    spec = ModelSpec(**SPEC)
-    params = init_params(spec.arch, spec.input_shape, spec.num_classes, seed=version)
-    model = build(spec.arch, spec.input_shape, spec.num_classes)
+    spec, p = TaskSet.everything_installed().resolve(ModelSpec(**SPEC))
+    params = p.init_params(seed=version)
+    model = p.build()
     unflatten_into(model, params)
-    v = NewVersion(job, app, spec, version, params, Metrics(samples=60, eval_accuracy=0.5),
-                   agents=3, epsilon=epsilon)
-    send = model_message(v, Topics(), export_onnx(model, spec.input_shape),
-                         state_dict_arrays(model))
+    m = Metrics(samples=60, eval_samples=10, eval_metrics={"accuracy": 0.5})
+    v = NewVersion(job, app, spec, version, params, m, agents=3, epsilon=epsilon)
+    send = model_message(v, Topics(), export_onnx(model, p.example_input()),
+                         state_arrays(model), [[1, 8, 8]])
     x = np.random.default_rng(0).random((5, 1, 8, 8), dtype=np.float32)
     with torch.no_grad():
         logits = model(torch.from_numpy(x)).numpy()
@@ -122,8 +122,12 @@ def test_a_sealed_chunked_model_version_arrives_once_verified_and_runs(fleet) ->
     got = [e for f in frames for e in wire.feed(topic, f)]
     assert len(got) == 1 and isinstance(got[0], ModelVersion)
     v = got[0]
-    assert (v.meta.version, v.meta.epsilon, v.meta.metrics.eval_accuracy) == (1, 0.5, 0.5)
-    torch_names = set(build("logreg", (1, 8, 8), 10).state_dict())
+    assert (v.meta.version, v.meta.epsilon, v.meta.metrics.eval_metrics) == (
+        1, 0.5, {"accuracy": 0.5})
+    assert (v.meta.task, v.meta.inputs, [m.name for m in v.meta.metric_specs]) == (
+        "logreg", [[1, 8, 8]], ["accuracy"])
+    torch_names = set(TaskSet.everything_installed().prepare(
+        "logreg", SPEC["options"]).build().state_dict())
     assert set(v.state) == torch_names and all(a.dtype == np.float32 for a in v.state.values())
     x = np.random.default_rng(0).random((5, 1, 8, 8), dtype=np.float32)
     np.testing.assert_allclose(v.predict(x), logits, rtol=1e-5, atol=1e-6)

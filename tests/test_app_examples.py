@@ -49,7 +49,14 @@ def _spec(cfg, name: str, site: str) -> dict:
 
 
 def _toml(fields: dict) -> str:
-    return "".join(f"{k} = {json.dumps(v)}\n" for k, v in fields.items())
+    """TOML of scalars, arrays and (inline) tables; None is left out, as TOML has no null."""
+    def value(v) -> str:
+        if isinstance(v, dict):
+            return "{" + ", ".join(f"{k} = {value(x)}" for k, x in v.items()
+                                   if x is not None) + "}"
+        return json.dumps(v)
+
+    return "".join(f"{k} = {value(v)}\n" for k, v in fields.items() if v is not None)
 
 
 class Spy:
@@ -85,6 +92,8 @@ def test_examples_receive_versions_and_the_wire_is_the_documented_contract(tmp_p
     _need_node()
     cfg = demo_config(seed=3, private=False)
     groups, _ = fleet_data(cfg)
+    # A fourth board on site 1 whose data the job does not name: it sits every round out.
+    groups["site-1"]["agent-x"] = {"elsewhere": next(iter(groups["site-1"].values()))["data"]}
     fleet = InProcessFleet(FleetLayout(groups, apps=("app", "js-app"), observers=("ops",)),
                            tmp_path)
     fleet.start()
@@ -123,6 +132,12 @@ def test_examples_receive_versions_and_the_wire_is_the_documented_contract(tmp_p
     # The SDK: the version of the job it asked for, with metrics and no ε (no DP here).
     assert jobs == [version.meta.job] and version.meta.version == 1
     assert version.meta.epsilon is None and version.meta.metrics.eval_samples > 0
+    # The board without the data said why, and the job's history (retained, for apps) says it.
+    statuses = [json.loads(bytes(p[8:8 + int.from_bytes(p[4:8], "little")]))["meta"]
+                for t, p, _, _ in spy.got if "/coord/jobs/" in t and "digits-py" in t and p]
+    history = [row for st in statuses for row in st["history"]]
+    assert history and all(row["declined"] == {"agent-x": "no-data: no data source data on "
+                                                          "this board"} for row in history)
 
     # The Python example: its score is what the registry's ONNX file gives on the digits.
     assert py.returncode == 0, err
@@ -131,13 +146,13 @@ def test_examples_receive_versions_and_the_wire_is_the_documented_contract(tmp_p
     digits = load_digits()
     x = (digits.images / 16.0).astype(np.float32)[:, None]
     sess = ort.InferenceSession(record.onnx.read_bytes(), providers=["CPUExecutionProvider"])
-    expected = float(np.mean(sess.run(["logits"], {"input": x})[0].argmax(1) == digits.target))
+    expected = float(np.mean(sess.run(["output"], {"input": x})[0].argmax(1) == digits.target))
     printed = float(re.search(r"accuracy ([0-9.]+)", line).group(1))
     assert printed == pytest.approx(expected, abs=1e-4) and printed > 0.3
 
     # The Node.js example: the very ONNX file the SDK received.
     assert node.returncode == 0, node.stderr
-    assert "v1: agents' accuracy" in node.stdout and node.stderr == ""
+    assert "v1: task mlp, agents' accuracy" in node.stdout and node.stderr == ""
     assert (node_dir / "digits-js-v1.onnx").read_bytes() == version.onnx
 
     _check_wire(fleet, spy.got)
@@ -184,14 +199,14 @@ def test_the_examples_refuse_bad_input_before_connecting(tmp_path: Path) -> None
     pki.issue("site-a", Role.AGGREGATOR)
     device = pki.issue("app", Role.APP)
     request = tmp_path / "request.toml"
-    request.write_text('name = "digits"\narch = "resnet"\nrounds = 0\n')
+    request.write_text('name = "digits"\ntask = "res net"\nrounds = 0\n')
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get(
         "PYTHONPATH", "")])}
     py = subprocess.run([sys.executable, str(ROOT / "examples" / "app_subscriber.py"),
                          "--device", str(device), "--request", str(request)],
                         capture_output=True, text=True, env=env, timeout=60)
     assert py.returncode == 2
-    assert "arch: Input should be" in py.stderr and "rounds: Input should be" in py.stderr
+    assert "task: String should match" in py.stderr and "rounds: Input should be" in py.stderr
     _need_node()
     roster = json.loads((device / "roster.json").read_text())
     roster["roster"]["members"][0]["role"] = "coordinator"  # forged: no longer the CA's

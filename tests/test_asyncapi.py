@@ -228,8 +228,8 @@ def _header(data: bytes) -> dict[str, Any]:
 def test_a_real_model_header_is_the_documented_model_message_and_a_bad_one_is_not(doc) -> None:
     coord = Identity.generate("coordinator", Role.COORDINATOR)
     topic = Topics().model("digits")
-    meta = ModelMeta(model="digits", job="r1-digits", version=3, arch="mlp",
-                     input_shape=(1, 8, 8), num_classes=10, num_params=100, agents=6,
+    meta = ModelMeta(model="digits", job="r1-digits", version=3, task="mlp", task_version="1",
+                     layout="0" * 64, inputs=[[1, 8, 8]], num_params=100, agents=6,
                      epsilon=1.5, delta=1e-5, metrics={"samples": 600}).model_dump(mode="json")
     app = Identity.generate("app", Role.APP)
     data = envelope.encode(type="model", topic=topic, job="r1-digits", round=3, stage="model",

@@ -103,7 +103,8 @@ def test_a_good_board_passes_every_line(fleet, tmp_path: Path) -> None:
     checks = run_checks(board(tmp_path, pki, broker.port), timeout=5)
     assert [c.name for c in checks] == [
         "config", "identity files", "roster", "enrolment", "certificate", "clock",
-        f"broker 127.0.0.1:{broker.port}", "clock vs fleet", "data digits", "device"]
+        f"broker 127.0.0.1:{broker.port}", "clock vs fleet", "task mnist-cnn",
+        "task mnist-2nn", "task mlp", "task logreg", "data digits", "device"]
     assert [c for c in checks if c.verdict != "pass"] == []
     assert "coordinator's" in line(checks, "clock vs fleet").detail  # the retained roster
 
@@ -162,6 +163,25 @@ def test_wrong_aggregator_and_missing_cuda_are_named(fleet, tmp_path: Path) -> N
     checks = run_checks(cfg, timeout=5)
     assert 'aggregator = "site-a"' in line(checks, "enrolment").hint
     assert line(checks, "device").verdict == ("pass" if torch.cuda.is_available() else "fail")
+
+
+def test_a_missing_task_and_unreadable_data_are_named(fleet, tmp_path: Path) -> None:
+    pki, broker = fleet
+    cfg = board(tmp_path, pki, broker.port)
+    (tmp_path / "points.csv").write_text("x,y\n1,2\n3,oops\n")
+    cfg.write_text(cfg.read_text().replace('device = "cpu"', 'device = "cpu"\ntasks = '
+                                           '["tests.task_examples:FromCsv", "not-installed"]')
+                   + '[agent.datasets.points]\npath = "points.csv"\n')
+    checks = run_checks(cfg, timeout=5)
+    assert line(checks, "task tests.task_examples:FromCsv").detail.startswith("from-csv 2")
+    missing = line(checks, "task not-installed")
+    assert missing.verdict == "fail" and "not installed" in missing.detail
+    assert "pip install" in missing.hint
+    bad = line(checks, "data points")
+    assert bad.verdict == "fail" and "points.csv row 2: not a number" in bad.detail
+    (tmp_path / "points.csv").write_text("x,y\n1,2\n3,4\n5,6\n7,8\n9,10\n")
+    assert line(run_checks(cfg, timeout=5), "data points").detail == (
+        "read by from-csv: 4 training, 1 held-out samples")
 
 
 def test_no_probe_while_the_service_holds_the_identity(fleet, tmp_path: Path) -> None:

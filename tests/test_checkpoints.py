@@ -207,7 +207,7 @@ def test_a_secure_rounds_saves_do_not_grow_with_the_agents_heard_and_leave_nothi
 
 def coordinator(net: MemNet) -> CoordinatorMachine:
     return CoordinatorMachine.of(net.peers["coord"].identity, net.roster, net.topics,
-                                 lambda s: np.zeros(6, np.float32))
+                                 lambda s: (s, np.zeros(6, np.float32)))
 
 
 def test_coordinator_killed_between_partials_publishes_the_same_global_model(

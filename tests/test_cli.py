@@ -147,7 +147,7 @@ def test_demo_writes_the_report(mosquitto: str, tmp_path: Path) -> None:
     assert eps == sorted(eps) and eps[0] > 0 and eps[-1] <= 8.0  # calibrated for 3 rounds
     assert doc["delta"] == 1e-5
     assert Path(doc["onnx"]).is_file() and Path(doc["safetensors"]).is_file()
-    assert (tmp_path / "out" / "accuracy.png").stat().st_size > 1000
+    assert (tmp_path / "out" / "metrics.png").stat().st_size > 1000
 
 
 def test_simulate_runs_a_config(mosquitto: str, tmp_path: Path) -> None:
@@ -156,7 +156,7 @@ def test_simulate_runs_a_config(mosquitto: str, tmp_path: Path) -> None:
     # broker, which a config can ask for.
     cfg.write_text('seed = 2\n[fleet]\naggregators = 2\nagents = 4\ntls = false\n'
                    '[data]\nsource = "digits"\npartition = "iid"\n'
-                   '[model]\narch = "mlp"\ninput_shape = [1, 8, 8]\nnum_classes = 10\n'
+                   '[model]\ntask = "mlp"\noptions = {input_shape = [1, 8, 8], num_classes = 10}\n'
                    'rounds = 2\nepochs = 2\nlr = 0.1\nmomentum = 0.9\nclient_fraction = 0.5\n'
                    'min_agents = 1\nsecagg = { enabled = false }\n')
     report = tmp_path / "r.json"
@@ -172,16 +172,32 @@ def test_simulate_runs_a_config(mosquitto: str, tmp_path: Path) -> None:
 
 def test_simulate_config_error_names_the_field(tmp_path: Path) -> None:
     cfg = tmp_path / "sim.toml"
-    cfg.write_text('[model]\narch = "resnet"\ninput_shape = [1, 8, 8]\nnum_classes = 10\n')
+    cfg.write_text('[model]\ntask = "res net"\n')
     res = runner.invoke(app, ["simulate", str(cfg)])
     assert res.exit_code == 1
-    assert "arch" in res.output
+    assert "task" in res.output and "pattern" in res.output
+    cfg.write_text('[model]\ntask = "resnet"\n')
+    res = runner.invoke(app, ["simulate", str(cfg), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 1
+    assert "task 'resnet' is not allowed here (allowed: " in res.output
+    assert "logreg, mlp, mnist-2nn, mnist-cnn" in res.output
+
+
+def test_tasks_lists_the_installed_and_the_named() -> None:
+    res = runner.invoke(app, ["tasks", "tests.task_examples:Line", "nope"])
+    assert res.exit_code == 0, res.output
+    rows = {line.split("│")[1].strip(): line for line in res.output.splitlines()
+            if line.startswith("│")}
+    assert "hfl.zoo:Mlp" in rows["mlp"] and "input_shape, num_classes" in rows["mlp"]
+    assert "rmse (lower is better)" in rows["line"] and "slope" in rows["line"]
+    assert "not installed" in rows["nope"]
 
 
 def test_privacy_prints_the_epsilon_of_each_round_and_plots_it(tmp_path: Path) -> None:
     cfg = tmp_path / "dp.toml"
-    base = ('[fleet]\naggregators = 2\nagents = 20\n[model]\narch = "logreg"\n'
-            'input_shape = [1, 8, 8]\nnum_classes = 10\nrounds = 6\nclient_fraction = 0.5\n')
+    base = ('[fleet]\naggregators = 2\nagents = 20\n[model]\ntask = "logreg"\n'
+            'options = {input_shape = [1, 8, 8], num_classes = 10}\nrounds = 6\n'
+            'client_fraction = 0.5\n')
     cfg.write_text(base + '[model.privacy]\nepsilon = 4.0\n')
     plot = tmp_path / "eps.png"
     res = runner.invoke(app, ["privacy", str(cfg), "--plot", str(plot)])

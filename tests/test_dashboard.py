@@ -55,12 +55,19 @@ def test_a_chart_draws_each_series_and_escapes_every_text() -> None:
     assert "no versions yet" in line_chart({}, title="t", y_label="y")
 
 
+def ev(accuracy: float, loss: float, **more) -> dict:
+    """A version's metrics as the registry keeps them (Metrics.model_dump() and more)."""
+    return {"eval_samples": 10.0, "eval_loss": loss, "eval_metrics": {"accuracy": accuracy},
+            **more}
+
+
 def fill(registry: Registry) -> None:
     w = {"w": np.zeros(2, np.float32)}
     for v, acc, eps in ((1, 0.4, 1.5), (2, 0.6, 2.5)):
-        registry.save_version("r1-m", "m", v, w, b"onnx", {"eval_accuracy": acc, "epsilon": eps})
-    registry.save_version("r2-m", "m", 1, w, b"onnx", {"eval_accuracy": 0.3, "epsilon": None})
-    registry.save_version("r1-k", "k", 1, w, b"onnx", {"eval_accuracy": float("nan")})
+        registry.save_version("r1-m", "m", v, w, b"onnx", ev(acc, 1.0 - acc, epsilon=eps))
+    registry.save_version("r2-m", "m", 1, w, b"onnx", ev(0.3, 0.9, epsilon=None))
+    registry.save_version("r1-k", "k", 1, w, b"onnx", {"eval_samples": 9.0, "eval_loss": 2.0,
+                                                       "eval_metrics": {"rmse": float("nan")}})
     registry.save_job("r1-m", "app", "m", "done", "2 rounds", 2)
     registry.save_job("r2-m", "app", "m", "running", "", 1)
 
@@ -70,12 +77,16 @@ def test_charts_and_rows_from_the_registry(tmp_path: Path) -> None:
     fill(reg)
     charts = {c["model"]: c for c in model_charts(reg.versions())}
     assert charts["m"]["versions"] == {"r1-m": 2, "r2-m": 1}
-    assert 'data-name="r1-m" data-points="2"' in charts["m"]["accuracy_svg"]
+    accuracy, loss = charts["m"]["charts"]
+    assert 'data-name="r1-m" data-points="2"' in accuracy and "m: accuracy" in accuracy
+    assert 'data-name="r2-m" data-points="1"' in loss and "m: loss" in loss
+    assert "k: rmse" in charts["k"]["charts"][0]
     assert 'data-name="r1-m" data-points="2"' in charts["m"]["epsilon_svg"]
     assert "r2-m" not in charts["m"]["epsilon_svg"]  # no DP: no ε line
     assert charts["k"]["epsilon_svg"] is None
     rows = {r["job"]: r for r in job_rows(reg.jobs(), reg.versions())}
-    assert (rows["r1-m"]["accuracy"], rows["r1-m"]["epsilon"]) == (0.6, 2.5)
+    assert (rows["r1-m"]["evaluation"], rows["r1-m"]["epsilon"]) == ("loss 0.4, accuracy 0.6",
+                                                                     2.5)
     assert rows["r1-m"]["onnx"].endswith("r1-m-v2.onnx")
     assert finite({"a": [float("nan"), 1.0, float("inf")]}) == {"a": [None, 1.0, None]}
     reg.close()

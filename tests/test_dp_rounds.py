@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 
+from edge_agent.machine import Update
 from hfl.messages import Kind, Metrics, ModelSpec
 from hfl.privacy import epsilon
 from tests.test_machines import build, request, versions
@@ -20,15 +21,15 @@ AGENTS = sum(GROUPS.values(), [])
 def trainer(step: float = 1.0):
     """Every agent moves every coordinate by `step`: the delta's norm is step·√P."""
     def train(agent, t):
-        return np.full(P, step, np.float32), Metrics(samples=10 + AGENTS.index(agent))
+        return Update(np.full(P, step, np.float32), Metrics(samples=10 + AGENTS.index(agent)))
     return train
 
 
 def spec(secure: bool, **privacy) -> ModelSpec:
     p = {"epsilon": 50.0, "clip": 0.5, "mode": "edge", **privacy}
-    return ModelSpec(name="m", arch="logreg", input_shape=(1, 2, 3), num_classes=2,
-                     dataset="d", aggregators=sorted(GROUPS), rounds=2, min_agents=3,
-                     deadline_s=10, max_retries=1, secagg={"enabled": secure}, privacy=p)
+    return ModelSpec(name="m", task="logreg", dataset="d", aggregators=sorted(GROUPS),
+                     rounds=2, min_agents=3, deadline_s=10, max_retries=1,
+                     secagg={"enabled": secure}, privacy=p)
 
 
 def job_status(net) -> dict:

@@ -48,7 +48,7 @@ def run_job(fleet: InProcessFleet, cfg, held_out, rid: str, spy: Session | None 
         app.start()
         jobs = app.request(ModelRequest(request_id=rid, models=[cfg.spec(["site-1",
                                                                           "site-2"])]))
-        out = follow(app, jobs, held_out, timeout=240)
+        out = follow(app, jobs, fleet.tasks, held_out, timeout=240)
     finally:
         app.stop()
         if spy is not None:
@@ -61,14 +61,14 @@ def test_two_sites_of_three_agents_learn_digits_over_mqtt(tmp_path: Path) -> Non
     cfg, fleet, held_out = start_fleet(tmp_path)
     jobs, out = run_job(fleet, cfg, held_out, "t1")
     assert [r.round for r in out.rows] == list(range(1, 9))
-    assert out.rows[-1].accuracy >= 0.85
+    assert out.rows[-1].metrics["accuracy"] >= 0.85
     assert out.status[jobs[0]].meta.state == "done"
     assert all(r.agents == 6 and r.dropped == 0 for r in out.rows)
     # The ONNX file in the registry is the one the app scored: same predictions.
     last = fleet.versions[-1]
     sess = ort.InferenceSession(last.onnx.read_bytes(), providers=["CPUExecutionProvider"])
     x = held_out.x[:32]
-    np.testing.assert_allclose(sess.run(["logits"], {"input": x})[0],
+    np.testing.assert_allclose(sess.run(["output"], {"input": x})[0],
                                out.latest[jobs[0]].predict(x), rtol=1e-5, atol=1e-6)
     assert fleet.rejections() == {}
 
@@ -78,12 +78,12 @@ def test_two_models_are_decomposed_onto_their_aggregators(tmp_path: Path) -> Non
     app = fleet.app("app", models=["mlp-a", "lr-b"])
     base = cfg.spec(["site-1"]).model_dump()
     specs = [ModelSpec(**{**base, "name": "mlp-a", "rounds": 2, "aggregators": ["site-1"]}),
-             ModelSpec(**{**base, "name": "lr-b", "arch": "logreg", "rounds": 2,
+             ModelSpec(**{**base, "name": "lr-b", "task": "logreg", "rounds": 2,
                           "aggregators": ["site-2"]})]
     try:
         app.start()
         jobs = app.request(ModelRequest(request_id="t2", models=specs))
-        out = follow(app, jobs, held_out, timeout=240)
+        out = follow(app, jobs, fleet.tasks, held_out, timeout=240)
     finally:
         app.stop()
         fleet.stop()
@@ -93,7 +93,9 @@ def test_two_models_are_decomposed_onto_their_aggregators(tmp_path: Path) -> Non
         assert [r.round for r in out.rows if r.job == job] == [1, 2]
         assert all(r.agents == 3 for r in out.rows if r.job == job)  # one site's agents
     assert out.latest["t2-lr-b"].meta.num_params == 64 * 10 + 10
-    assert out.latest["t2-mlp-a"].meta.arch == "mlp"
+    assert out.latest["t2-mlp-a"].meta.task == "mlp"
+    # Each version scored by its own task: both classifiers report held-out accuracy.
+    assert all(0 <= r.metrics["accuracy"] <= 1 for r in out.rows)
 
 
 def test_forged_update_is_rejected_and_counted(tmp_path: Path) -> None:
@@ -126,9 +128,9 @@ def test_an_admin_subscriber_to_everything_finds_no_plaintext_vector(
     real_train = LocalTrainer.__call__
 
     def recording(self, t):
-        delta, metrics = real_train(self, t)
-        deltas.append(delta.copy())
-        return delta, metrics
+        update = real_train(self, t)
+        deltas.append(update.delta.copy())
+        return update
 
     monkeypatch.setattr(LocalTrainer, "__call__", recording)
     cfg, fleet, held_out = start_fleet(tmp_path, rounds=3, observers=("ops",))

@@ -10,7 +10,7 @@ import pytest
 
 from aggregator.machine import AggregatorMachine, round_id
 from coordinator.machine import CoordinatorMachine, NewVersion
-from edge_agent.machine import AgentMachine, Train
+from edge_agent.machine import AgentMachine, Declined, Train, Update
 from fleet.memnet import MemNet
 from hfl import envelope
 from hfl.actions import Send
@@ -27,19 +27,25 @@ SAMPLES = {"a1": 10, "a2": 20, "a3": 30, "b1": 5, "b2": 5, "b3": 50}
 
 
 def spec(**kw) -> ModelSpec:
-    base = dict(name="m", arch="logreg", input_shape=(1, 2, 3), num_classes=2, dataset="d",
+    # A job as the coordinator resolved it (no task is installed in these machines' tests).
+    base = dict(name="m", task="logreg", metrics=[{"name": "accuracy", "bound": 1.0}],
+                dataset="d",
                 aggregators=sorted(GROUPS), rounds=2, kappa1=1, min_agents=2, deadline_s=10,
                 max_retries=1, secagg={"enabled": False})  # secure rounds: test_secure_rounds
     return ModelSpec(**{**base, **kw})
 
 
-def constant_trainer(silent: set[str] = frozenset()):
+def constant_trainer(silent: set[str] = frozenset(), decline: dict[str, str] | None = None):
+    """`silent` agents never answer; `decline` ones answer with that reason."""
     def train(agent: str, t: Train):
         if agent in silent:
             return None
+        if agent in (decline or {}):
+            return Declined(decline[agent], f"{agent} cannot")
         delta = np.full(P, STEP[agent], dtype=np.float32)
-        return delta, Metrics(samples=SAMPLES[agent], train_loss=STEP[agent], eval_samples=1,
-                              eval_loss=1.0, eval_accuracy=0.5)
+        return Update(delta, Metrics(samples=SAMPLES[agent], train_loss=STEP[agent],
+                                     eval_samples=1, eval_loss=1.0,
+                                     eval_metrics={"accuracy": 0.5}))
     return train
 
 
@@ -61,14 +67,15 @@ def build(trainer=None, groups=GROUPS, **netkw) -> MemNet:
             enrol(a, Role.AGENT, agg)
     net = MemNet(topics, roster, trainer=trainer or constant_trainer(), **netkw)
     coord = ids["coord"]
-    net.add(coord, CoordinatorMachine.of(coord, roster, topics, lambda s: np.zeros(P, np.float32)),
+    net.add(coord, CoordinatorMachine.of(coord, roster, topics,
+                                         lambda s: (s, np.zeros(P, np.float32))),
             topics.coordinator_filters())
     net.add(ids["app"], _Sink(), topics.app_filters(["m"]))
     for agg, agents in groups.items():
         net.add(ids[agg], AggregatorMachine(agg, lambda agg=agg: roster.group(agg), topics),
                 topics.aggregator_filters(agg))
         for a in agents:
-            net.add(ids[a], AgentMachine(ids[a], agg, {"d"}, topics, roster),
+            net.add(ids[a], AgentMachine(ids[a], agg, {"logreg"}, {"d"}, topics, roster),
                     topics.agent_filters(agg, a))
     return net
 
@@ -162,6 +169,35 @@ def test_silent_agent_round_closes_at_deadline_with_the_survivors() -> None:
     (v,) = versions(net)
     np.testing.assert_allclose(v.params, fedavg(["a1", "a2", "b1", "b2", "b3"]), rtol=1e-6)
     assert v.agents == 5
+
+
+def test_a_decline_closes_the_round_at_once_and_reaches_the_job_history() -> None:
+    net = build(trainer=constant_trainer(decline={"a3": "bad-data"}))
+    request(net, spec(rounds=2))
+    vs = versions(net)  # no deadline passed: the round did not wait for a3
+    assert [v.version for v in vs] == [1, 2] and all(v.agents == 5 for v in vs)
+    np.testing.assert_allclose(vs[-1].params, 2 * fedavg(["a1", "a2", "b1", "b2", "b3"]),
+                               rtol=1e-6)
+    assert [f["reason"] for _, f in net.events("declined")] == ["bad-data"] * 4  # 2 sides × 2
+    status = [s for _, s in net.sent if s.kind is Kind.JOB][-1].meta
+    assert [(r["declines"], r["declined"]) for r in status["history"]] == [
+        (1, {"a3": "bad-data: a3 cannot"})] * 2
+    assert vs[-1].declines == 1
+
+
+def test_an_agent_without_the_task_declines_and_is_left_out_of_the_block() -> None:
+    net = build()
+    for peer in ("a1", "a2"):
+        net.peers[peer].machine.tasks = {"another"}
+    request(net, spec(rounds=1, kappa1=2, max_retries=1))
+    assert [f["reason"] for p, f in net.events("declined") if p == "site-a"] == ["no-task"] * 2
+    # Two of three declined: below the quorum of 2, so site-a retried and then failed the
+    # block (not selecting them again), and the version came from site-b alone.
+    selected = [set(s.meta["selected"]) for p, s in net.sent
+                if p == "site-a" and s.kind is Kind.ROUND and s.stage == "open"]
+    assert selected[0] == {"a1", "a2", "a3"} and all(sel == {"a3"} for sel in selected[1:])
+    (v,) = versions(net)
+    np.testing.assert_allclose(v.params, 2 * fedavg(GROUPS["site-b"]), rtol=1e-6)
 
 
 def test_below_quorum_retries_then_the_other_site_carries_the_block() -> None:
@@ -287,7 +323,8 @@ def test_patience_stops_a_job_whose_eval_loss_stopped_improving() -> None:
 @pytest.mark.parametrize("stage", ["open", "closed"])
 def test_agent_ignores_rounds_of_other_groups(stage: str) -> None:
     topics = Topics()
-    m = AgentMachine(Identity.generate("a1", Role.AGENT), "site-a", {"d"}, topics, Roster())
+    m = AgentMachine(Identity.generate("a1", Role.AGENT), "site-a", {"logreg"}, {"d"}, topics,
+                     Roster())
     with pytest.raises(Rejected) as e:
         m.handle(_FakeEnv("round", "j", 0, stage), Route("rounds", agg="site-b", job="j"), 0.0)
     assert e.value.reason == "wrong-group"

@@ -21,6 +21,7 @@ from hfl.privacy import epsilon
 logging.getLogger("absl").setLevel(logging.ERROR)
 
 AGGS, AGENTS, SAMPLED = 3, 60, 8  # 20 agents a group, 8 of them sampled each round
+DIGITS = {"input_shape": [1, 8, 8], "num_classes": 10}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -37,12 +38,12 @@ def fleet_and_config(**model) -> tuple[MemFleet, SimConfig, object]:
     cfg = SimConfig(
         fleet=FleetSection(aggregators=AGGS, agents=AGENTS),
         data=DataSection(source="digits", partition="iid", local_test_fraction=0.0),
-        model=dict(arch="logreg", input_shape=(1, 8, 8), num_classes=10, rounds=4, epochs=5,
+        model=dict(task="logreg", options=DIGITS, rounds=4, epochs=5,
                    batch_size=8, lr=0.1, momentum=0.9, client_fraction=SAMPLED / 20,
                    min_agents=SAMPLED, deadline_s=30, **model),
         seed=1)
     groups, test = fleet_data(cfg)
-    return MemFleet(FleetLayout(groups, apps=(APP,))), cfg, test
+    return MemFleet(FleetLayout(groups, apps=(APP,)), cfg.task_set()), cfg, test
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +58,7 @@ def test_a_private_job_learns_digits_through_secure_rounds(private_run) -> None:
     assert run.status.state == "done"
     assert [r.round for r in run.rows] == [1, 2, 3, 4]
     assert all(r.agents == AGGS * SAMPLED and r.dropped == 0 for r in run.rows)
-    assert run.rows[-1].accuracy > 0.5  # ten classes: chance is 0.1
+    assert run.rows[-1].metrics["accuracy"] > 0.5  # ten classes: chance is 0.1
     assert not run.rejections
 
 
@@ -94,7 +95,8 @@ def test_hfl_simulate_runs_a_config_on_the_memory_network(tmp_path: Path) -> Non
     cfg = tmp_path / "sim.toml"
     cfg.write_text('seed = 3\n[fleet]\naggregators = 2\nagents = 12\nnetwork = "memory"\n'
                    '[data]\nsource = "digits"\npartition = "iid"\n'
-                   '[model]\narch = "logreg"\ninput_shape = [1, 8, 8]\nnum_classes = 10\n'
+                   '[model]\ntask = "logreg"\n'
+                   'options = {input_shape = [1, 8, 8], num_classes = 10}\n'
                    'rounds = 2\nepochs = 3\nlr = 0.1\nmomentum = 0.9\nmin_agents = 3\n')
     report = tmp_path / "r.json"
     res = CliRunner().invoke(app, ["simulate", str(cfg), "--out", str(tmp_path / "o"),
@@ -106,4 +108,4 @@ def test_hfl_simulate_runs_a_config_on_the_memory_network(tmp_path: Path) -> Non
     assert doc["security"] == {"tls": False, "secagg": True} and doc["network"] == "memory"
     assert doc["jobs"] == {"sim-seed3-model": {"state": "done", "reason": "2 rounds"}}
     assert doc["rounds"][-1]["accuracy"] > 0.5
-    assert (tmp_path / "o" / "accuracy.png").is_file()
+    assert (tmp_path / "o" / "metrics.png").is_file()

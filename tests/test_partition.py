@@ -77,8 +77,12 @@ def test_dirichlet_gives_up_with_a_clear_error() -> None:
 
 def test_partition_dispatches() -> None:
     for kind in pt.KINDS:
-        parts = pt.partition(kind, LABELS, 5, seed=0)
+        parts = pt.partition(kind, len(LABELS), 5, seed=0, labels=LABELS)
         _check_disjoint(parts, len(LABELS))
         assert len(parts) == 5
+    assert [p.tolist() for p in pt.partition("contiguous", 7, 2, seed=0)] == [
+        [0, 1, 2, 3], [4, 5, 6]]
     with pytest.raises(ValueError, match="iid"):
-        pt.partition("zipf", LABELS, 5, seed=0)
+        pt.partition("zipf", len(LABELS), 5, seed=0, labels=LABELS)
+    with pytest.raises(ValueError, match="needs integer class labels"):
+        pt.partition("dirichlet", 10, 2, seed=0, labels=np.linspace(0, 1, 10))

@@ -17,7 +17,7 @@ from hfl.quantize import LEVELS, dequantize_int8, quantize_int8
 from hfl.topics import Topics
 from tests.test_machines import GROUPS, build, fedavg, request, versions
 
-BASE = dict(name="m", arch="logreg", input_shape=(1, 2, 3), num_classes=2, dataset="d",
+BASE = dict(name="m", task="logreg", metrics=[{"name": "accuracy", "bound": 1.0}], dataset="d",
             aggregators=["site-a"])
 
 
@@ -83,7 +83,7 @@ def test_an_int8_update_is_about_p_bytes_on_the_wire(p: int) -> None:
         stage="update", sender="agent-1", key=Ed25519PrivateKey.generate(),
         tensors={"delta_q": q, "scale": scale},
         meta={"metrics": {"samples": 600, "train_loss": 0.1, "eval_samples": 0,
-                          "eval_loss": 0.0, "eval_accuracy": 0.0}},
+                          "eval_loss": 0.0, "eval_metrics": {}}},
         seal_to={"site-a": X25519PrivateKey.generate().public_key()})
     wire = sum(len(f) for f in chunks.split(data, 256 * 1024))
     assert p < wire <= 1.02 * p + 4096

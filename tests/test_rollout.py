@@ -402,8 +402,9 @@ def test_site_yml_rolls_out_a_fleet_that_trains(tools: None, mosquitto: str, roo
             app = App.from_device(pki.device("app").dir, "127.0.0.1", broker_port,
                                   models=["digits"])
             app.start()
-            jobs = app.request(name="digits", arch="logreg", input_shape=(1, 8, 8),
-                               num_classes=10, dataset="digits", aggregators=["site-a"],
+            jobs = app.request(name="digits", task="logreg",
+                               options={"input_shape": [1, 8, 8], "num_classes": 10},
+                               dataset="digits", aggregators=["site-a"],
                                rounds=1, min_agents=len(AGENTS), epochs=2, lr=0.1,
                                deadline_s=60, request_id="rollout")
             assert jobs == ["rollout-digits"]

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from aggregator.machine import round_id
+from edge_agent.machine import Declined, Update
 from fleet.memnet import MemNet
 from hfl import secagg_wire as wire
 from hfl.actions import Send
@@ -26,13 +27,15 @@ TOL = 1e-5  # fixed point: 2^-26 per coordinate for 10 agents and a clip of 2
 def trainer(agent, t):
     from hfl.messages import Metrics
 
-    return (np.full(P, STEP[agent], np.float32),
-            Metrics(samples=SAMPLES[agent], train_loss=1.0, eval_samples=4, eval_loss=2.0,
-                    eval_accuracy=0.25))
+    return Update(np.full(P, STEP[agent], np.float32),
+                  Metrics(samples=SAMPLES[agent], train_loss=1.0, eval_samples=4, eval_loss=2.0,
+                          eval_metrics={"accuracy": 0.25, "rmse": 3.0}))
 
 
 def spec(**kw) -> ModelSpec:
-    base = dict(name="m", arch="logreg", input_shape=(1, 2, 3), num_classes=2, dataset="d",
+    base = dict(name="m", task="logreg", dataset="d",
+                metrics=[{"name": "accuracy", "bound": 1.0},
+                         {"name": "rmse", "reduce": "rms", "bound": 10.0}],
                 aggregators=sorted(GROUPS), rounds=1, min_agents=2, deadline_s=10,
                 max_retries=1, secagg={"threshold": 0.6, "stage_timeout_s": 5})
     return ModelSpec(**{**base, **kw})
@@ -70,7 +73,8 @@ def test_a_secure_round_yields_the_weighted_mean_and_the_group_metrics() -> None
     (v,) = versions(n)
     np.testing.assert_allclose(v.params, fedavg(STEP), atol=TOL)
     assert v.agents == 13 and v.dropped == 0
-    assert v.metrics.eval_accuracy == pytest.approx(0.25, abs=1e-4)
+    assert v.metrics.eval_metrics["accuracy"] == pytest.approx(0.25, abs=1e-4)
+    assert v.metrics.eval_metrics["rmse"] == pytest.approx(3.0, abs=1e-3)  # √(mean of 9s)
     assert v.metrics.eval_loss == pytest.approx(2.0, abs=1e-3)
     assert all(not n.rejections(p) for p in n.peers)
     # The aggregator saw masked vectors only: no update carried a float delta.
@@ -121,6 +125,25 @@ def test_agents_that_never_advertise_are_left_out_at_the_deadline() -> None:
     np.testing.assert_allclose(v.params, fedavg([a for a in STEP if a not in {"a8", "a9"}]),
                                atol=TOL)
     assert v.dropped == 0  # never in the round, so no masks to recover
+
+
+def test_agents_that_decline_leave_the_secure_round_without_its_deadline() -> None:
+    def declining(agent, t):
+        return Declined("bad-data", "x row 3") if agent in {"a8", "a9"} else trainer(agent, t)
+
+    n = build(trainer=declining, groups=GROUPS)
+    request(n, spec())
+    (v,) = versions(n)  # no time passed: nobody waited for the two
+    np.testing.assert_allclose(v.params, fedavg([a for a in STEP if a not in {"a8", "a9"}]),
+                               atol=TOL)
+    assert (v.agents, v.dropped, v.declines) == (11, 0, 2)
+    assert all(not n.rejections(p) for p in n.peers)
+    # A decline after the advert is a peer's error: refused, the round goes on.
+    stray = Send(Kind.UPDATE, n.topics.update("site-a", "a1"), "r1-m", 0, "decline",
+                 {"reason": "no-data"})
+    n.publish("a1", stray)
+    n.run()
+    assert n.rejections("site-a") == {"stale-round": 1}
 
 
 def test_replayed_masked_input_from_an_earlier_round_is_rejected_and_counted() -> None:

@@ -17,20 +17,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_agent.data import load_digits
-from edge_agent.train import TrainConfig, train
 from fleet.broker import Broker, BrokerTls, free_port
 from hfl import envelope
 from hfl.actions import Note
+from hfl.data import digits
 from hfl.identity import Identity, Roster
 from hfl.messages import KNOWN_TYPES, Role
-from hfl.models import build
 from hfl.mqtt import BrokerSettings, Inbound, Session
 from hfl.node import Node
 from hfl.pki import Pki
 from hfl.sdnotify import Notifier
 from hfl.service import serve
+from hfl.task import Round
 from hfl.topics import Topics
+from hfl.zoo import Mlp
 from tests.notify import HoldingBroker, NotifySocket
 
 T = Topics()
@@ -193,7 +193,8 @@ def test_status_follows_the_rounds_and_the_watchdog_follows_the_loop(
 def test_training_feeds_the_watchdog_per_batch_and_a_stop_cuts_it_short(
         broker: Broker, notify: NotifySocket) -> None:
     node, _ = agent_node(broker.port)
-    data = load_digits()
+    task = Mlp({"input_shape": [1, 8, 8], "num_classes": 10})
+    data = digits()
     batches = threading.Event()
 
     def progress() -> None:
@@ -205,9 +206,7 @@ def test_training_feeds_the_watchdog_per_batch_and_a_stop_cuts_it_short(
 
         def tick(self, now):
             if not batches.is_set():
-                model = build("mlp", (1, 8, 8), 10)
-                train(model, data, TrainConfig(epochs=100_000), device="cpu", seed=0,
-                      progress=progress)
+                task.fit(task.model(), data, Round(epochs=100_000, progress=progress))
             return []
 
     t, code = serve_in_thread(node, Trains(), Notifier(notify.path, watchdog=0.4))

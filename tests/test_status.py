@@ -96,7 +96,7 @@ def test_status_metrics_jobs_and_models_show_what_the_fleet_did(tmp_path: Path) 
         spec = ModelSpec(**{**cfg.spec(["site-1", "site-2"]).model_dump(), "kappa1": 1,
                             "privacy": {"epsilon": 50.0}})
         jobs = app.request(ModelRequest(request_id="ops", models=[spec]))
-        out = follow(app, jobs, held_out, timeout=120)
+        out = follow(app, jobs, fleet.tasks, held_out, timeout=120)
         job = out.status[jobs[0]].meta
         assert job.state == "done" and [r.round for r in out.rows] == [1, 2, 3]
         site1 = sorted(a for a in fleet.layout.groups["site-1"])

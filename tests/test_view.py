@@ -63,7 +63,8 @@ class Fleet:
                                meta.model_dump(mode="json"), retain=True), now)
 
     def job(self, version: int, state: str = "running", epsilon: float | None = None) -> None:
-        history = [{"version": v, "eval_accuracy": 0.5 + v / 10} for v in range(1, version + 1)]
+        history = [{"version": v, "eval_samples": 5, "eval_loss": 1.0,
+                    "eval_metrics": {"accuracy": 0.5 + v / 10}} for v in range(1, version + 1)]
         meta = JobMeta(job="r1-m", app="app", model="m", state=state, version=version,
                        rounds=5, epsilon=epsilon, history=history)
         self.deliver("coord", Send(Kind.JOB, T.job("r1-m"), "r1-m", version, state,
@@ -109,7 +110,8 @@ def test_telemetry_rejections_and_jobs_in_the_snapshot() -> None:
     assert (site_a["counts"]["updates"], site_a["seen_s"]) == (27, 5.0)
     assert snap["rejections"] == {"bad-origin": {"a1": 1}, "bad-signature": {"site-a": 2}}
     (job,) = snap["jobs"]
-    assert (job["version"], job["epsilon"], job["accuracy"]) == (3, 4.0, pytest.approx(0.8))
+    assert (job["version"], job["epsilon"], job["evaluation"]) == (3, 4.0,
+                                                                  "loss 1, accuracy 0.8")
     assert snap["coordinators"][0]["epsilon"] == {"r1-m": 3.5}
     site_b = next(a for a in snap["aggregators"] if a["id"] == "site-b")
     assert site_b["counts"]["checkpoint_errors"] == 2 and site_b["state"] == "unknown"
@@ -118,7 +120,7 @@ def test_telemetry_rejections_and_jobs_in_the_snapshot() -> None:
     console = Console(record=True, width=220)
     console.print(render(snap, agents=True))
     text = console.export_text()
-    for expected in ("r1-m", "3/5", "4.00", "0.800", "masked", "1.5 / 2.0",
+    for expected in ("r1-m", "3/5", "4.00", "accuracy 0.8", "masked", "1.5 / 2.0",
                      "3.0 MiB", "5 s ago", "no telemetry", "bad-signature", "site-a 2",
                      "checkpoint errors 2",
                      "never seen", "agents", "this observer refused: wrong-sender 1"):

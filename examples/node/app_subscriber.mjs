@@ -117,7 +117,8 @@ client.on("message", (topic, payload) => {
     const m = header.meta;
     newest.set(m.job, m.version);
     fs.writeFileSync(`${model}-v${m.version}.onnx`, t.onnx);
-    console.log(`${m.job} v${m.version}: agents' accuracy ${m.metrics.eval_accuracy.toFixed(3)}, ` +
+    const agents = Object.entries(m.metrics.eval_metrics).map(([k, v]) => `${k} ${v.toFixed(3)}`);
+    console.log(`${m.job} v${m.version}: task ${m.task}, agents' ${agents.join(", ") || "-"}, ` +
                 `epsilon ${m.epsilon ?? "none"}, wrote ${model}-v${m.version}.onnx (${t.onnx.length} bytes)`);
     if (--remaining === 0) client.end();
   } catch (e) {

@@ -35,7 +35,7 @@ function renderJobs(jobs) {
     cell(row, j.app);
     cell(row, j.state, `state-${j.state}`);
     cell(row, j.version, "num");
-    cell(row, fixed(j.accuracy, 3), "num");
+    cell(row, j.evaluation);
     cell(row, fixed(j.epsilon, 2), "num");
     cell(row, j.reason);
     cell(row, new Date(j.updated * 1000).toLocaleTimeString());
@@ -61,7 +61,7 @@ function renderModels(models) {
       box.append(card);
     }
     const charts = card.querySelector(".charts");
-    const svg = m.accuracy_svg + (m.epsilon_svg || "");
+    const svg = m.charts.join("") + (m.epsilon_svg || "");
     if (charts.dataset.svg !== svg) {  // redraw only what changed
       charts.innerHTML = svg;
       charts.dataset.svg = svg;

@@ -1,7 +1,7 @@
 // Drives the dashboard in headless Chromium for tests/test_dashboard.py:
 //   node dashboard.mjs URL MODEL SCREENSHOT TIMEOUT_S
 // Prints one JSON line when the page has loaded ({"ready": ...}); the test then starts a
-// job. Watches the model's accuracy chart without reloading the page, and once the job has
+// job. Watches the model's accuracy chart (the task's metric) without reloading the page, and once the job has
 // ended, its last version is drawn and the fleet table has caught up, saves a screenshot
 // and prints what it saw.
 import { chromium } from "playwright-core";
@@ -21,7 +21,7 @@ try {
   await page.waitForFunction(() => Number(document.body.dataset.polls || 0) >= 1);
   const origin = await page.evaluate(() => performance.timeOrigin);
   const read = () => page.evaluate((m) => {
-    const series = [...document.querySelectorAll(`svg[id="acc-${m}"] g.series`)];
+    const series = [...document.querySelectorAll(`svg[id="m-${m}-accuracy"] g.series`)];
     const jobs = [...document.querySelectorAll("#jobs tbody tr")].map(
       (r) => [...r.cells].map((c) => c.textContent));
     const fleet = [...document.querySelectorAll("#fleet tbody tr")].map(

@@ -78,8 +78,9 @@ def wait_for(what: str, check: Callable[[], object], timeout: float = 30.0) -> o
 
 
 def spec(aggregators: list[str], **kw) -> ModelSpec:
-    base = dict(name="m", arch="logreg", input_shape=P_SHAPE, num_classes=2, dataset="d",
-                aggregators=aggregators, rounds=2, min_agents=2, deadline_s=60, max_retries=2,
+    base = dict(name="m", task="logreg", options={"input_shape": P_SHAPE, "num_classes": 2},
+                dataset="d", aggregators=aggregators, rounds=2, min_agents=2, deadline_s=60,
+                max_retries=2,
                 secagg={"enabled": False, "stage_timeout_s": 20})
     return ModelSpec(**{**base, **kw})
 
@@ -331,15 +332,15 @@ def _header(data: bytes) -> dict:
 
 def expected_state(sp: ModelSpec, mean_steps: list[float]) -> dict[str, np.ndarray]:
     """The global model after versions that each moved every coordinate by a mean step."""
-    from coordinator.runner import initial_params
-    from hfl.models import build, state_dict_arrays, unflatten_into
+    from hfl.tasks import TaskSet, state_arrays, unflatten_into
 
-    params = initial_params(sp)
+    sp, p = TaskSet.everything_installed().resolve(sp)
+    params = p.init_params(sp.seed)
     for s in mean_steps:
         params = params + np.float32(s)
-    model = build(sp.arch, sp.input_shape, sp.num_classes)
+    model = p.build()
     unflatten_into(model, params)
-    return state_dict_arrays(model)
+    return state_arrays(model)
 
 
 def assert_state(got: dict[str, np.ndarray], want: dict[str, np.ndarray],
