@@ -14,11 +14,14 @@ SUDO   := $(if $(filter 0,$(shell id -u)),,sudo)
 
 install: $(STAMP)
 
-# torch is pinned here (a CPU build); pyproject.toml declares a range it satisfies.
-$(STAMP): pyproject.toml
+# torch is pinned here (a CPU build); pyproject.toml declares a range it satisfies. The
+# example tasks (examples/tasks) install as a user's task packages would.
+EXAMPLE_TASKS := $(wildcard examples/tasks/*/pyproject.toml)
+
+$(STAMP): pyproject.toml $(EXAMPLE_TASKS)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet torch==2.13.0 -e '.[dev]'
+	$(BIN)/pip install --quiet torch==2.13.0 -e '.[dev]' $(addprefix -e ,$(dir $(EXAMPLE_TASKS)))
 	touch $(STAMP)
 
 # $(call need,CHECK,PACKAGES,WHAT): when the shell test CHECK fails, install the Debian
