@@ -330,8 +330,8 @@ class FixedPoint:
 
 SECURITY_BITS = 40  # σ: a round leaks with probability below 2^-40 (Bell et al.'s choice)
 CORRECTNESS_BITS = 20  # η: a round fails (and is retried) with probability below 2^-20
-DROPOUT = 0.2  # δ: the expected fraction of clients that do not finish a round } as in
-CORRUPT = 0.1  # γ: the fraction of clients that may collude with the server  } SecureSpec
+DROPOUT = 0.2  # δ: the expected fraction of clients that do not finish a round (and
+CORRUPT = 0.1  # γ: the fraction that may collude with the server), as SecureSpec has them
 
 
 @dataclass(frozen=True)

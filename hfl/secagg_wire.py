@@ -60,7 +60,8 @@ def round_params(job: str, round: int, selected: int, num_params: int,
                  spec: ModelSpec) -> tuple[Params, FixedPoint]:
     """What both sides derive from the round announcement: protocol and fixed-point settings."""
     sec = spec.secagg
-    params = params_for(job, round, selected, input_length(num_params), sec.threshold, sec.degree)
+    params = params_for(job, round, selected, input_length(num_params), sec.threshold,
+                        sec.degree, sec.dropout, sec.corrupt)
     return params, FixedPoint.for_sum(input_bound(spec), selected)
 
 
