@@ -244,7 +244,7 @@ def flower_secagg(n: int) -> dict[str, float]:
     k neighbours and t shares; Flower counts a client's own share among its k + 1. Flower
     clips the model itself, not the delta; hfl's bound of 2 holds it (5 × 1e-3 here)."""
     spec = SecureSpec()
-    params = params_for("bench", 1, n, 1, spec.threshold, spec.degree)
+    params = params_for("bench", 1, n, 1, spec.threshold, spec.degree, spec.dropout, spec.corrupt)
     return {"num-shares": params.degree + 1, "threshold": params.threshold,
             "clipping-range": spec.clip}
 

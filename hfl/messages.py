@@ -128,8 +128,17 @@ class SecureSpec(_Strict):
     """
 
     enabled: bool = True
-    threshold: float = Field(default=0.55, gt=0.5, le=1,
-                             description="shares needed, as a fraction of the neighbours")
+    # Unless given, the degree k and threshold t follow from these two (choose_params in
+    # hfl/secagg.py): a leak below 2^-40, a failed (retried) round below 2^-20, or else the
+    # complete graph. Under 1/2 each: t > k/2 holds off neither half the neighbours gone
+    # nor half corrupt; corrupt up to 1/3 keeps that choice to milliseconds at n = 1000.
+    dropout: float = Field(default=0.2, ge=0, lt=0.5,
+                           description="expected fraction of agents that do not finish a round")
+    corrupt: float = Field(default=0.1, ge=0, le=1 / 3,
+                           description="fraction of agents that may collude with the aggregator")
+    threshold: float | None = Field(default=None, gt=0.5, le=1,
+                                    description="shares needed, as a fraction of the "
+                                    "neighbours (empty: automatic)")
     degree: int = Field(default=0, ge=0, description="neighbours per agent (0: automatic)")
     clip: float = Field(default=2.0, gt=0, le=1e6, description="bound on a delta coordinate")
     weight_cap: float = Field(default=1000.0, gt=0, description="samples of full weight")

@@ -27,9 +27,12 @@ be rebuilt from t of the U3 ∪ {itself} shares rather than t from its neighbour
 
 Threat model: an honest-but-curious server and clients that may drop out at any point,
 plus signed adverts so the server cannot swap keys between clients. Up to t-1 colluding
-neighbours learn nothing of a client's secrets. A fully malicious server could still lie
-about U3 differently to different clients (the consistency check of Bonawitz et al.'s
-active variant is not implemented); t > k/2 limits what one such lie can gain.
+neighbours learn nothing of a client's secrets; `choose_params` picks k and t so that, with
+a fraction of the clients colluding with the server and another dropping out, a round
+leaks with probability below 2^-40 and fails (to be retried) below 2^-20 (for small groups
+at high dropout, only as far as the complete graph allows). A fully malicious server could
+still lie about U3 differently to different clients (the consistency check of Bonawitz et
+al.'s active variant is not implemented); t > k/2 limits what one such lie can gain.
 
 Determinism across boards: masks must cancel bit-for-bit between different machines, so
 every stream is AES-256-CTR under HKDF-SHA256 keys bound to `Params.context()`, and the
@@ -325,6 +328,11 @@ class FixedPoint:
 
 # ------------------------------------------------------------------ parameters
 
+SECURITY_BITS = 40  # σ: a round leaks with probability below 2^-40 (Bell et al.'s choice)
+CORRECTNESS_BITS = 20  # η: a round fails (and is retried) with probability below 2^-20
+DROPOUT = 0.2  # δ: the expected fraction of clients that do not finish a round (and
+CORRUPT = 0.1  # γ: the fraction that may collude with the server), as SecureSpec has them
+
 
 @dataclass(frozen=True)
 class Params:
@@ -349,41 +357,183 @@ class Params:
         return b"hfl/secagg/v1\0" + self.job.encode() + b"\0" + self.round.to_bytes(8, "big")
 
 
-def params_for(job: str, round: int, n: int, length: int, threshold: float = 2 / 3,
-               degree: int = 0) -> Params:
-    """Protocol parameters for n selected clients.
+def params_for(job: str, round: int, n: int, length: int, threshold: float | None = None,
+               degree: int = 0, dropout: float = DROPOUT, corrupt: float = CORRUPT) -> Params:
+    """Protocol parameters for n selected clients: (k, t) from `choose_params`, for the
+    expected dropout and corrupt fractions, or as given.
 
-    degree 0 picks k = 3·ceil(log2 n) rounded up to even, at most n-1 (the complete graph
-    up to n = 13 or so; Bell et al. show O(log n) suffices, this constant is our choice).
-    An explicit degree above n-1 means the complete graph; an odd one below n-1 is rounded
-    up to even, as `neighbours` does. t = max(2, ceil(threshold·k)) must exceed k/2; where
-    2t = k+1 (odd k, the complete graph), t goes up by one, as `Params` needs 2t > k+1.
     Needs n >= 3: with two clients, each would learn the other's input from the sum anyway.
+    """
+    k, t = choose_params(n, dropout, corrupt, degree, threshold)
+    return Params(job, round, k, t, length)
 
-    Dropout tolerance: a secret needs t of its holders to answer, so each neighbourhood
-    must keep a fraction t/k of its members. With the default 2/3 the complete graph takes
-    any dropout down to t survivors, but a sparse one (n ≳ 14) only about 10-15% random
-    dropout at n <= 100: at 20-30% whole rounds abort (see bench/secagg.py). A threshold
-    nearer 1/2 or a larger degree tolerates more.
+
+@functools.lru_cache(maxsize=1024)
+def choose_params(n: int, dropout: float = DROPOUT, corrupt: float = CORRUPT, degree: int = 0,
+                  threshold: float | None = None, sigma: float = SECURITY_BITS,
+                  eta: float = CORRECTNESS_BITS) -> tuple[int, int]:
+    """The degree k and threshold t for n clients, of which a fraction `dropout` (δ) are
+    expected not to finish the round and a fraction `corrupt` (γ) may collude with the
+    server, after Bell et al. (CCS 2020) for the Harary graph that `neighbours` builds: the
+    smallest even k, and for it the smallest t, such that
+
+    - a round leaks with probability at most 2^-sigma: half of that for `leak_bound` (some
+      client's secrets rebuilt by corrupt neighbours), half for `split_bound` (the server
+      learns the sums of parts of the group), and
+    - a round fails with probability at most 2^-eta (`failure_bound`; it is retried).
+
+    Where no sparse graph meets both, the complete graph (k = n-1) with the smallest t that
+    meets the first: it tolerates the most dropout any t > k/2 allows, as the round then
+    needs only t clients to finish. With the defaults that is n < 70 (δ = 0.1: n < 30;
+    δ = 0.3: n < 190). Small rounds may then fail more often than 2^-eta: at n = 10,
+    t = 6 of the 10 must finish, which independent 30 % dropout misses in 15 % of rounds.
+
+    t > (k+1)/2 always (`Params`), which is what makes high dropout costly: every
+    neighbourhood must keep more than half its members, so k grows quickly as δ nears 1/2
+    (at n = 1000: k = 46 for δ = 0.1, 80 for 0.2, 206 for 0.3).
+
+    An explicit `degree` fixes k (an odd one rounds up to even, as `neighbours` does; n-1
+    or more is the complete graph) and t is chosen for it; an explicit `threshold` fraction
+    in (1/2, 1] fixes t = ceil(threshold·k) (at least k/2 + 1) and k is chosen for it; both
+    explicit: as given, whatever the bounds say. Cached, as both sides call it every round;
+    they must agree, and do unless a bound lands within float rounding (~1e-12 relative)
+    of 2^-sigma or 2^-eta.
     """
     if n < 3:
         raise ValueError("secure aggregation needs n >= 3")
-    if not 0 < threshold <= 1:
-        raise ValueError("threshold is a fraction in (0, 1]")
+    if not (0 <= dropout < 1 and 0 <= corrupt < 0.5 and sigma > 0 and eta > 0):
+        # Half the clients corrupt would outnumber any t > k/2 of a client's neighbours.
+        raise ValueError("need dropout in [0, 1), corrupt in [0, 1/2), sigma and eta > 0")
+    if threshold is not None and not 0.5 < threshold <= 1:
+        raise ValueError("threshold is a fraction in (1/2, 1]: t must exceed k/2")
     if degree < 0:
         raise ValueError("degree must be >= 0 (0 = auto)")
-    k = degree or 3 * math.ceil(math.log2(n))
-    k = min(k, n - 1)
-    if k < n - 1 and k % 2:
-        k += 1
-    t = max(2, math.ceil(threshold * k - 1e-9))  # 2/3·9 must give 6 even if it rounds up
-    if 2 * t <= k:
-        raise ValueError(f"threshold {threshold} of degree {k} gives t={t} <= k/2")
-    if 2 * t == k + 1:
-        t += 1
-    if t > k:
-        raise ValueError(f"threshold {threshold} of degree {k} gives t={t} > k")
-    return Params(job, round, k, t, length)
+    c = math.ceil(corrupt * n - 1e-9)  # 0.1·30 must give 3 even if it rounds up
+    half = 2.0 ** -(sigma + 1)
+    if degree:
+        k = min(degree + degree % 2, n - 1)
+        return k, _threshold(n, k, c, threshold, half)
+    for k in range(2, n - 1, 2):  # the sparse graphs, least work first
+        # One term of failure_bound at the least t allowed: an O(1) lower bound that
+        # skips the degrees too small for the dropout without changing the answer.
+        least = _threshold(n, k, c, threshold, None)
+        if n * dropout * _binom_pmf(k, 1 - dropout, least - 1) > 2.0**-eta:
+            continue
+        t = _threshold(n, k, c, threshold, half)
+        if (failure_bound(n, k, t, dropout) <= 2.0**-eta and leak_bound(n, k, t, c) <= half
+                and split_bound(n, k, c, dropout) <= half):
+            return k, t
+    return n - 1, _threshold(n, n - 1, c, threshold, half)  # the complete graph
+
+
+def _threshold(n: int, k: int, c: int, fraction: float | None, budget: float | None) -> int:
+    """t for degree k: ceil(fraction·k) if given, else the smallest t whose leak_bound is
+    within `budget` (None: the smallest t allowed); never below k/2 + 1, never above k."""
+    t = (k + 1) // 2 + 1  # 2t > k+1
+    if fraction is not None:
+        return max(t, math.ceil(fraction * k - 1e-9))  # 2/3·9 must give 6
+    if budget is None:
+        return t
+    hi = k  # leak_bound falls as t grows: bisect, O(log k) tails
+    while t < hi:
+        mid = (t + hi) // 2
+        t, hi = (mid + 1, hi) if leak_bound(n, k, mid, c) > budget else (t, mid)
+    return t
+
+
+# The bounds assume the graph independent of who is corrupt (c clients, fixed before the
+# round) and of who drops (each client on its own with probability δ, at any stage), as
+# Bell et al. do. `neighbours` places the ids on a ring in an order hashed from the round's
+# context, so a client's k neighbours are a uniform k-subset of the others.
+
+
+def leak_bound(n: int, k: int, t: int, c: int) -> float:
+    """P(some honest client has t or more corrupt neighbours), of c corrupt among n: they
+    and the server would hold both its secrets (b and s_sk) and so its input. A union
+    bound over the honest clients of the hypergeometric tail; exact for the complete graph."""
+    return min(1.0, (n - c) * _hyper_sf(n - 1, c, k, t))
+
+
+def split_bound(n: int, k: int, c: int, dropout: float) -> float:
+    """P(the honest clients in the sum fall into two or more components of the graph): the
+    server would learn each component's sum. Removing nodes from a ring where each links
+    to k/2 places on either side splits it only where k/2 consecutive places are removed
+    (corrupt or dropped) between two kept ones, twice. A union bound over the pairs of such
+    places: n(n-k-1)/2 of them."""
+    h = k // 2
+    if k >= n - 1:
+        return 0.0
+    kept, gone = 2, 2 * h  # two honest survivors, then h removed after each
+    free = n - kept - gone
+    # j of the removed places are corrupt, the other gone - j honest and dropped.
+    p = sum(math.exp(_log_comb(gone, j) + _log_comb(free, c - j) - _log_comb(n, c))
+            * dropout ** (gone - j) for j in range(max(0, c - free), min(c, gone) + 1))
+    return min(1.0, n * (n - k - 1) / 2 * (1 - dropout) ** kept * p)
+
+
+def failure_bound(n: int, k: int, t: int, dropout: float) -> float:
+    """P(some secret the server needs has fewer than t shares from the clients that finish).
+
+    A client that finishes needs t-1 of its k neighbours to finish (it holds a share of its
+    own b); one that drops needs t of them (its s_sk, or its b when it drops after masking).
+    A union bound over the clients; for the complete graph, exactly P(fewer than t finish).
+    """
+    q = 1 - dropout
+    if k >= n - 1:
+        return _binom_cdf(n, q, t - 1)
+    return min(1.0, n * (q * _binom_cdf(k, q, t - 2) + dropout * _binom_cdf(k, q, t - 1)))
+
+
+def _log_comb(n: int, k: int) -> float:
+    return math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
+
+
+def _hyper_pmf(population: int, marked: int, draws: int, x: int) -> float:
+    if not (0 <= x <= marked and 0 <= draws - x <= population - marked):
+        return 0.0
+    return math.exp(_log_comb(marked, x) + _log_comb(population - marked, draws - x)
+                    - _log_comb(population, draws))
+
+
+def _binom_pmf(k: int, p: float, x: int) -> float:
+    if not 0 <= x <= k:
+        return 0.0
+    if p in (0.0, 1.0):
+        return float(x == k * p)
+    return math.exp(_log_comb(k, x) + x * math.log(p) + (k - x) * math.log1p(-p))
+
+
+def _hyper_sf(population: int, marked: int, draws: int, x: int) -> float:
+    """P(X >= x) for X hypergeometric: `draws` from `population` of which `marked`."""
+    x = max(x, draws - (population - marked), 0)  # the least X can be
+    return _series(_hyper_pmf(population, marked, draws, x), range(x, min(marked, draws)),
+                   lambda i: (marked - i) * (draws - i)
+                   / ((i + 1) * (population - marked - draws + i + 1)))
+
+
+def _binom_cdf(k: int, p: float, x: int) -> float:
+    """P(X <= x) for X ~ Bin(k, p)."""
+    if x < 0 or p == 1 and x < k:
+        return 0.0
+    if x >= k or p == 0:
+        return 1.0
+    if x > k * p:  # above the mean: from the other tail, whose terms fall away from x
+        return 1.0 - _binom_cdf(k, 1 - p, k - x - 1)
+    odds = (1 - p) / p
+    return _series(_binom_pmf(k, p, x), range(x, 0, -1), lambda i: i / (k - i + 1) * odds)
+
+
+def _series(first: float, steps: range, ratio: Callable[[int], float]) -> float:
+    """A tail of a unimodal distribution from its first term: each next term is the last
+    times ratio(i), i along `steps`. Stops once the terms no longer change the sum (they
+    only shrink, past the mode): O(1) terms far in a tail rather than O(k)."""
+    total = term = first
+    for i in steps:
+        term *= ratio(i)
+        if term <= total * 2**-60:
+            break
+        total += term
+    return min(1.0, total)
 
 
 # ------------------------------------------------------------------ key derivation

@@ -62,7 +62,7 @@ def round_params(job: str, round: int, selected: int, num_params: int,
     """What both sides derive from the round announcement: protocol and fixed-point settings."""
     sec = spec.secagg
     params = params_for(job, round, selected, input_length(num_params, spec), sec.threshold,
-                        sec.degree)
+                        sec.degree, sec.dropout, sec.corrupt)
     return params, FixedPoint.for_sum(input_bound(spec), selected)
 
 
