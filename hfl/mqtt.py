@@ -41,15 +41,16 @@ QOS = 1
 DEFAULT_MAX_PAYLOAD = 256 * 1024  # what a chunk frame (header included) may be
 PACKET_HEADROOM = 1024  # room under the broker's packet limit for header, topic, properties
 _PUBLISH_FIXED = 1 + 4 + 2 + 2 + 4  # type byte, length (<= 4), topic length, packet id, props
+READ_NUDGE_S = 1.0  # how often a quiet TLS connection is read anyway (see _NudgedSSLSocket)
 
 
 def packet_bound(max_payload: int = DEFAULT_MAX_PAYLOAD) -> int:
     """The broker's Maximum Packet Size a node needs to send chunks of `max_payload` bytes
     whole: the frame (HFC1 header included) and PACKET_HEADROOM for the PUBLISH header
-    (_PUBLISH_FIXED), the topic (under 400 bytes with hfl's ids) and room to spare. Under
-    it the node sends smaller chunks, and retained messages larger than it go in chunks."""
+    (_PUBLISH_FIXED) and the topic (the prefix + at most 206 bytes with hfl's 64-character
+    ids), with room to spare. Under it the node sends smaller chunks, and retained messages
+    larger than it go in chunks."""
     return max_payload + PACKET_HEADROOM
-READ_NUDGE_S = 1.0  # how often a quiet TLS connection is read anyway (see _NudgedSSLSocket)
 
 
 class _NudgedSSLSocket(ssl.SSLSocket):
