@@ -106,6 +106,14 @@ def test_chunk_limit_follows_the_broker_packet_limit(mosquitto: str, tmp_path: P
             f"of {65536 - mqtt.PACKET_HEADROOM} bytes instead") in said[1]
 
 
+def test_the_packet_bound_covers_a_whole_chunk_on_hfls_longest_topic() -> None:
+    from hfl.topics import Topics
+
+    longest = Topics().round_to("a" * 64, "j" * 64, "b" * 64)
+    packet = mqtt.DEFAULT_MAX_PAYLOAD + mqtt._PUBLISH_FIXED + len(longest.encode())
+    assert packet <= mqtt.packet_bound() < packet + 1024  # it fits, with not much to spare
+
+
 def test_a_broker_with_the_generated_limit_draws_no_warning(
         broker: Broker, caplog: pytest.LogCaptureFixture) -> None:
     assert f"max_packet_size {mqtt.packet_bound()}" in broker.conf_path.read_text()
