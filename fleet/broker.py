@@ -160,13 +160,15 @@ class Broker:
 
     def __init__(self, run_dir: Path | None = None, *, port: int | None = None,
                  persistence: bool = False, max_packet_size: int | None = MAX_PACKET_SIZE,
-                 tls: BrokerTls | None = None, extra: str = "") -> None:
+                 autosave_s: int = AUTOSAVE_S, tls: BrokerTls | None = None,
+                 extra: str = "") -> None:
         self._tmp = None if run_dir is not None else tempfile.TemporaryDirectory(prefix="hfl-mq-")
         self.run_dir = Path(run_dir if run_dir is not None else self._tmp.name)  # type: ignore[union-attr]
         self.host = "127.0.0.1"
         self.port = port or free_port(self.host)
         self.persistence = persistence
         self.max_packet_size = max_packet_size
+        self.autosave_s = autosave_s
         self.tls = tls
         self.extra = extra
         self.log_path = self.run_dir / "mosquitto.log"
@@ -192,7 +194,8 @@ class Broker:
             data_dir.mkdir(exist_ok=True)
         self.conf_path.write_text(mosquitto_config(
             port=self.port, host=self.host, persistence_dir=data_dir,
-            max_packet_size=self.max_packet_size, user=pwd.getpwuid(os.geteuid()).pw_name,
+            max_packet_size=self.max_packet_size, autosave_s=self.autosave_s,
+            user=pwd.getpwuid(os.geteuid()).pw_name,
             tls=self.tls, extra=self.extra))
         with open(self.log_path, "ab") as log:
             self._proc = subprocess.Popen([find_mosquitto(), "-c", str(self.conf_path)],
