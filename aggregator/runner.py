@@ -28,11 +28,12 @@ def aggregator_node(
     state_dir: Path | None = None,
 ) -> tuple[Node, AggregatorMachine]:
     """Wire an aggregator for the agents the roster enrols under it. With `state_dir`, it
-    resumes the rounds saved there (StateError when that folder cannot be used)."""
+    resumes the rounds saved there (StateError when that folder cannot be used or belongs
+    to another service)."""
     machine = AggregatorMachine(identity.id, lambda: roster.group(identity.id), topics)
     durable = None
     if state_dir is not None:
-        durable = Checkpointer(machine, StateStore(Path(state_dir)))
+        durable = Checkpointer(machine, StateStore(Path(state_dir), owner=identity.who))
         if durable.load():
             log.info("%s: resuming %d job(s) from %s", identity.id, len(machine.jobs), state_dir)
     node = Node(identity, roster, settings, topics, topics.aggregator_filters(identity.id),

@@ -18,7 +18,7 @@ from hfl.messages import JobMeta, Kind, ModelMeta, ModelSpec
 from hfl.mqtt import BrokerSettings
 from hfl.node import Node
 from hfl.roster_feed import RosterFeed
-from hfl.state import Checkpointer, StateStore
+from hfl.state import Checkpointer, StateError, StateStore
 from hfl.tasks import TaskSet, state_arrays, unflatten_into
 from hfl.topics import Topics
 
@@ -116,10 +116,16 @@ def coordinator_node(
     feed: RosterFeed | None = None,
 ) -> tuple[Node, CoordinatorMachine, Registry]:
     """Wire the coordinator, with the tasks jobs may use; it resumes the jobs saved in
-    `state_dir` (StateError when that folder cannot be used)."""
+    `state_dir` (StateError when that folder cannot be used or belongs to another service)."""
     machine = CoordinatorMachine.of(identity, roster, topics, job_preparer(tasks))
-    registry = Registry(Path(state_dir) / "registry")
-    durable = Checkpointer(machine, StateStore(Path(state_dir)),
+    # The store first: it claims the whole folder, registry included.
+    store = StateStore(Path(state_dir), owner=identity.who)
+    try:
+        registry = Registry(Path(state_dir) / "registry")
+    except StateError:
+        store.close()
+        raise
+    durable = Checkpointer(machine, store,
                            resume=lambda now: pub.unpublished(machine.resume(now)))
     if durable.load():
         log.info("resuming %d job(s) from %s", len(machine.jobs), state_dir)

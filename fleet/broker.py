@@ -23,6 +23,7 @@ from types import TracebackType
 
 from fleet.acl import acl, listener_tls
 from hfl.identity import write_private
+from hfl.mqtt import packet_bound
 from hfl.pki import BROKER, Pki, uncovered_hosts
 from hfl.topics import Topics
 
@@ -33,6 +34,17 @@ STOP_TIMEOUT = 5.0
 RELOAD_TIMEOUT = 5.0
 RELOADING = "Reloading config."  # what Mosquitto logs on SIGHUP
 LOCAL_HOSTS = ("127.0.0.1", "localhost")
+# Every hfl packet is a chunk of at most max_payload (256 KiB) plus headers: a larger one is
+# a peer's mistake or attack, which the broker refuses (it disconnects the sender) before it
+# holds it or hands it to a subscriber (a 255 MB publish took Mosquitto to 1,078 MiB and an
+# aggregator to 1,143 MiB without a limit).
+MAX_PACKET_SIZE = packet_bound()
+MIN_PACKET_SIZE = packet_bound(4096)  # for the smallest max_payload a service accepts
+# Seconds between saves of Mosquitto's persistence database (autosave_interval; 0: only on a
+# clean stop, which lost every session and queued message to a kill -9 or a power cut). It
+# saves once `now > last + interval` in whole seconds, so 1 loses at most the last ~2 s. Each
+# save rewrites the whole database (docs/reliability.md has what that costs).
+AUTOSAVE_S = 1
 
 
 @dataclass(frozen=True)
@@ -106,10 +118,12 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def mosquitto_config(*, port: int, host: str = "127.0.0.1", persistence_dir: Path | None = None,
-                     max_packet_size: int | None = None, user: str | None = None,
-                     tls: BrokerTls | None = None, extra: str = "") -> str:
+                     max_packet_size: int | None = MAX_PACKET_SIZE, autosave_s: int = AUTOSAVE_S,
+                     user: str | None = None, tls: BrokerTls | None = None,
+                     extra: str = "") -> str:
     """A mosquitto.conf for one listener: TLS with client certificates and the ACL when `tls`
-    is given, else plain and anonymous. `extra` lines go at the end."""
+    is given, else plain and anonymous. `max_packet_size` None: Mosquitto's own (no limit).
+    `extra` lines go at the end."""
     if tls is None:
         listener = [f"listener {port} {host}", "allow_anonymous true"]
     else:
@@ -130,7 +144,8 @@ def mosquitto_config(*, port: int, host: str = "127.0.0.1", persistence_dir: Pat
         # Started as root, Mosquitto drops to user `mosquitto`, which cannot write our run dir.
         lines.append(f"user {user}")
     if persistence_dir is not None:
-        lines += ["persistence true", f"persistence_location {str(persistence_dir).rstrip('/')}/"]
+        lines += ["persistence true", f"persistence_location {str(persistence_dir).rstrip('/')}/",
+                  "autosave_on_changes false", f"autosave_interval {autosave_s}"]
     else:
         lines.append("persistence false")
     if max_packet_size is not None:
@@ -144,14 +159,16 @@ class Broker:
     """A Mosquitto child process; a context manager that starts and stops it."""
 
     def __init__(self, run_dir: Path | None = None, *, port: int | None = None,
-                 persistence: bool = False, max_packet_size: int | None = None,
-                 tls: BrokerTls | None = None, extra: str = "") -> None:
+                 persistence: bool = False, max_packet_size: int | None = MAX_PACKET_SIZE,
+                 autosave_s: int = AUTOSAVE_S, tls: BrokerTls | None = None,
+                 extra: str = "") -> None:
         self._tmp = None if run_dir is not None else tempfile.TemporaryDirectory(prefix="hfl-mq-")
         self.run_dir = Path(run_dir if run_dir is not None else self._tmp.name)  # type: ignore[union-attr]
         self.host = "127.0.0.1"
         self.port = port or free_port(self.host)
         self.persistence = persistence
         self.max_packet_size = max_packet_size
+        self.autosave_s = autosave_s
         self.tls = tls
         self.extra = extra
         self.log_path = self.run_dir / "mosquitto.log"
@@ -177,7 +194,8 @@ class Broker:
             data_dir.mkdir(exist_ok=True)
         self.conf_path.write_text(mosquitto_config(
             port=self.port, host=self.host, persistence_dir=data_dir,
-            max_packet_size=self.max_packet_size, user=pwd.getpwuid(os.geteuid()).pw_name,
+            max_packet_size=self.max_packet_size, autosave_s=self.autosave_s,
+            user=pwd.getpwuid(os.geteuid()).pw_name,
             tls=self.tls, extra=self.extra))
         with open(self.log_path, "ab") as log:
             self._proc = subprocess.Popen([find_mosquitto(), "-c", str(self.conf_path)],
@@ -209,6 +227,13 @@ class Broker:
         try:
             proc.wait(STOP_TIMEOUT)
         except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def kill(self) -> None:
+        """kill -9: Mosquitto saves nothing on the way out (only what autosave wrote stays)."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
             proc.kill()
             proc.wait()
 

@@ -14,7 +14,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from fleet.broker import BrokerTls, mosquitto_config
+from fleet.broker import (
+    AUTOSAVE_S,
+    MAX_PACKET_SIZE,
+    MIN_PACKET_SIZE,
+    BrokerTls,
+    mosquitto_config,
+)
 from hfl.cli import fail
 from hfl.messages import Role
 from hfl.pki import BROKER, Pki
@@ -174,13 +180,24 @@ def broker_config(
     persistence_dir: Annotated[Path, typer.Option(
         help="Mosquitto's persistence folder on the broker host.")] = Path("/var/lib/mosquitto"),
     prefix: Annotated[str, typer.Option(help="The topic prefix.")] = DEFAULT_PREFIX,
+    max_packet_size: Annotated[int, typer.Option(
+        min=MIN_PACKET_SIZE, help="The largest MQTT packet the broker takes; a client sending "
+        "a larger one is disconnected. The default fits the services' chunks (max_payload "
+        "256 KiB) whole; raise it to max_payload + 1024 if they use a larger max_payload, or "
+        "to the largest retained message (model versions) that late subscribers must get "
+        "whole.")] = MAX_PACKET_SIZE,
+    autosave_interval: Annotated[int, typer.Option(
+        min=0, help="Seconds between saves of the broker's persistence database (a kill -9 "
+        "loses about twice this); each save rewrites the whole database, so raise it where "
+        "much is queued for offline clients or the disk is slow; 0: only on a clean stop."
+        )] = AUTOSAVE_S,
 ) -> None:
     """Write the broker's mosquitto.conf, ACL, CRL and certificate into OUT.
 
     OUT/mosquitto.conf (a TLS listener that requires a fleet client certificate, the ACL,
-    raised queue limits), OUT/acl (from the roster), OUT/ca.crt, OUT/crl.pem and
-    OUT/NAME.crt + OUT/NAME.tls.key (0600), issuing the broker certificate for --host when
-    it has none.
+    raised queue limits, a packet limit just above hfl's chunks, persistence saved every
+    second or two), OUT/acl (from the roster), OUT/ca.crt, OUT/crl.pem and OUT/NAME.crt +
+    OUT/NAME.tls.key (0600), issuing the broker certificate for --host when it has none.
 
     Run it again after every issue or revoke, install OUT in --install-dir and reload the
     broker (`systemctl reload mosquitto`: SIGHUP re-reads the ACL and the CRL).
@@ -191,6 +208,7 @@ def broker_config(
     try:
         tls = BrokerTls.from_pki(p, name, out, Topics(prefix), host or [])
         conf = mosquitto_config(port=port, host=bind, persistence_dir=persistence_dir,
+                                max_packet_size=max_packet_size, autosave_s=autosave_interval,
                                 tls=tls.under(install_dir))
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))

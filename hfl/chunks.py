@@ -7,6 +7,9 @@ Pure: no I/O, no clocks (time is an argument). A chunk frame is
 Every non-last chunk carries ceil(total / count) bytes and the last one the rest, so the
 receiver can check each frame on its own and copy it straight into place. Whole messages
 (envelopes start with b"HFL1") pass through untouched.
+
+The reassembler's bounds count what it maps for each incomplete message (`reserved`), not
+what has arrived: the memory it can be made to hold never exceeds them.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ ID_LEN = 16
 _HEADER = struct.Struct(f"<4s{ID_LEN}sIIQ")
 FRAME_OVERHEAD = _HEADER.size  # 36 bytes
 _DONE_MEMORY = 4096  # completed (key, id) pairs remembered so late repeats are dropped
+PAGE = mmap.PAGESIZE
 
 Payload = bytes | bytearray | memoryview
 
@@ -91,24 +95,33 @@ def _parse(payload: memoryview, max_message: int) -> _Frame:
     return _Frame(bytes(msg_id), index, count, total, size, data)
 
 
+def reserved(total: int, count: int) -> int:
+    """The bytes an incomplete message of `total` bytes in `count` chunks maps: its data and
+    one flag per chunk, in whole pages. A 37-byte frame may claim `count == total` (1-byte
+    chunks): then the flags are as large as the data, so they are counted too."""
+    return -(-(total + count) // PAGE) * PAGE
+
+
 @dataclass
 class _Partial:
     count: int
     total: int
     size: int
     created: float
-    buf: mmap.mmap
-    seen: bytearray = field(init=False)  # one flag per chunk
+    reserved: int
+    # Data, then one flag per chunk: anonymous memory is mapped lazily, so a message costs
+    # the pages that what has arrived of it touched, never more than `reserved`.
+    buf: mmap.mmap = field(init=False)
     missing: int = field(init=False)
 
     def __post_init__(self) -> None:
-        self.seen = bytearray(self.count)
+        self.buf = mmap.mmap(-1, self.reserved)
         self.missing = self.count
 
 
 class Reassembler:
     """Collects chunks per (key, message id); holds at most `max_pending_bytes` of partials
-    in all and `max_key_bytes` per key.
+    in all and `max_key_bytes` per key, counted as `reserved` (what is mapped for them).
 
     `key` is where the chunks came from (the topic, which names its only sender), so a peer
     cannot complete or poison another topic's message by reusing its id, and a peer that
@@ -161,18 +174,19 @@ class Reassembler:
         elif (part.count, part.total) != (frame.count, frame.total):
             raise Rejected("malformed-chunk", f"count/total {frame.count}/{frame.total} differ "
                            f"from {part.count}/{part.total} for the same message")
-        if part.seen[frame.index]:
+        flag = part.total + frame.index
+        if part.buf[flag]:
             self.repeats += 1
             return None
         start = frame.index * part.size
         part.buf[start : start + len(frame.data)] = frame.data
-        part.seen[frame.index] = 1
+        part.buf[flag] = 1
         part.missing -= 1
         if part.missing:
             return None
         self._drop(pid)
         self._remember_done(pid)
-        return memoryview(part.buf)
+        return memoryview(part.buf)[: part.total]
 
     def expire(self, now: float) -> int:
         """Drop incomplete messages older than `ttl`; how many were dropped."""
@@ -183,28 +197,27 @@ class Reassembler:
 
     def _open(self, pid: tuple[str, bytes], frame: _Frame, now: float) -> _Partial:
         key = pid[0]
-        if frame.total > self.max_key_bytes:
-            raise Rejected("too-large", f"{frame.total} bytes > pending bound "
-                           f"{self.max_key_bytes}")
-        while self._key_bytes[key] + frame.total > self.max_key_bytes:  # its own oldest first
+        cost = reserved(frame.total, frame.count)
+        if cost > self.max_key_bytes:
+            raise Rejected("too-large", f"{frame.total} bytes in {frame.count} chunks need "
+                           f"{cost} > pending bound {self.max_key_bytes}")
+        while self._key_bytes[key] + cost > self.max_key_bytes:  # its own oldest first
             self._drop(next(p for p in self._partials if p[0] == key))
             self.evicted += 1
-        while self._partials and (self._pending_bytes + frame.total > self.max_pending_bytes
+        while self._partials and (self._pending_bytes + cost > self.max_pending_bytes
                                   or len(self._partials) >= self.max_pending):
             self._drop(next(iter(self._partials)))
             self.evicted += 1
-        # Anonymous memory is mapped lazily: a message costs what has arrived of it, not the
-        # total its first chunk claims (a peer cannot pin memory it never sends).
-        part = _Partial(frame.count, frame.total, frame.size, now, mmap.mmap(-1, frame.total))
+        part = _Partial(frame.count, frame.total, frame.size, now, cost)
         self._partials[pid] = part
-        self._pending_bytes += frame.total
-        self._key_bytes[pid[0]] += frame.total
+        self._pending_bytes += cost
+        self._key_bytes[key] += cost
         return part
 
     def _drop(self, pid: tuple[str, bytes]) -> None:
-        total = self._partials.pop(pid).total
-        self._pending_bytes -= total
-        self._key_bytes[pid[0]] -= total
+        cost = self._partials.pop(pid).reserved
+        self._pending_bytes -= cost
+        self._key_bytes[pid[0]] -= cost
         if not self._key_bytes[pid[0]]:
             del self._key_bytes[pid[0]]
 

@@ -39,7 +39,7 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # Jetson images still ship Python 3.10
     import tomli as tomllib
-from hfl.mqtt import BrokerSettings
+from hfl.mqtt import DEFAULT_MAX_PAYLOAD, BrokerSettings
 from hfl.pki import DeviceFiles
 from hfl.topics import DEFAULT_PREFIX, Topics, check_id
 
@@ -138,7 +138,7 @@ class MetricsSection(_Section):
 
 class Config(_Section):
     prefix: str = DEFAULT_PREFIX
-    max_payload: int = Field(default=256 * 1024, ge=4096, le=256 * 1024 * 1024)
+    max_payload: int = Field(default=DEFAULT_MAX_PAYLOAD, ge=4096, le=256 * 1024 * 1024)
     identity: IdentitySection
     broker: BrokerSection = BrokerSection()
     agent: AgentSection | None = None

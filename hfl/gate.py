@@ -36,6 +36,13 @@ SEEN_CAPACITY = 100_000  # (sender, nonce) pairs remembered to drop exact repeat
 PENDING_BYTES = 1 << 30  # incomplete chunked messages held in all, at least
 
 
+def pending_bounds(max_message: int) -> tuple[int, int]:
+    """What incomplete chunked messages may hold (hfl.chunks.reserved), in all and per
+    sender topic. Partials cost only what has arrived of them, so the bounds leave room for
+    every sender's upload at once; one sender holds at most a message and a retry."""
+    return max(16 * max_message, PENDING_BYTES), 2 * max_message
+
+
 class Gate:
     def __init__(self, roster: Roster, topics: Topics, *, identity: Identity | None = None,
                  max_message: int = envelope.DEFAULT_MAX_MESSAGE) -> None:
@@ -46,11 +53,9 @@ class Gate:
         self.counters: Counter[str] = Counter()
         self.rejections: Counter[str] = Counter()
         self._seen: OrderedDict[tuple[str, str], None] = OrderedDict()
-        # Partials are mapped lazily (they cost what has arrived), so the bounds can leave room
-        # for every sender's upload at once; one sender holds at most a message and a retry.
-        self._reassembler = Reassembler(
-            max_message=max_message, max_pending_bytes=max(16 * max_message, PENDING_BYTES),
-            max_key_bytes=2 * max_message)
+        in_all, per_key = pending_bounds(max_message)
+        self._reassembler = Reassembler(max_message=max_message, max_pending_bytes=in_all,
+                                        max_key_bytes=per_key)
         self._evicted = 0  # evictions counted so far
 
     def accept(self, topic: str, payload: bytes, now: float) -> tuple[Envelope, Route] | None:

@@ -82,6 +82,11 @@ class Identity:
                    X25519PrivateKey.generate())
 
     @property
+    def who(self) -> str:
+        """Role and id, as logs and errors name a node: "aggregator site-a"."""
+        return f"{self.role.value} {self.id}"
+
+    @property
     def public_key(self) -> Ed25519PublicKey:
         return self.key.public_key()
 

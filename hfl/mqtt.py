@@ -38,9 +38,19 @@ from hfl import chunks
 log = logging.getLogger("hfl.mqtt")
 
 QOS = 1
+DEFAULT_MAX_PAYLOAD = 256 * 1024  # what a chunk frame (header included) may be
 PACKET_HEADROOM = 1024  # room under the broker's packet limit for header, topic, properties
 _PUBLISH_FIXED = 1 + 4 + 2 + 2 + 4  # type byte, length (<= 4), topic length, packet id, props
 READ_NUDGE_S = 1.0  # how often a quiet TLS connection is read anyway (see _NudgedSSLSocket)
+
+
+def packet_bound(max_payload: int = DEFAULT_MAX_PAYLOAD) -> int:
+    """The broker's Maximum Packet Size a node needs to send chunks of `max_payload` bytes
+    whole: the frame (HFC1 header included) and PACKET_HEADROOM for the PUBLISH header
+    (_PUBLISH_FIXED) and the topic (the prefix + at most 206 bytes with hfl's 64-character
+    ids), with room to spare. Under it the node sends smaller chunks, and retained messages
+    larger than it go in chunks."""
+    return max_payload + PACKET_HEADROOM
 
 
 class _NudgedSSLSocket(ssl.SSLSocket):
@@ -141,7 +151,7 @@ class Session:
     def __init__(self, client_id: str, settings: BrokerSettings, *, inbox: queue.Queue[Inbound],
                  subscriptions: Sequence[str] = (), will: tuple[str, bytes, bool] | None = None,
                  birth: Callable[[], tuple[str, bytes]] | None = None,
-                 clean_start: bool = False, max_payload: int = 256 * 1024,
+                 clean_start: bool = False, max_payload: int = DEFAULT_MAX_PAYLOAD,
                  leave_unacked: bool = False) -> None:
         self.client_id = client_id
         # Retained on every connect, freshly made (receivers drop an exact repeat): after a
@@ -159,6 +169,7 @@ class Session:
              "dropped_callback_errors"), 0)
         self._filters: list[str] = list(dict.fromkeys(subscriptions))
         self._broker_max: int | None = None
+        self._warned_limit: int | None = None
         self._warned_retain = False
         self._cond = threading.Condition()
         self._subacks = _Acks(self._cond)
@@ -310,6 +321,15 @@ class Session:
         self.chunk_limit = self.max_payload
         if broker_max is not None:
             self.chunk_limit = min(self.max_payload, broker_max - PACKET_HEADROOM)
+        need = packet_bound(self.max_payload)
+        if broker_max is not None and broker_max < need and broker_max != self._warned_limit:
+            self._warned_limit = broker_max  # once per limit, not on every reconnect
+            s = self.settings
+            log.warning("%s: broker %s:%s takes packets of at most %d bytes, below the %d "
+                        "that chunks of max_payload %d need: it sends chunks of %d bytes "
+                        "instead (raise the broker's max_packet_size to %d, or lower "
+                        "max_payload)", self.client_id, s.host, s.port, broker_max, need,
+                        self.max_payload, self.chunk_limit, need)
 
     def _send_subscribe(self, filters: list[str]) -> None:
         opts = SubscribeOptions(qos=QOS)

@@ -195,6 +195,8 @@ class Node:
             self.session.flush(timeout)
         finally:
             self.session.stop()
+            if self.durable is not None:
+                self.durable.close()  # lets go of the state folder (a restart may take it)
 
     def dispatch(self, actions: list[Action]) -> None:
         todo = list(actions)

@@ -60,7 +60,7 @@ def serve(node: Node, machine: Machine, *, timeout: float = 30.0,
     Prometheus metrics. Signal handlers are installed only on the main thread (tests serve
     from others and stop through `node.stop_event`)."""
     sd = notifier or Notifier.from_env()
-    who = f"{node.identity.role.value} {node.identity.id}"
+    who = node.identity.who
     metrics = metrics or MetricsSection()
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         log.warning("%s runs as root: give the service its own user (User= in the unit)", who)

@@ -9,10 +9,16 @@ file in WAL mode with `synchronous=FULL`: a `write` of several records is one tr
 durable once it returns, and a crash or a full disk in the middle leaves every record as it
 was before. Any failure to open or write is a `StateError` that names the folder and says
 what to check.
+
+A state folder belongs to one service. Opened with an `owner` ("aggregator site-a"), the
+store holds an exclusive lock on `state.lock` in the folder for as long as it is open (the
+kernel drops it when the process dies, `kill -9` included) and records the owner in the
+database: a second service is refused while the first runs, and a different one even after.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import sqlite3
@@ -33,7 +39,9 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
     key TEXT PRIMARY KEY, doc TEXT NOT NULL, body BLOB NOT NULL, updated REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+LOCK_NAME = "state.lock"
 
 
 class StateError(Exception):
@@ -63,6 +71,27 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
         os.close(dir_fd)
 
 
+def _lock(folder: Path, owner: str) -> int:
+    """An exclusive, non-blocking flock on the folder's lock file, which then names the
+    holder and its pid (for the error another process gets); the descriptor holds it."""
+    fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 256).decode(errors="replace").split()
+            who = " ".join(holder[:-1]) or "another service"
+            pid = f"pid {holder[-1]}, " if len(holder) > 1 else ""
+            raise StateError(f"state folder {folder} belongs to {who} ({pid}running); give "
+                             f"this service ({owner}) its own state_dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{owner} {os.getpid()}\n".encode(), 0)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def unusable(action: str, folder: Path, e: BaseException) -> StateError:
     """The error for a folder that failed us, with what to check."""
     return StateError(f"cannot {action} in {folder}: {e} (check that the service's user may "
@@ -70,26 +99,56 @@ def unusable(action: str, folder: Path, e: BaseException) -> StateError:
 
 
 class StateStore:
-    """Records by key in `folder/name`; `write` is all or nothing."""
+    """Records by key in `folder/name`; `write` is all or nothing.
 
-    def __init__(self, folder: Path, name: str = "state.sqlite") -> None:
+    `owner` (the service's role and id, "aggregator site-a") claims the folder: see the
+    module's docstring. Without one (tests, tools that read a service's state) nothing is
+    locked or checked."""
+
+    def __init__(self, folder: Path, name: str = "state.sqlite", *,
+                 owner: str | None = None) -> None:
         self.folder = Path(folder)
         self.path = self.folder / name
+        self.owner = owner
+        self._lock: int | None = None
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
+            if owner is not None:  # before the database: the folder's owner goes first
+                self._lock = _lock(self.folder, owner)
             self.db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         except (OSError, sqlite3.Error) as e:
+            self._unlock()
             raise unusable("open the state", self.folder, e) from None
         try:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")  # a commit is on disk when it returns
             self.db.executescript(SCHEMA)
+            if owner is not None:
+                self._claim(owner)
         except sqlite3.Error as e:
-            self.db.close()
+            self.close()
             raise unusable("open the state", self.folder, e) from None
+        except StateError:
+            self.close()
+            raise
+
+    def _claim(self, owner: str) -> None:
+        """Record `owner` in a new store; refuse a store another service wrote."""
+        self.db.execute("INSERT OR IGNORE INTO meta VALUES ('owner', ?)", (owner,))
+        (recorded,) = self.db.execute("SELECT value FROM meta WHERE key='owner'").fetchone()
+        if recorded != owner:
+            raise StateError(f"state folder {self.folder} was written by {recorded}; give "
+                             f"this service ({owner}) its own state_dir")
 
     def close(self) -> None:
+        """Close the database and let go of the folder."""
         self.db.close()
+        self._unlock()
+
+    def _unlock(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)  # closing the descriptor releases the flock
+            self._lock = None
 
     def write(self, records: Mapping[str, Record | None]) -> None:
         """Store every record (None deletes its key) in one transaction."""
@@ -165,6 +224,9 @@ class Checkpointer:
 
     def dirty(self) -> bool:
         return bool(self.machine.changed)
+
+    def close(self) -> None:
+        self.store.close()
 
     def save(self) -> None:
         """Write every changed record; on a StateError they stay marked for the next try."""

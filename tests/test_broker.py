@@ -30,10 +30,18 @@ def test_config_raises_queue_limits_and_optional_settings(tmp_path: Path) -> Non
     assert lines[-1] == "# tls goes here"
 
 
-def test_config_without_options_has_no_persistence_or_packet_limit() -> None:
-    conf = mosquitto_config(port=1234)
-    assert "persistence false" in conf.splitlines()
-    assert "max_packet_size" not in conf
+def test_config_bounds_packets_just_above_hfls_chunks_by_default() -> None:
+    lines = mosquitto_config(port=1234).splitlines()
+    assert "persistence false" in lines and not [ln for ln in lines if "autosave" in ln]
+    # A 256 KiB chunk (its HFC1 header included), then the PUBLISH header and topic.
+    assert f"max_packet_size {256 * 1024 + 1024}" in lines
+    assert "max_packet_size" not in mosquitto_config(port=1234, max_packet_size=None)
+
+
+def test_persistence_is_saved_every_second_not_only_on_a_clean_stop(tmp_path: Path) -> None:
+    lines = mosquitto_config(port=1234, persistence_dir=tmp_path).splitlines()
+    assert lines.index("persistence true") < lines.index("autosave_interval 1")
+    assert "autosave_on_changes false" in lines  # by time: a busy broker is not saved per message
 
 
 def test_tls_config_replaces_the_anonymous_listener(tmp_path: Path) -> None:

@@ -9,6 +9,9 @@ re-reads the ACL (applied to connected clients at once) and the CRL.
 from __future__ import annotations
 
 import queue
+import subprocess
+import sys
+import textwrap
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +23,8 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from fleet.acl import ANY, pattern
 from fleet.broker import Broker, BrokerTls
+from fleet.procs import memory_mib
+from hfl.mqtt import DEFAULT_MAX_PAYLOAD, packet_bound
 from hfl.pki import DeviceFiles, Pki
 from hfl.topics import Topics
 
@@ -222,3 +227,67 @@ def test_a_revoked_device_is_cut_off_after_reload(fleet, connect) -> None:
     # ...and the reloaded CRL refuses a new connection.
     assert not connect("a3").connected()
     assert connect("a1").connected()  # others are unaffected
+
+
+# An aggregator's MQTT session (hfl.mqtt) in a process of its own, so that its memory is its
+# own: it says what it received, one line per message.
+NODE = textwrap.dedent("""
+    import queue, sys
+    from pathlib import Path
+    from hfl.mqtt import Session
+    from hfl.pki import DeviceFiles
+    folder, host, port, topic = sys.argv[1:]
+    inbox = queue.Queue()
+    s = Session("site-a", DeviceFiles(Path(folder), "site-a").broker_settings(host, int(port)),
+                inbox=inbox, subscriptions=[topic])
+    s.start()
+    assert s.wait_ready(10)
+    print("ready", s.chunk_limit, flush=True)
+    while True:
+        m = inbox.get()
+        print(m.topic, len(m.payload), flush=True)
+""")
+
+
+def test_an_oversized_publish_is_refused_by_the_broker_and_reaches_no_node(fleet,
+                                                                            connect) -> None:
+    """The generated config bounds packets just above hfl's largest chunk: a 16 MiB publish
+    on an agent's own update topic (which its ACL allows) gets the agent disconnected, and
+    neither the broker nor the aggregator subscribed there holds it."""
+    pki, broker = fleet
+    assert f"max_packet_size {packet_bound()}" in broker.conf_path.read_text().splitlines()
+    node = subprocess.Popen(
+        [sys.executable, "-c", NODE, str(pki.device("site-a").dir), broker.host,
+         str(broker.port), pattern(T.update, "site-a", ANY)],
+        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1])
+    try:
+        assert node.stdout is not None
+        # The broker's limit lets it send its chunks whole.
+        assert node.stdout.readline().split() == ["ready", str(DEFAULT_MAX_PAYLOAD)]
+        watched = {"node": node.pid, "broker": broker.pid}
+        before = {k: memory_mib(pid, "VmHWM") for k, pid in watched.items()}
+        a1 = connect("a1")
+        assert a1.connected()
+        refused: list[ReasonCode] = []
+
+        def on_disconnect(_c, _u, _f, rc: ReasonCode, _p) -> None:
+            refused.append(rc)
+            a1.lost.set()
+
+        a1.c.on_disconnect = on_disconnect
+        a1.c.publish(T.update("site-a", "a1"), bytes(16 << 20), qos=1)
+        assert a1.lost.wait(TIMEOUT), "the broker kept the oversized sender"
+        a1.close()  # before paho reconnects and sends it again
+        again = connect("a1")
+        assert again.connected()
+        assert again.publish(T.update("site-a", "a1"), b"after").value == 0
+        # The first thing the aggregator received is the message after.
+        assert node.stdout.readline().split() == [T.update("site-a", "a1"), "5"]
+        after = {k: memory_mib(pid, "VmHWM") for k, pid in watched.items()}
+    finally:
+        node.kill()
+        node.wait()
+    assert refused  # disconnected (paho sees the connection drop mid-write)
+    assert "Client a1 disconnected due to oversize packet." in broker.log_tail(50)
+    for k in watched:  # neither took the 16 MiB in: their peak memory did not move
+        assert after[k] - before[k] < 2, (k, before[k], after[k])

@@ -6,12 +6,13 @@ import contextlib
 import os
 import random
 import struct
+import tracemalloc
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hfl.chunks import FRAME_OVERHEAD, MAGIC, Reassembler, split
+from hfl.chunks import FRAME_OVERHEAD, MAGIC, Reassembler, reserved, split
 from hfl.errors import Rejected
 
 MID = bytes(range(16))
@@ -135,7 +136,7 @@ def test_fuzz_after_magic_only_rejects(tail: bytes) -> None:
 
 @settings(max_examples=50, deadline=None)
 @given(totals=st.lists(st.integers(100, 50_000), min_size=1, max_size=60),
-       bound=st.integers(50_000, 200_000), max_pending=st.integers(1, 10))
+       bound=st.integers(60_000, 200_000), max_pending=st.integers(1, 10))
 def test_memory_bound_holds_and_evictions_count(totals: list[int], bound: int,
                                                 max_pending: int) -> None:
     r = Reassembler(max_message=1 << 20, max_pending_bytes=bound, max_pending=max_pending)
@@ -155,7 +156,7 @@ def test_evicts_oldest_first() -> None:
     frames = [split(m, 4000, msg_id=bytes([i]) * 16) for i, m in enumerate(msgs)]
     for f in frames:
         r.feed("t", f[0], 0.0)
-    assert r.evicted == 1 and r.pending_bytes == 20_000
+    assert r.evicted == 1 and r.pending_bytes == 2 * reserved(10_000, 3)
     assert feed_all(r, frames[0][1:]) == []  # the first one was evicted: a new partial
     assert [bytes(o) for o in feed_all(r, frames[2][1:])] == [msgs[2]]  # type: ignore[arg-type]
 
@@ -175,8 +176,8 @@ def test_a_sender_flooding_partials_evicts_only_its_own() -> None:
 
 def test_interleaved_uploads_of_many_senders_all_complete() -> None:
     """The whole round arrives at once: each sender's message stays whole however many send."""
-    r = Reassembler(max_message=1 << 20, max_pending_bytes=10 * 50_000,
-                    max_key_bytes=2 * 50_000)
+    r = Reassembler(max_message=1 << 20, max_pending_bytes=10 * reserved(50_000, 10),
+                    max_key_bytes=2 * reserved(50_000, 10))
     msgs = {f"updates/a{i}": os.urandom(50_000) for i in range(10)}
     frames = {k: split(m, 5000, msg_id=os.urandom(16)) for k, m in msgs.items()}
     done = {}
@@ -196,6 +197,26 @@ def test_expire_drops_old_partials() -> None:
     r.feed("t", new[0], 8.0)
     assert r.expire(5.0) == 0
     assert r.expire(15.0) == 1
-    assert r.pending_bytes == 3000
+    assert r.pending_bytes == reserved(3000, 3)
     assert r.expire(100.0) == 1
     assert r.pending_bytes == 0
+
+
+def test_the_bound_counts_what_a_claim_makes_the_receiver_hold() -> None:
+    """A 37-byte frame may claim a message of 1-byte chunks (count == total). Its per-chunk
+    flags were a zeroed bytearray outside the bound: 16 frames claiming 128 MiB each pinned
+    2 GiB of flags for 600 bytes sent. Now they are mapped lazily with the data and both
+    are counted, so the bound holds for everything held."""
+    n = 16 << 20
+    bound = 4 * n
+    r = Reassembler(max_message=n, max_pending_bytes=bound)
+    tracemalloc.start()
+    try:
+        for k in range(8):
+            assert r.feed("t", frame(0, n, n, b"x", msg_id=k.to_bytes(16, "little")), 0.0) is None
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20  # nothing the size of a claim is allocated up front
+    assert r.pending_bytes <= bound
+    assert r.pending_bytes == r.pending * reserved(n, n) >= r.pending * 2 * n  # data + flags

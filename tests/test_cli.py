@@ -97,10 +97,18 @@ def test_pki_broker_config_writes_the_broker_files(tmp_path: Path) -> None:
     conf = (out / "mosquitto.conf").read_text().splitlines()
     assert "listener 8884 0.0.0.0" in conf and "acl_file /opt/mq/acl" in conf
     assert "keyfile /opt/mq/broker.tls.key" in conf and "crlfile /opt/mq/crl.pem" in conf
+    assert f"max_packet_size {256 * 1024 + 1024}" in conf  # hfl's chunks pass, nothing larger
+    assert "persistence_location /var/lib/mosquitto/" in conf and "autosave_interval 1" in conf
     assert "user site-a" in (out / "acl").read_text()
     assert stat.S_IMODE(os.stat(out / "broker.tls.key").st_mode) == 0o600
     assert {p.name for p in out.iterdir()} == {"mosquitto.conf", "acl", "ca.crt", "crl.pem",
                                                "broker.crt", "broker.tls.key"}
+    bigger = runner.invoke(app, ["pki", "broker-config", pki, "--host", "broker.lan", "--out",
+                                 str(out), "--max-packet-size", str(16 << 20),
+                                 "--autosave-interval", "10"])
+    assert bigger.exit_code == 0, bigger.output
+    conf = (out / "mosquitto.conf").read_text().splitlines()
+    assert f"max_packet_size {16 << 20}" in conf and "autosave_interval 10" in conf
 
 
 def test_agent_without_its_section_gets_a_clear_error(tmp_path: Path) -> None:

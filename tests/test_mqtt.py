@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import signal
@@ -67,32 +68,58 @@ def receive_whole(inbox: queue.Queue[Inbound], timeout: float = TIMEOUT) -> byte
 def test_large_payload_is_chunked_and_reassembled(broker: Broker) -> None:
     payload = os.urandom(3 * 1024 * 1024)
     with session(broker, "sub", ["t/big"]) as (_, inbox), session(broker, "pub") as (pub, _):
-        assert pub.chunk_limit == 256 * 1024  # Mosquitto announces no limit by default
+        assert pub.chunk_limit == 256 * 1024  # our brokers take exactly these chunks whole
         pub.publish("t/big", payload)
         assert pub.flush(TIMEOUT)
         assert receive_whole(inbox) == payload
         assert pub.counters["published"] == 13  # 3 MiB in 256 KiB frames, header included
 
 
-def test_large_retained_message_reaches_a_late_subscriber_whole(broker: Broker) -> None:
+def test_large_retained_message_reaches_a_late_subscriber_whole(mosquitto: str,
+                                                               tmp_path: Path) -> None:
     payload = b"HFL1" + os.urandom(1024 * 1024)
-    with session(broker, "pub") as (pub, _):
-        pub.publish("t/retained", payload, retain=True)
-        assert pub.flush(TIMEOUT)
-    with session(broker, "late", ["t/retained"]) as (_, inbox):
-        (msg,) = collect(inbox, 1)
+    with Broker(tmp_path, max_packet_size=2 << 20) as b:  # a broker that takes it whole
+        with session(b, "pub") as (pub, _):
+            pub.publish("t/retained", payload, retain=True)
+            assert pub.flush(TIMEOUT)
+        with session(b, "late", ["t/retained"]) as (_, inbox):
+            (msg,) = collect(inbox, 1)
     assert msg.retain and msg.payload == payload
 
 
-def test_chunk_limit_follows_the_broker_packet_limit(mosquitto: str, tmp_path: Path) -> None:
+def test_chunk_limit_follows_the_broker_packet_limit(mosquitto: str, tmp_path: Path,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
     payload = os.urandom(1024 * 1024)
-    with Broker(tmp_path, max_packet_size=65536) as b, \
+    with caplog.at_level(logging.WARNING, logger="hfl.mqtt"), \
+            Broker(tmp_path, max_packet_size=65536) as b, \
             session(b, "sub", ["t/big"]) as (_, inbox), session(b, "pub") as (pub, _):
         assert pub.chunk_limit < 65536
         pub.publish("t/big", payload)
         assert pub.flush(TIMEOUT)
         assert receive_whole(inbox) == payload
         assert pub.counters["disconnects"] == 0  # nothing oversized was sent
+    # Said once per session, with what to change.
+    said = [r.getMessage() for r in caplog.records if "takes packets of at most" in r.getMessage()]
+    assert len(said) == 2, said
+    assert (f"pub: broker {b.host}:{b.port} takes packets of at most 65536 bytes, below the "
+            f"{mqtt.packet_bound()} that chunks of max_payload 262144 need: it sends chunks "
+            f"of {65536 - mqtt.PACKET_HEADROOM} bytes instead") in said[1]
+
+
+def test_the_packet_bound_covers_a_whole_chunk_on_hfls_longest_topic() -> None:
+    from hfl.topics import Topics
+
+    longest = Topics().round_to("a" * 64, "j" * 64, "b" * 64)
+    packet = mqtt.DEFAULT_MAX_PAYLOAD + mqtt._PUBLISH_FIXED + len(longest.encode())
+    assert packet <= mqtt.packet_bound() < packet + 1024  # it fits, with not much to spare
+
+
+def test_a_broker_with_the_generated_limit_draws_no_warning(
+        broker: Broker, caplog: pytest.LogCaptureFixture) -> None:
+    assert f"max_packet_size {mqtt.packet_bound()}" in broker.conf_path.read_text()
+    with caplog.at_level(logging.WARNING, logger="hfl.mqtt"), session(broker, "pub") as (pub, _):
+        assert pub.chunk_limit == mqtt.DEFAULT_MAX_PAYLOAD
+    assert not [r for r in caplog.records if "takes packets" in r.getMessage()]
 
 
 def test_a_quiet_tls_socket_is_offered_for_reading_once_per_interval(
@@ -112,6 +139,28 @@ def test_a_quiet_tls_socket_is_offered_for_reading_once_per_interval(
         assert tls.pending() == 0
         clock[0] += mqtt.READ_NUDGE_S / 2
         assert tls.pending() == 1
+
+
+def test_a_broker_killed_with_kill_9_keeps_sessions_and_queued_messages(
+        mosquitto: str, tmp_path: Path) -> None:
+    """Mosquitto saves its persistence database when it stops cleanly and, with autosave,
+    every few seconds: a kill -9 now loses at most the last of those seconds."""
+    with Broker(tmp_path, persistence=True) as b:
+        with session(b, "agent-1", ["q/tasks"]):
+            pass  # a persistent session, then away
+        with session(b, "pub") as (pub, _):
+            pub.publish("q/tasks", b"queued while away")
+            assert pub.flush(TIMEOUT)
+        queued = time.time()
+        db = tmp_path / "data" / "mosquitto.db"
+        deadline = time.monotonic() + 5  # autosave_interval 1: saved within ~2 s
+        while not (db.exists() and db.stat().st_mtime > queued) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        b.kill()  # no save on the way out
+        b.start()
+        with session(b, "agent-1", ["q/tasks"]) as (_, inbox):
+            got = collect(inbox, 1)
+    assert [m.payload for m in got] == [b"queued while away"]
 
 
 def test_subscribe_after_connect(broker: Broker) -> None:

@@ -3,6 +3,7 @@ on a folder that cannot be used and on a disk that fills up."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -82,23 +83,113 @@ def test_write_atomic_replaces_whole_or_not_at_all(tmp_path: Path) -> None:
     assert path.read_bytes() == b"new" and path.stat().st_mode & 0o777 == 0o600
 
 
-@pytest.mark.parametrize(("role", "what"), [("aggregator", "the state"),
-                                            ("coordinator", "the model registry")])
-def test_a_service_whose_state_dir_is_unusable_stops_with_a_clear_error(
-        tmp_path: Path, role: str, what: str) -> None:
+def run_service(tmp_path: Path, role: str, state_dir: Path):
+    """`hfl ROLE run` in-process with `state_dir`, for an identity issued for it."""
     from typer.testing import CliRunner
 
     from fleet.cli import app
     from hfl.pki import Pki
 
-    pki = Pki.init(tmp_path / "pki")
     name = "site-a" if role == "aggregator" else "coordinator"
-    pki.issue(name, role)
-    (tmp_path / "taken").write_text("a file where the state folder should be")
-    cfg = tmp_path / "svc.toml"
+    if (tmp_path / "pki").exists():
+        pki = Pki(tmp_path / "pki")
+    else:
+        pki = Pki.init(tmp_path / "pki")
+        pki.issue(name, role)
+    cfg = tmp_path / f"{role}.toml"
     cfg.write_text(f'[identity]\nid = "{name}"\ndir = "{pki.device(name).dir}"\n'
-                   f'[{role}]\nstate_dir = "{tmp_path / "taken"}"\n')
-    res = CliRunner().invoke(app, [role, "run", "-c", str(cfg)])
+                   f'[{role}]\nstate_dir = "{state_dir}"\n')
+    return CliRunner().invoke(app, [role, "run", "-c", str(cfg)])
+
+
+@pytest.mark.parametrize("role", ["aggregator", "coordinator"])
+def test_a_service_whose_state_dir_is_unusable_stops_with_a_clear_error(
+        tmp_path: Path, role: str) -> None:
+    (tmp_path / "taken").write_text("a file where the state folder should be")
+    res = run_service(tmp_path, role, tmp_path / "taken")
     assert res.exit_code == 1
-    assert f"cannot open {what} in {tmp_path / 'taken'}" in res.output
+    # The state is opened first (it claims the folder), before the coordinator's registry.
+    assert f"cannot open the state in {tmp_path / 'taken'}" in res.output
     assert "may write there" in res.output
+
+
+# A service's process holding its state folder until it is killed.
+HOLDER = textwrap.dedent("""
+    import sys, time
+    from hfl.state import StateStore
+    store = StateStore(sys.argv[1], owner=sys.argv[2])
+    store.write({"job/j": ({"v": 1}, {})})
+    print("holding", flush=True)
+    time.sleep(60)
+""")
+
+
+def hold(folder: Path, owner: str) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(folder), owner],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline() == "holding\n"
+    return proc
+
+
+def test_a_state_folder_belongs_to_one_service(tmp_path: Path) -> None:
+    first = StateStore(tmp_path, owner="aggregator site-a")
+    with pytest.raises(StateError, match=rf"state folder {tmp_path} belongs to aggregator "
+                       rf"site-a \(pid {os.getpid()}, running\); give this service "
+                       r"\(coordinator coordinator\) its own state_dir"):
+        StateStore(tmp_path, owner="coordinator coordinator")
+    with pytest.raises(StateError, match="belongs to aggregator site-a"):
+        StateStore(tmp_path, owner="aggregator site-a")  # the same service, twice at once
+    first.close()
+    with pytest.raises(StateError, match=rf"state folder {tmp_path} was written by aggregator "
+                       r"site-a; give this service \(coordinator coordinator\) its own"):
+        StateStore(tmp_path, owner="coordinator coordinator")
+    StateStore(tmp_path, owner="aggregator site-a").close()  # its owner, once more
+    StateStore(tmp_path).close()  # a reader (hfl's tools, tests) claims nothing
+
+
+def test_a_killed_service_gets_its_folder_back_and_no_other_does(tmp_path: Path) -> None:
+    proc = hold(tmp_path, "aggregator site-a")
+    try:
+        with pytest.raises(StateError, match=f"belongs to aggregator site-a "
+                           rf"\(pid {proc.pid}, running\)"):
+            StateStore(tmp_path, owner="aggregator site-b")
+    finally:
+        proc.kill()  # kill -9: the kernel drops its lock
+        proc.wait()
+    with pytest.raises(StateError, match="was written by aggregator site-a; give this service "
+                       r"\(aggregator site-b\)"):
+        StateStore(tmp_path, owner="aggregator site-b")
+    again = StateStore(tmp_path, owner="aggregator site-a")
+    assert again.read()["job/j"][0] == {"v": 1}
+    again.close()
+
+
+@pytest.mark.parametrize("role", ["aggregator", "coordinator"])
+def test_a_service_given_another_services_state_folder_stops_with_its_name(
+        tmp_path: Path, role: str) -> None:
+    """Two services whose configs name one folder (as the examples once did): the second
+    to start exits 1 naming the first, running or not."""
+    other = "coordinator coordinator" if role == "aggregator" else "aggregator site-a"
+    proc = hold(tmp_path / "state", other)
+    try:
+        res = run_service(tmp_path, role, tmp_path / "state")
+    finally:
+        proc.kill()
+        proc.wait()
+    assert res.exit_code == 1
+    assert (f"state folder {tmp_path / 'state'} belongs to {other} (pid {proc.pid}, running)"
+            in " ".join(res.output.split()))
+    res = run_service(tmp_path, role, tmp_path / "state")
+    assert res.exit_code == 1
+    assert (f"state folder {tmp_path / 'state'} was written by {other}; give this service"
+            in " ".join(res.output.split()))
+
+
+def test_the_example_services_have_state_folders_of_their_own() -> None:
+    from hfl.config import load_config
+
+    services = Path(__file__).resolve().parents[1] / "examples" / "services"
+    agg = load_config(services / "aggregator.toml").aggregator
+    coord = load_config(services / "coordinator.toml").coordinator
+    assert agg is not None and coord is not None
+    assert agg.state_dir.resolve() != coord.state_dir.resolve()

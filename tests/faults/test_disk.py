@@ -129,5 +129,5 @@ def test_a_read_only_state_directory_stops_the_service_with_a_clear_error(
             fleet.close()
     assert code == 1
     log = fleet.log(role)
-    assert f"Error: cannot open the {'state' if role == 'site-a' else 'model registry'} in" in log
+    assert "Error: cannot open the state in" in log  # the coordinator's too: it goes first
     assert "Traceback" not in log
