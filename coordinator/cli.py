@@ -10,7 +10,6 @@ import typer
 from rich.table import Table
 
 from coordinator.registry import Registry
-from coordinator.runner import coordinator_node
 from hfl.cli import (
     ConfigOption,
     VerboseOption,
@@ -19,10 +18,10 @@ from hfl.cli import (
     setup_logging,
     table_console,
 )
+from hfl.errors import TaskError
 from hfl.messages import Role, evaluation_text
 from hfl.service import serve
 from hfl.state import StateError
-from hfl.task import TaskError
 
 app = typer.Typer(help="The coordinator: turn app requests into jobs, average partials, "
                   "publish model versions.", no_args_is_help=True)
@@ -34,6 +33,8 @@ def run(config: ConfigOption, verbose: VerboseOption = False) -> None:
     setup_logging(verbose)
     cfg, identity, roster, feed = open_config(config, Role.COORDINATOR, "coordinator")
     assert cfg.coordinator is not None
+    from coordinator.runner import coordinator_node  # torch and onnx: only to serve
+
     try:
         tasks = cfg.coordinator.task_set()
         node, machine, registry = coordinator_node(identity, roster, cfg.broker_settings(),

@@ -36,6 +36,7 @@ from hfl.messages import (
     ModelSpec,
     Origin,
     PartialMeta,
+    ReplyMeta,
     Role,
     TaskMeta,
     expect_tensor,
@@ -43,7 +44,7 @@ from hfl.messages import (
     parse_meta,
 )
 from hfl.state import Record
-from hfl.topics import Route, Topics
+from hfl.topics import ID_MAX, Route, Topics
 
 if TYPE_CHECKING:
     from hfl.envelope import Envelope
@@ -97,6 +98,7 @@ class Job:
     history: list[dict[str, Any]] = field(default_factory=list)
     budget: Budget | None = None  # DP jobs
     velocity: np.ndarray | None = None  # server momentum
+    requested: dict[str, Any] = field(default_factory=dict)  # the spec as the app asked
 
     @property
     def num_params(self) -> int:
@@ -108,7 +110,7 @@ class Job:
                "failures": self.failures, "declined": self.declined, "agents": self.agents,
                "dropped": self.dropped,
                "deadline": self.deadline, "state": self.state, "reason": self.reason,
-               "best_loss": self.best_loss,
+               "best_loss": self.best_loss, "requested": self.requested,
                "since_best": self.since_best, "history": self.history,
                "ledger": self.budget.ledger.to_doc() if self.budget else None, "acc": None}
         arrays = {"params": self.params}
@@ -139,8 +141,10 @@ class CoordinatorMachine:
         topics: Topics,
         sign: Callable[[str, int, np.ndarray], Origin],
         group: Callable[[str], list[str]],
+        taken: Callable[[str], bool] = lambda job: False,
     ) -> None:
         self.aggregators = aggregators  # the enrolled aggregators (the roster may change)
+        self.taken = taken  # a job id the registry has from an earlier job
         self.group = group  # an aggregator's enrolled agents, for privacy accounting
         self.prepare = prepare
         self.sign = sign  # our signature on a model version, which agents check
@@ -149,14 +153,14 @@ class CoordinatorMachine:
         self.changed: set[str] = set()  # records to save before anything goes out
 
     @classmethod
-    def of(cls, identity: Identity, roster: Roster, topics: Topics,
-           prepare: Prepare) -> CoordinatorMachine:
+    def of(cls, identity: Identity, roster: Roster, topics: Topics, prepare: Prepare,
+           taken: Callable[[str], bool] = lambda job: False) -> CoordinatorMachine:
         """The coordinator `identity`: its aggregators and their agents are `roster`'s (as it
         changes), and it signs each model version with its own key."""
         return cls(lambda: roster.by_role(Role.AGGREGATOR), prepare, topics,
                    lambda job, version, params: Origin.sign(identity.id, identity.key, job,
                                                             version, params),
-                   roster.group)
+                   roster.group, taken)
 
     # ------------------------------------------------------------------ events
 
@@ -187,14 +191,35 @@ class CoordinatorMachine:
         return out
 
     def _request(self, env: Envelope, route: Route, now: float) -> list[Action]:
-        req = parse_meta(ModelRequest, env.meta, reason="bad-request")
+        """Start a job per model; answer the app either way (its replies topic).
+
+        A job id (`{request_id}-{model}`) names one job for ever: the same app sending the
+        same request again gets the running job back (an idempotent repeat); any other use
+        of a taken id — another app, another spec, a job from an earlier run kept in the
+        registry — is refused, never merged. A job that failed before its first block may
+        be asked for again by its app."""
+        try:
+            req = parse_meta(ModelRequest, env.meta, reason="bad-request")
+        except Rejected as r:
+            rid = env.meta.get("request_id")
+            rid = rid if isinstance(rid, str) and len(rid) <= ID_MAX else ""
+            raise Rejected(r.reason, r.detail,
+                           answer=[self._reply(route.app, rid, refused={"": r.detail})]) from None
         out: list[Action] = []
+        accepted, refused = [], {}
         known = set(self.aggregators())
         for spec in req.models:
             jid = job_id(req.request_id, spec.name)
-            if jid in self.jobs:
-                out.append(Note("duplicate", {"job": jid}))
+            why = self._taken(jid, route.app, spec)
+            if why == "repeat":
+                accepted.append(jid)
+                out += [Note("duplicate", {"job": jid}), self._status(self.jobs[jid])]
                 continue
+            if why:
+                refused[spec.name] = why
+                out.append(Note("request_refused", {"job": jid, "app": route.app, "why": why}))
+                continue
+            requested = spec.model_dump(mode="json")
             unknown = [a for a in spec.aggregators if a not in known]
             budget = None
             try:
@@ -206,20 +231,47 @@ class CoordinatorMachine:
                     spec = budget.spec  # with the noise multiplier resolved
                 params = np.ascontiguousarray(params, dtype=np.float32)
             except ValueError as e:
-                job = Job(jid, route.app, spec, np.zeros(1, np.float32))
+                job = Job(jid, route.app, spec, np.zeros(1, np.float32), requested=requested)
                 self.jobs[jid] = job
                 self.changed.add(f"job/{jid}")
                 out += self._end(job, "failed", str(e))
+                refused[spec.name] = str(e)[:500]
                 continue
-            job = Job(jid, route.app, spec, params, budget=budget)
+            job = Job(jid, route.app, spec, params, budget=budget, requested=requested)
             self.jobs[jid] = job
             self.changed.add(f"job/{jid}")
+            accepted.append(jid)
             out.append(Note("job_started", {"job": jid, "app": route.app, "model": spec.name,
                                             "params": job.num_params}))
             out += self._start_block(job, now)
             if job.state == "running":
                 out.append(self._status(job))
-        return out
+        return [*out, self._reply(route.app, req.request_id, accepted, refused)]
+
+    def _taken(self, jid: str, app: str, spec: ModelSpec) -> str:
+        """'' when `jid` is free for this request, 'repeat' when it is this very request
+        again, else why it cannot be used."""
+        job = self.jobs.get(jid)
+        if job is None:
+            if self.taken(jid):
+                return (f"job id {jid} belongs to an earlier job in the model registry: "
+                        "choose another request_id")
+            return ""
+        if job.app != app:
+            return f"job id {jid} belongs to another app: choose another request_id"
+        if job.state == "failed" and job.version == 0:
+            return ""  # it never started: the app may try again
+        if job.requested == spec.model_dump(mode="json"):
+            return "repeat"
+        return (f"job id {jid} is taken by an earlier request of yours with another spec: "
+                "choose another request_id")
+
+    def _reply(self, app: str, request_id: str, accepted: list[str] | None = None,
+               refused: dict[str, str] | None = None) -> Send:
+        meta = ReplyMeta(request_id=request_id, accepted=accepted or [],
+                         refused={k: v[:500] for k, v in (refused or {}).items()})
+        return Send(Kind.REPLY, self.topics.replies(app), "", 0, "reply",
+                    meta.model_dump(mode="json"))
 
     def _partial(self, env: Envelope, now: float) -> list[Action]:
         job = self.jobs.get(env.job)
@@ -276,6 +328,7 @@ class CoordinatorMachine:
                       deadline=doc["deadline"], state=doc["state"], reason=doc["reason"],
                       best_loss=doc["best_loss"],
                       since_best=doc["since_best"], history=doc["history"],
+                      requested=doc.get("requested", {}),
                       velocity=arrays.get("velocity"))
             if doc["acc"] is not None:
                 job.acc = WeightedSum.restore(doc["acc"], arrays["acc"], spec.metrics)

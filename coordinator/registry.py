@@ -69,6 +69,11 @@ class Registry:
 
     def save_version(self, job: str, model: str, version: int, state: Mapping[str, np.ndarray],
                      onnx: bytes, metrics: dict) -> VersionRecord:
+        """Store a version once: a version already stored is never written over (the
+        coordinator gives each job id to one job only), and its record is returned."""
+        stored = self.versions(job, version)
+        if stored:
+            return stored[0]
         folder = self.root / "models" / model
         folder.mkdir(parents=True, exist_ok=True)
         st_path = folder / f"{job}-v{version}.safetensors"
@@ -78,7 +83,7 @@ class Registry:
         rec = VersionRecord(job, version, model, st_path, onnx_path, metrics, time.time())
         with self.db:
             self.db.execute(
-                "INSERT OR REPLACE INTO versions VALUES (?,?,?,?,?,?,?)",
+                "INSERT INTO versions VALUES (?,?,?,?,?,?,?)",
                 (job, version, model, str(st_path), str(onnx_path), json.dumps(metrics),
                  rec.created),
             )
@@ -92,10 +97,14 @@ class Registry:
         rows = self._jobs(" WHERE job=?", (job,))
         return rows[0] if rows else None
 
-    def versions(self, job: str | None = None) -> list[VersionRecord]:
+    def versions(self, job: str | None = None, version: int | None = None,
+                 ) -> list[VersionRecord]:
+        """Every version (of `job`; only `version` of it when given), by job and version."""
         q = "SELECT job, version, model, safetensors, onnx, metrics, created FROM versions"
-        rows = self.db.execute(q + (" WHERE job=?" if job else "") + " ORDER BY job, version",
-                               (job,) if job else ()).fetchall()
+        where = [c for c, v in (("job=?", job), ("version=?", version)) if v is not None]
+        args = tuple(v for v in (job, version) if v is not None)
+        rows = self.db.execute(q + (" WHERE " + " AND ".join(where) if where else "")
+                               + " ORDER BY job, version", args).fetchall()
         return [VersionRecord(j, v, m, Path(s), Path(o), json.loads(x), c)
                 for j, v, m, s, o, x, c in rows]
 

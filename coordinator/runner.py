@@ -117,7 +117,6 @@ def coordinator_node(
 ) -> tuple[Node, CoordinatorMachine, Registry]:
     """Wire the coordinator, with the tasks jobs may use; it resumes the jobs saved in
     `state_dir` (StateError when that folder cannot be used or belongs to another service)."""
-    machine = CoordinatorMachine.of(identity, roster, topics, job_preparer(tasks))
     # The store first: it claims the whole folder, registry included.
     store = StateStore(Path(state_dir), owner=identity.who)
     try:
@@ -125,6 +124,8 @@ def coordinator_node(
     except StateError:
         store.close()
         raise
+    machine = CoordinatorMachine.of(identity, roster, topics, job_preparer(tasks),
+                                    taken=lambda job: registry.job(job) is not None)
     durable = Checkpointer(machine, store,
                            resume=lambda now: pub.unpublished(machine.resume(now)))
     if durable.load():

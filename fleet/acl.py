@@ -55,9 +55,9 @@ def permissions(m: Member, t: Topics) -> tuple[list[str], list[str]]:
         return ([pattern(t.app_requests, ANY), pattern(t.partials, ANY),
                  pattern(t.status, ANY, ANY)],
                 [pattern(t.job, ANY), pattern(t.model, ANY), t.roster(), pattern(t.tasks, ANY),
-                 *own])
+                 pattern(t.replies, ANY), *own])
     if m.role is Role.APP:
-        return ([pattern(t.job, ANY), pattern(t.model, ANY), t.roster()],
+        return ([pattern(t.job, ANY), pattern(t.model, ANY), t.roster(), t.replies(m.id)],
                 [t.app_requests(m.id), *own])
     if m.role is Role.OBSERVER:
         return [f"{t.prefix}/#"], own

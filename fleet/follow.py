@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from hfl.app import App, JobStatus, ModelVersion
+from hfl.app import App, JobStatus, ModelVersion, RequestReply
 from hfl.messages import ModelMeta
 from hfl.task import Evaluation, Samples, Task
 from hfl.tasks import TaskSet
@@ -58,9 +58,12 @@ class Outcome:
     rows: list[RoundRow]
     status: dict[str, JobStatus]
     latest: dict[str, ModelVersion]
+    refused: dict[str, str] = field(default_factory=dict)  # job → why the coordinator refused
 
     def finished(self, job: str) -> bool:
-        """The job's final status came, and with it every version it announced."""
+        """The job was refused, or its final status came with every version it announced."""
+        if job in self.refused:
+            return True
         st = self.status.get(job)
         got = self.latest[job].meta.version if job in self.latest else 0
         return st is not None and st.finished and got >= st.meta.version
@@ -80,6 +83,12 @@ def follow(
     for event in app.events(timeout):
         if isinstance(event, JobStatus) and event.meta.job in jobs:
             out.status[event.meta.job] = event
+        elif isinstance(event, RequestReply):
+            for job in jobs:  # `{request_id}-{model}`: the refusal names the model
+                model = job.removeprefix(f"{event.meta.request_id}-")
+                why = event.meta.refused.get(model) or event.meta.refused.get("")
+                if why and job not in event.meta.accepted:
+                    out.refused[job] = why
         elif isinstance(event, ModelVersion) and event.meta.job in jobs:
             held_out = None
             if tasks is not None and test is not None and len(test):

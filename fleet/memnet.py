@@ -122,7 +122,7 @@ class MemNet:
             actions = peer.machine.handle(env, route, self.now)  # type: ignore[attr-defined]
         except Rejected as r:
             peer.gate.reject(r, topic)
-            return
+            actions = r.answer
         self._act(peer, actions)
 
     def _act(self, peer: Peer, actions: list) -> None:

@@ -29,6 +29,7 @@ rounds = 12
 from __future__ import annotations
 
 import math
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -195,10 +196,12 @@ def run(cfg: SimConfig, workdir: Path,
     spec = cfg.spec(aggregator_ids(cfg.fleet.aggregators))
     task = cfg.task(tasks)
     groups, held_out = fleet_data(cfg, task)
+    # A fresh job id per run: a folder's registry keeps every run's versions, and no two
+    # jobs share an id (the seed, not the id, makes a run reproducible).
+    request_id = f"sim-s{cfg.seed}-{secrets.token_hex(3)}"
     if cfg.fleet.network == "memory":
         mem = MemFleet(FleetLayout(groups, apps=(APP,)), tasks, device=cfg.fleet.device)
-        done = mem.run(spec, f"sim-seed{cfg.seed}", held_out, timeout_s=cfg.timeout,
-                       on_row=on_row)
+        done = mem.run(spec, request_id, held_out, timeout_s=cfg.timeout, on_row=on_row)
         return (Outcome(done.rows, {done.status.job: JobStatus(done.status)}, {}), mem,
                 time.monotonic() - t0)
     fleet = InProcessFleet(FleetLayout(groups, apps=(APP,)), workdir, tasks, tls=cfg.fleet.tls,
@@ -208,8 +211,7 @@ def run(cfg: SimConfig, workdir: Path,
         fleet.start()
         app = fleet.app(APP, models=[MODEL_NAME])
         app.start()
-        req = ModelRequest(request_id=f"sim-seed{cfg.seed}",  # reproducible runs
-                           models=[spec])
+        req = ModelRequest(request_id=request_id, models=[spec])
         outcome = follow(app, app.request(req), tasks, held_out, cfg.timeout, on_row=on_row)
     finally:
         if app is not None:
@@ -222,7 +224,8 @@ def summary(cfg: SimConfig, outcome: Outcome, fleet: InProcessFleet | MemFleet,
             seconds: float) -> dict:
     """The `--report` document."""
     spec = cfg.spec(sorted(fleet.layout.groups))
-    last = fleet.versions[-1] if fleet.versions else None
+    ours = [v for v in fleet.versions if v.job in outcome.status or v.job in outcome.refused]
+    last = ours[-1] if ours else None  # this run's newest: the folder may hold earlier runs
     return {
         "task": spec.task,
         "rounds": [
@@ -237,8 +240,9 @@ def summary(cfg: SimConfig, outcome: Outcome, fleet: InProcessFleet | MemFleet,
         "onnx": str(last.onnx) if last else None,
         "safetensors": str(last.safetensors) if last else None,
         "seconds": round(seconds, 2),
-        "jobs": {j: {"state": s.meta.state, "reason": s.meta.reason}
-                 for j, s in outcome.status.items()},
+        "jobs": {**{j: {"state": s.meta.state, "reason": s.meta.reason}
+                    for j, s in outcome.status.items()},
+                 **{j: {"state": "refused", "reason": why} for j, why in outcome.refused.items()}},
         "rejections": fleet.rejections(),
     }
 

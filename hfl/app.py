@@ -43,6 +43,7 @@ from hfl.messages import (
     ModelRequest,
     ModelSpec,
     PrivacySpec,
+    ReplyMeta,
     Role,
     SecureSpec,
     parse_meta,
@@ -186,7 +187,15 @@ class JobStatus:
         return self.meta.state != "running"
 
 
-Event = ModelVersion | JobStatus
+@dataclass(frozen=True)
+class RequestReply:
+    """The coordinator's answer to one of our requests: the jobs it runs for it, and each
+    model it refused with the reason ('' for the whole request)."""
+
+    meta: ReplyMeta
+
+
+Event = ModelVersion | JobStatus | RequestReply
 
 _sessions: dict[int, object] = {}
 
@@ -227,6 +236,8 @@ class AppMachine:
             job = parse_meta(JobMeta, env.meta)
             self.jobs[job.job] = job
             self.events.append(JobStatus(job))
+        elif env.type == Kind.REPLY.value:
+            self.events.append(RequestReply(parse_meta(ReplyMeta, env.meta)))
         return []
 
     def tick(self, now: float) -> list[Action]:
@@ -251,8 +262,8 @@ class AppWire:
     Subscribe to `subscriptions(...)`, publish `request(...)`'s (topic, payload) with QoS 1,
     and pass every message received to `feed`: it reassembles chunks, checks the signature
     against the roster, opens what is sealed for this app, follows roster updates and
-    returns the new model versions and job updates. Nothing a peer sends raises: refusals
-    are counted in `rejections`."""
+    returns the new model versions, job updates and replies to its requests. Nothing a peer
+    sends raises: refusals are counted in `rejections`."""
 
     def __init__(self, identity: Identity, roster: Roster, topics: Topics | None = None,
                  feed: RosterFeed | None = None) -> None:
@@ -281,8 +292,8 @@ class AppWire:
 
     def subscriptions(self, models: list[str], jobs: list[str] | None = None) -> list[str]:
         """The topic filters to subscribe to: these models, the jobs (all when None), the
-        roster."""
-        return self.topics.app_filters(models, jobs)
+        roster and the coordinator's replies to this app."""
+        return self.topics.app_filters(models, jobs, self.identity.id)
 
     def request(self, *models: ModelSpec | Mapping[str, Any] | ModelRequest,
                 request_id: str | None = None, **spec: Any) -> tuple[str, bytes, list[str]]:
@@ -314,7 +325,7 @@ class App:
         self.roster = roster
         self.subscribed = list(models)
         self.node = Node(identity, roster, settings, self.topics,
-                         self.topics.app_filters(models, jobs), feed=feed)
+                         self.topics.app_filters(models, jobs, identity.id), feed=feed)
         self.machine = AppMachine()
 
     @classmethod
@@ -349,8 +360,8 @@ class App:
         return req.job_ids()
 
     def events(self, timeout: float | None = None) -> Iterator[Event]:
-        """Model versions and job updates as they arrive, until `timeout` seconds pass
-        (None: for ever)."""
+        """Model versions, job updates and replies to our requests as they arrive, until
+        `timeout` seconds pass (None: for ever)."""
         end = None if timeout is None else time.monotonic() + timeout
         while end is None or time.monotonic() < end:
             while self.machine.events:

@@ -104,7 +104,8 @@ class Gate:
                 handle: Callable[[Envelope, Route], T]) -> T | None:
         """The one way a received message reaches its reader: accepted (verified, opened),
         then a signed roster to `feed` and anything else to `handle`; a message either of
-        them refuses is counted by its reason. Returns what `handle` returned, else None."""
+        them refuses is counted by its reason. Returns what `handle` returned, or the
+        refusal's answer (a list of actions), else None."""
         accepted = self.accept(topic, payload, now)
         if accepted is None:
             return None
@@ -116,6 +117,8 @@ class Gate:
                 feed.on_message(env)
         except Rejected as r:
             self.reject(r, f"{env.type} from {env.sender}")
+            if r.answer:
+                return r.answer  # type: ignore[return-value]
         return None
 
     def reject(self, r: Rejected, where: str) -> None:

@@ -42,6 +42,7 @@ class Role(str, Enum):
 
 class Kind(str, Enum):
     REQUEST = "request"
+    REPLY = "reply"
     JOB = "job"
     MODEL = "model"
     TASK = "task"
@@ -69,6 +70,7 @@ NODES = _by(Role.COORDINATOR, Role.AGGREGATOR, Role.AGENT)  # the services (hfl.
 
 VOCABULARY: dict[Kind, Link] = {
     Kind.REQUEST: Link(_by(Role.APP), ("requests",), retained=False),
+    Kind.REPLY: Link(_by(Role.COORDINATOR), ("replies",), retained=False),
     Kind.JOB: Link(_by(Role.COORDINATOR), ("job",), retained=True),
     Kind.MODEL: Link(_by(Role.COORDINATOR), ("model",), retained=True),
     Kind.TASK: Link(_by(Role.COORDINATOR), ("tasks",), retained=False),
@@ -144,6 +146,10 @@ class SecureSpec(_Strict):
     weight_cap: float = Field(default=1000.0, gt=0, description="samples of full weight")
     stage_timeout_s: float = Field(default=15.0, gt=0, le=3600,
                                    description="deadline of each key-exchange stage")
+    small_groups: Literal["skip", "plain"] = Field(
+        default="skip", description="a round that finds fewer than 3 agents (SecAgg+ hides "
+        "no one in a group of two): skip the site for the block (it reports why), or plain: "
+        "aggregate that round in the clear (the aggregator then sees each update)")
 
 
 class PrivacySpec(_Strict):
@@ -302,6 +308,19 @@ class ModelRequest(_Strict):
 
 def job_id(request_id: str, model: str) -> str:
     return check_id(f"{request_id}-{model}", "job")
+
+
+class ReplyMeta(_Strict):
+    """coordinator → the app that sent a request (on its replies topic): what became of it.
+    Every request is answered, a malformed one too."""
+
+    request_id: str = Field(max_length=ID_MAX, description="as the request said ('' when it "
+                            "could not be read)")
+    accepted: list[str] = Field(default_factory=list, max_length=16,
+                                description="job ids started, or already running for this "
+                                "very request (a repeat)")
+    refused: dict[str, str] = Field(default_factory=dict, max_length=17, description="model "
+                                    "name ('' for the whole request) → why it was refused")
 
 
 # ---------------------------------------------------------------- per-kind meta

@@ -49,6 +49,11 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 
+from hfl.errors import TaskError
+
+__all__ = ["API_VERSION", "DataError", "Evaluation", "Fit", "Metric", "NoData", "Round",
+           "Samples", "Source", "Task", "TaskError", "check_metrics"]
+
 API_VERSION = 1
 
 
@@ -63,10 +68,6 @@ class DataError(ValueError):
 
 class NoData(DataError):
     """A source that is readable but holds nothing to train on yet (an empty window)."""
-
-
-class TaskError(ValueError):
-    """A task that cannot be used as declared (bad options, a broken model or layout)."""
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,9 @@ class Topics:
     def app_requests(self, app: str) -> str:
         return f"{self.prefix}/apps/{check_id(app, 'app')}/requests"
 
+    def replies(self, app: str) -> str:
+        return f"{self.prefix}/apps/{check_id(app, 'app')}/replies"
+
     def job(self, job: str) -> str:
         return f"{self.prefix}/coord/jobs/{check_id(job, 'job')}"
 
@@ -105,8 +108,11 @@ class Topics:
         rounds = f"{self.prefix}/agg/{check_id(agg, 'aggregator')}/rounds/+"
         return [rounds, f"{rounds}/{check_id(agent, 'agent')}", self.roster()]
 
-    def app_filters(self, models: list[str], jobs: list[str] | None = None) -> list[str]:
-        out = [self.model(m) for m in models]
+    def app_filters(self, models: list[str], jobs: list[str] | None = None,
+                    app: str | None = None) -> list[str]:
+        """An app's: its models, the jobs (all when None), the roster, and with its id, the
+        coordinator's replies to its requests."""
+        out = [self.model(m) for m in models] + ([self.replies(app)] if app else [])
         out += [self.job(j) for j in jobs] if jobs is not None else [f"{self.prefix}/coord/jobs/+"]
         return [*out, self.roster()]
 
@@ -136,6 +142,8 @@ def _match(p: list[str]) -> Route | None:
     n = len(p)
     if n == 3 and p[0] == "apps" and p[2] == "requests":
         return Route("requests", app=p[1])
+    if n == 3 and p[0] == "apps" and p[2] == "replies":
+        return Route("replies", app=p[1])
     if n == 2 and p == ["coord", "roster"]:
         return Route("roster")
     if n == 3 and p[:2] == ["coord", "jobs"]:

@@ -183,6 +183,7 @@ def test_wire_request_is_a_signed_request_on_the_apps_topic(fleet) -> None:
     assert e.value.problems == [("aggregators", "not enrolled: site-z (enrolled aggregators: "
                                                 "site-a)")]
     assert wire.subscriptions(["digits"]) == ["hfl/v1/coord/models/digits",
+                                              "hfl/v1/apps/app/replies",
                                               "hfl/v1/coord/jobs/+", "hfl/v1/coord/roster"]
 
 

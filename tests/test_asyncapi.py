@@ -201,11 +201,13 @@ def test_senders_and_retained_flags_are_the_vocabulary(doc) -> None:
 
 
 def _filters(role: Role) -> list[str]:
-    """What a role subscribes to, from Topics.<role>_filters (every role has one)."""
+    """What a role subscribes to, from Topics.<role>_filters (every role has one), with
+    every id it can be given (an app's own replies come with its id)."""
     fn = getattr(Topics(), f"{role.value}_filters")
-    args = [["m"] if p.annotation.startswith("list") else SAMPLE[p.name]
-            for p in inspect.signature(fn).parameters.values() if p.default is p.empty]
-    return fn(*args)
+    args = {p.name: ["m"] if p.annotation.startswith("list") else SAMPLE[p.name]
+            for p in inspect.signature(fn).parameters.values()
+            if p.default is p.empty or p.name in SAMPLE}
+    return fn(**args)
 
 
 def test_receive_operations_are_each_roles_subscriptions(doc) -> None:

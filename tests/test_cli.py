@@ -177,6 +177,19 @@ def test_simulate_runs_a_config(mosquitto: str, tmp_path: Path) -> None:
     assert doc["security"] == {"tls": False, "secagg": False} and doc["network"] == "mqtt"
     assert doc["rounds"][-1]["accuracy"] > 0.6  # 10 classes: chance is 0.1
 
+    # Again in the same folder, a round longer: a job of its own, nothing of the first
+    # run's written over, and the report names this run's files.
+    first_onnx = Path(doc["onnx"])
+    before = {f: f.read_bytes() for f in first_onnx.parent.iterdir()}
+    cfg.write_text(cfg.read_text().replace("rounds = 2", "rounds = 3"))
+    res = runner.invoke(app, ["simulate", str(cfg), "--out", str(tmp_path / "o"),
+                              "--report", str(report)])
+    assert res.exit_code == 0, res.output
+    again = json.loads(report.read_text())
+    (job,) = again["jobs"]
+    assert job not in doc["jobs"] and Path(again["onnx"]).name == f"{job}-v3.onnx"
+    assert {f: f.read_bytes() for f in before} == before  # the first run's versions
+
 
 def test_simulate_config_error_names_the_field(tmp_path: Path) -> None:
     cfg = tmp_path / "sim.toml"
@@ -189,6 +202,20 @@ def test_simulate_config_error_names_the_field(tmp_path: Path) -> None:
     assert res.exit_code == 1
     assert "task 'resnet' is not allowed here (allowed: " in res.output
     assert "logreg, mlp, mnist-2nn, mnist-cnn" in res.output
+
+
+def test_the_operators_commands_load_no_torch() -> None:
+    """`hfl --help`, status, jobs, models and dashboard start fast: a command loads only
+    what it runs (torch, onnx and dp-accounting take seconds on a board)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, fleet.cli, fleet.ops_cli, fleet.view, fleet.watch, fleet.dashboard;"
+            "print(sorted(m for m in ('torch', 'onnx', 'onnxruntime', 'dp_accounting', "
+            "'sklearn', 'matplotlib') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"
 
 
 def test_tasks_lists_the_installed_and_the_named() -> None:

@@ -79,7 +79,8 @@ def test_two_models_are_decomposed_onto_their_aggregators(tmp_path: Path) -> Non
     base = cfg.spec(["site-1"]).model_dump()
     specs = [ModelSpec(**{**base, "name": "mlp-a", "rounds": 2, "aggregators": ["site-1"]}),
              ModelSpec(**{**base, "name": "lr-b", "task": "logreg", "rounds": 2,
-                          "aggregators": ["site-2"]})]
+                          "aggregators": ["site-2"]}),
+             ModelSpec(**{**base, "name": "nope", "task": "not-installed"})]
     try:
         app.start()
         jobs = app.request(ModelRequest(request_id="t2", models=specs))
@@ -87,8 +88,10 @@ def test_two_models_are_decomposed_onto_their_aggregators(tmp_path: Path) -> Non
     finally:
         app.stop()
         fleet.stop()
-    assert sorted(jobs) == ["t2-lr-b", "t2-mlp-a"]
-    for job in jobs:
+    assert sorted(jobs) == ["t2-lr-b", "t2-mlp-a", "t2-nope"]
+    # The coordinator answered the request over the broker: one model refused, with why.
+    assert list(out.refused) == ["t2-nope"] and "not-installed" in out.refused["t2-nope"]
+    for job in ("t2-lr-b", "t2-mlp-a"):
         assert out.status[job].meta.state == "done"
         assert [r.round for r in out.rows if r.job == job] == [1, 2]
         assert all(r.agents == 3 for r in out.rows if r.job == job)  # one site's agents

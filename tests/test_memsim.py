@@ -73,7 +73,7 @@ def test_the_epsilon_published_is_the_accountants_for_the_run(private_run) -> No
     assert run.rows[-1].epsilon <= 30.0 + 1e-6
 
 
-def test_a_silent_agent_holds_its_round_until_the_deadline_and_no_longer() -> None:
+def test_a_silent_agent_holds_one_round_until_its_deadline_and_no_more() -> None:
     fleet, cfg, test = fleet_and_config()
     spec = cfg.spec(sorted(fleet.layout.groups)).model_copy(update={
         "client_fraction": 1.0, "min_agents": 10, "rounds": 2})
@@ -87,8 +87,9 @@ def test_a_silent_agent_holds_its_round_until_the_deadline_and_no_longer() -> No
     late = fleet.run(spec, "late", test, tick_s=1.0)
     assert late.status.state == "done"
     assert [r.agents for r in late.rows] == [AGENTS - 2, AGENTS - 2]
-    # Each round waited for its deadline (30 s of simulated time), not a tick longer.
-    assert 2 * 30 <= fleet.net.now - start <= 2 * 30 + 2
+    # The first round waited for its deadline (30 s of simulated time), not a tick longer;
+    # the second left the two out (they let a round down) and waited for nothing.
+    assert 30 <= fleet.net.now - start <= 30 + 1
 
 
 def test_hfl_simulate_runs_a_config_on_the_memory_network(tmp_path: Path) -> None:
@@ -106,6 +107,7 @@ def test_hfl_simulate_runs_a_config_on_the_memory_network(tmp_path: Path) -> Non
     assert [r["round"] for r in doc["rounds"]] == [1, 2]
     assert all(r["agents"] == 12 for r in doc["rounds"])
     assert doc["security"] == {"tls": False, "secagg": True} and doc["network"] == "memory"
-    assert doc["jobs"] == {"sim-seed3-model": {"state": "done", "reason": "2 rounds"}}
+    ((job, state),) = doc["jobs"].items()  # a fresh id per run: sim-s{seed}-{random}-model
+    assert job.startswith("sim-s3-") and state == {"state": "done", "reason": "2 rounds"}
     assert doc["rounds"][-1]["accuracy"] > 0.5
     assert (tmp_path / "o" / "metrics.png").is_file()

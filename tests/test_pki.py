@@ -310,10 +310,11 @@ def test_acl_pins_every_member_to_its_own_topics(pki: Pki, prefix: str) -> None:
         ("read", wild(t.status("R", "X"), "R", "X")),
         ("write", wild(t.job("J"), "J")), ("write", wild(t.model("M"), "M")),
         ("write", t.roster()), ("write", wild(t.tasks("X"), "X")),
-        ("write", t.status("coordinator", "coord")),
+        ("write", wild(t.replies("X"), "X")), ("write", t.status("coordinator", "coord")),
         ("write", t.telemetry("coordinator", "coord"))}
     assert users["dash"] == {
         ("read", wild(t.job("J"), "J")), ("read", wild(t.model("M"), "M")), ("read", t.roster()),
+        ("read", t.replies("dash")),  # the answers to its own requests, no other app's
         ("write", t.app_requests("dash")), ("write", t.status("app", "dash"))}
     assert users["obs"] == {("read", f"{prefix}/#"), ("write", t.status("observer", "obs"))}
 
