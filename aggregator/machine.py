@@ -54,6 +54,7 @@ from hfl.messages import (
     parse_meta,
 )
 from hfl.quantize import dequantize_int8
+from hfl.secagg import MIN_CLIENTS
 from hfl.state import Record
 from hfl.topics import Route, Topics
 
@@ -82,13 +83,14 @@ def round_id(spec: ModelSpec, block: int, edge_round: int, attempt: int) -> int:
     return (block * spec.kappa1 + edge_round) * (spec.max_retries + 1) + attempt
 
 
-def select(candidates: list[str], spec: ModelSpec, job: str, rnd: int) -> list[str]:
-    """Sample ⌈C·n⌉ (at least the quorum) agents, reproducibly for (seed, job, round) — or,
-    for a DP job, from a secret seed: privacy amplification by sampling needs a sample
-    that the model's consumers cannot predict."""
+def select(candidates: list[str], spec: ModelSpec, rnd: int) -> list[str]:
+    """Sample ⌈C·n⌉ (at least the quorum) agents, reproducibly for (seed, model, round):
+    a rerun of the same spec under a new job id samples the same agents — or, for a DP job,
+    from a secret seed: privacy amplification by sampling needs a sample that the model's
+    consumers cannot predict."""
     k = spec.sample_size(len(candidates))
     digest = (os.urandom(32) if spec.privacy is not None
-              else hashlib.sha256(f"{spec.seed}/{job}/{rnd}".encode()).digest())
+              else hashlib.sha256(f"{spec.seed}/{spec.name}/{rnd}".encode()).digest())
     rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
     picked = rng.choice(len(candidates), size=k, replace=False)
     return sorted(candidates[i] for i in picked)
@@ -153,6 +155,10 @@ class AggregatorMachine:
         self.clips: dict[str, AdaptiveClip] = {}  # per DP job with adaptive clipping
         self.changed: set[str] = set()  # records to save before anything goes out
         self._clients: dict[str, set[str]] = {}  # job → its agents' records in the store
+        # Agents that let a round down (silent past its deadline, or gone mid-way): left out
+        # of selection while the others suffice, until they send anything signed again. An
+        # "online" status is no proof: a stalled board can keep its connection.
+        self.silent: dict[str, float] = {}
 
     # ------------------------------------------------------------------ events
 
@@ -161,6 +167,7 @@ class AggregatorMachine:
         if kind is Kind.TASK:
             out = self._task(env, now)
         elif kind is Kind.UPDATE:
+            self.silent.pop(env.sender, None)  # it answers: alive, even if late
             out = self._update(env, now)
         elif kind is Kind.STATUS:
             return self._status(env)
@@ -406,6 +413,8 @@ class AggregatorMachine:
     def _settle(self, ej: EdgeJob, now: float) -> list[Action]:
         """Act on a secure round's outcome once it has one."""
         outcome = ej.secure.outcome if ej.secure else None
+        if outcome is not None and ej.secure is not None:
+            self._let_down(ej.secure.unanswered(), now)
         if isinstance(outcome, Abort):
             ej.secure = None
             return self._retry(ej, now, outcome.reason)
@@ -422,32 +431,45 @@ class AggregatorMachine:
         group = set(self.group()) - set(ej.declined)  # a decliner sits out the block
         online = sorted(self.online & group)
         # Status may lag the agents' connections: fall back to the whole enrolled group.
-        candidates = online if len(online) >= ej.spec.min_agents else sorted(group)
+        pool = online if len(online) >= ej.spec.min_agents else sorted(group)
+        # Those that let a round down sit out while the others are enough for a round.
+        alive = [a for a in pool if a not in self.silent]
+        need = max(ej.spec.min_agents, MIN_CLIENTS if ej.spec.secagg.enabled else 1)
+        candidates = alive if len(alive) >= need else pool
         if not candidates:
             why = "no agents enrolled in this group"
             if ej.declined:
                 why = f"every agent declined ({'; '.join(sorted(set(ej.declined.values())))})"
             return self._fail_block(ej, why[:500])
         ej.candidates = candidates
-        ej.selected = select(candidates, ej.spec, ej.job, ej.round)
+        ej.selected = select(candidates, ej.spec, ej.round)
         ej.senders = set()
         ej.clip_bits = 0.0
         ej.deadline = now + ej.spec.deadline_s
+        info = {"job": ej.job, "round": ej.round, "block": ej.block, "selected": len(ej.selected)}
+        out: list[Action] = []
         if ej.spec.secagg.enabled:
             try:
                 ej.secure = SecureRound(ej.job, ej.round, ej.selected, ej.num_params, ej.spec,
                                         self.topics, self.id, now)
-            except ValueError as e:  # e.g. a group too small to hide anyone's update
-                return self._fail_block(ej, f"secure aggregation impossible: {e}")
-        else:
+            except ValueError as e:  # a group too small to hide anyone's update
+                why = (f"secure group too small: {len(candidates)} agents available, {e}")
+                if ej.spec.secagg.small_groups != "plain":
+                    return self._fail_block(ej, f"{why}; secagg.small_groups = \"plain\" "
+                                            "aggregates such rounds in the clear")
+                out.append(Note("round_in_the_clear", {**info, "why": why}))
+        if ej.secure is None:
             ej.acc = WeightedSum(ej.num_params, ej.spec.metrics)
-        info = {"job": ej.job, "round": ej.round, "block": ej.block, "selected": len(ej.selected)}
-        return [*self._announce(ej), Note("round_open", info)]
+        return [*self._announce(ej), Note("round_open", info), *out]
 
     def _announce(self, ej: EdgeJob) -> list[Action]:
         """The round's announcement (retained) with its model, sealed for the selected."""
+        spec = ej.spec
+        if ej.secure is None and spec.secagg.enabled:  # a small group's round in the clear
+            spec = spec.model_copy(update={"secagg": spec.secagg.model_copy(
+                update={"enabled": False})})
         meta = RoundMeta(
-            spec=ej.spec,
+            spec=spec,
             num_params=ej.num_params,
             block=ej.block,
             edge_round=ej.edge_round,
@@ -459,9 +481,17 @@ class AggregatorMachine:
                      meta.model_dump(mode="json"), {"params": ej.params}, retain=True,
                      to=tuple(ej.selected))]
 
+    def _let_down(self, agents: set[str], now: float) -> None:
+        for a in agents:
+            self.silent[a] = now
+
+    def _plain_unanswered(self, ej: EdgeJob) -> set[str]:
+        return set(ej.selected) - ej.senders - set(ej.declined)
+
     def _close_plain(self, ej: EdgeJob, now: float) -> list[Action]:
         acc = ej.acc
         assert acc is not None
+        self._let_down(self._plain_unanswered(ej), now)
         ej.acc = None
         return self._close(ej, acc.mean(), acc.metrics(), acc.count, now,
                            clip_bits=ej.clip_bits)
@@ -504,6 +534,8 @@ class AggregatorMachine:
             self.noise.add_gaussian(mean, edge_noise_std(z, p.clip) / agents)
 
     def _retry(self, ej: EdgeJob, now: float, why: str) -> list[Action]:
+        if ej.acc is not None:
+            self._let_down(self._plain_unanswered(ej), now)
         ej.acc = ej.secure = None
         if ej.attempt >= ej.spec.max_retries:
             return self._fail_block(ej, f"round failed: {why}")

@@ -56,6 +56,7 @@ class SecureRound:
         self.got: set[str] = set()
         self.deadline = now + spec.deadline_s
         self.survivors: list[str] = []
+        self.lost: set[str] = set()  # agents that stopped answering at a closed stage
         self.outcome: Done | Abort | None = None
 
     def export(self) -> dict:
@@ -63,6 +64,7 @@ class SecureRound:
         (the masked sum is `export_sum`, what each agent sent `export_client`)."""
         assert self.outcome is None, "a decided round is settled, never saved"
         return {"stage": self.stage, "expected": sorted(self.expected), "got": sorted(self.got),
+                "lost": sorted(self.lost),
                 "deadline": self.deadline, "survivors": self.survivors,
                 "server": self.server.export()}
 
@@ -85,6 +87,7 @@ class SecureRound:
         sr.server = Server.restore(sr.params, selected, doc["server"], acc, clients)
         sr.stage, sr.survivors, sr.deadline = doc["stage"], list(doc["survivors"]), doc["deadline"]
         sr.expected, sr.got = set(doc["expected"]), set(doc["got"])
+        sr.lost = set(doc.get("lost", ()))
         return sr
 
     def handle(self, env: Envelope, now: float) -> list[Action]:
@@ -123,7 +126,13 @@ class SecureRound:
     # ------------------------------------------------------------------ stages
 
     def _next(self, stage: str, expected: set[str], deadline: float) -> None:
+        self.lost |= self.expected - self.got
         self.stage, self.expected, self.got, self.deadline = stage, expected, set(), deadline
+
+    def unanswered(self) -> set[str]:
+        """The agents that did not see the round through: never advertised (past the
+        deadline) or stopped answering at a later stage; those that declined are not in."""
+        return self.lost | (self.expected - self.got)
 
     def _send(self, stage: str, meta: dict, tensors: dict, to: str | None = None) -> Send:
         """A stage message to the group, or on the round topic's level for agent `to`."""

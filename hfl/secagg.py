@@ -263,6 +263,9 @@ class Keystream:
 # ------------------------------------------------------------------ fixed point
 
 
+# With two clients, each would learn the other's input from the sum anyway.
+MIN_CLIENTS = 3
+
 @dataclass(frozen=True)
 class FixedPoint:
     """Floats as uint32 two's complement fixed point, so sums of n inputs never wrap."""
@@ -399,8 +402,8 @@ def choose_params(n: int, dropout: float = DROPOUT, corrupt: float = CORRUPT, de
     they must agree, and do unless a bound lands within float rounding (~1e-12 relative)
     of 2^-sigma or 2^-eta.
     """
-    if n < 3:
-        raise ValueError("secure aggregation needs n >= 3")
+    if n < MIN_CLIENTS:
+        raise ValueError(f"secure aggregation needs n >= {MIN_CLIENTS}")
     if not (0 <= dropout < 1 and 0 <= corrupt < 0.5 and sigma > 0 and eta > 0):
         # Half the clients corrupt would outnumber any t > k/2 of a client's neighbours.
         raise ValueError("need dropout in [0, 1), corrupt in [0, 1/2), sigma and eta > 0")

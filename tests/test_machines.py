@@ -4,6 +4,7 @@ HierFAVG blocks, quorum and deadlines, repeats, reordering, stale and malformed 
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -49,8 +50,10 @@ def constant_trainer(silent: set[str] = frozenset(), decline: dict[str, str] | N
     return train
 
 
-def build(trainer=None, groups=GROUPS, **netkw) -> MemNet:
-    """Coordinator, app, aggregators and agents on an in-memory network."""
+def build(trainer=None, groups=GROUPS, registry: frozenset[str] = frozenset(),
+          **netkw) -> MemNet:
+    """Coordinator, apps, aggregators and agents on an in-memory network; `registry`: job
+    ids the coordinator's registry holds from earlier jobs."""
     topics = Topics()
     roster = Roster()
     ids: dict[str, Identity] = {}
@@ -60,7 +63,8 @@ def build(trainer=None, groups=GROUPS, **netkw) -> MemNet:
         roster.enroll(ids[id_], group)
 
     enrol("coord", Role.COORDINATOR)
-    enrol("app", Role.APP)
+    for app in ("app", "app2"):
+        enrol(app, Role.APP)
     for agg, agents in groups.items():
         enrol(agg, Role.AGGREGATOR)
         for a in agents:
@@ -68,9 +72,11 @@ def build(trainer=None, groups=GROUPS, **netkw) -> MemNet:
     net = MemNet(topics, roster, trainer=trainer or constant_trainer(), **netkw)
     coord = ids["coord"]
     net.add(coord, CoordinatorMachine.of(coord, roster, topics,
-                                         lambda s: (s, np.zeros(P, np.float32))),
+                                         lambda s: (s, np.zeros(P, np.float32)),
+                                         taken=lambda job: job in registry),
             topics.coordinator_filters())
-    net.add(ids["app"], _Sink(), topics.app_filters(["m"]))
+    for app in ("app", "app2"):
+        net.add(ids[app], _Sink(), topics.app_filters(["m"], app=app))
     for agg, agents in groups.items():
         net.add(ids[agg], AggregatorMachine(agg, lambda agg=agg: roster.group(agg), topics),
                 topics.aggregator_filters(agg))
@@ -88,11 +94,16 @@ class _Sink:
         return []
 
 
-def request(net: MemNet, *specs: ModelSpec, rid: str = "r1") -> None:
+def request(net: MemNet, *specs: ModelSpec, rid: str = "r1", app: str = "app") -> None:
     req = ModelRequest(request_id=rid, models=list(specs))
-    net.publish("app", Send(Kind.REQUEST, net.topics.app_requests("app"), "", 0, "request",
-                            req.model_dump(mode="json")))
+    net.publish(app, Send(Kind.REQUEST, net.topics.app_requests(app), "", 0, "request",
+                          req.model_dump(mode="json")))
     net.run()
+
+
+def replies(net: MemNet, app: str = "app") -> list[dict]:
+    return [s.meta for _, s in net.sent
+            if s.kind is Kind.REPLY and s.topic == net.topics.replies(app)]
 
 
 def versions(net: MemNet, job: str = "r1-m") -> list[NewVersion]:
@@ -200,6 +211,57 @@ def test_an_agent_without_the_task_declines_and_is_left_out_of_the_block() -> No
     np.testing.assert_allclose(v.params, 2 * fedavg(GROUPS["site-b"]), rtol=1e-6)
 
 
+def test_an_agent_that_let_a_round_down_sits_out_until_it_answers_again() -> None:
+    net = build(trainer=constant_trainer(silent={"a3"}))
+    request(net, spec(rounds=3))
+    net.advance(11)  # block 0: a3 never answers; the round closes at its deadline
+    opens = [set(s.meta["selected"]) for p, s in net.sent
+             if p == "site-a" and s.kind is Kind.ROUND and s.stage == "open"]
+    # Blocks 1 and 2 need no deadline: a3 is left out while a1 and a2 meet the quorum,
+    # though its status still says online.
+    assert opens == [{"a1", "a2", "a3"}, {"a1", "a2"}, {"a1", "a2"}]
+    assert len(versions(net)) == 3
+    assert net.peers["site-a"].machine.silent.keys() == {"a3"}
+    # Anything it signs again (here a late answer to an old round, refused as stale) proves
+    # it alive: it is back in the next job's rounds.
+    old = next(s for p, s in net.sent if p == "a1" and s.kind is Kind.UPDATE)
+    net.publish("a3", replace(old, topic=net.topics.update("site-a", "a3")))
+    net.run()
+    assert "a3" not in net.peers["site-a"].machine.silent
+    request(net, spec(rounds=1), rid="r2")
+    assert {"a1", "a2", "a3"} == set([s.meta["selected"] for p, s in net.sent
+                                     if p == "site-a" and s.stage == "open"][-1])
+
+
+def test_the_silent_are_selected_again_when_the_others_are_too_few() -> None:
+    net = build(trainer=constant_trainer(silent={"a2", "a3"}))
+    request(net, spec(rounds=1, max_retries=1, min_agents=2))
+    net.advance(11)  # attempt 0: a2 and a3 silent, 1 < 2 → retry with them again
+    retry = [set(s.meta["selected"]) for p, s in net.sent
+             if p == "site-a" and s.kind is Kind.ROUND and s.stage == "open"][-1]
+    assert retry == {"a1", "a2", "a3"}  # a1 alone cannot meet the quorum
+
+
+def test_a_small_secure_group_is_skipped_with_its_reason_or_runs_in_the_clear() -> None:
+    small = {"site-a": ["a1", "a2", "a3"], "site-b": ["b1", "b2"]}
+    net = build(groups=small)
+    request(net, spec(rounds=1, secagg={"enabled": True}))
+    (failed,) = [f["reason"] for p, f in net.events("block_failed") if p == "site-b"]
+    assert "secure group too small: 2 agents available" in failed
+    assert 'secagg.small_groups = "plain"' in failed
+    (v,) = versions(net)
+    assert v.agents == 3  # site-a's alone
+    net = build(groups=small)
+    request(net, spec(rounds=1, secagg={"enabled": True, "small_groups": "plain"}))
+    (v,) = versions(net)
+    assert v.agents == 5
+    assert [f["why"] for p, f in net.events("round_in_the_clear")] == [
+        "secure group too small: 2 agents available, secure aggregation needs n >= 3"]
+    # Site-b's agents were told the round is plain: they sent sealed deltas, not masks.
+    stages = {s.stage for p, s in net.sent if p in ("b1", "b2") and s.kind is Kind.UPDATE}
+    assert stages == {"update"}
+
+
 def test_below_quorum_retries_then_the_other_site_carries_the_block() -> None:
     net = build(trainer=constant_trainer(silent={"a2", "a3"}))
     request(net, spec(rounds=1, max_retries=1))
@@ -294,12 +356,40 @@ def test_request_naming_an_unknown_aggregator_fails_the_job_clearly() -> None:
     assert not [s for _, s in net.sent if s.kind is Kind.TASK]
 
 
-def test_invalid_request_is_rejected_with_the_field_named() -> None:
+def test_invalid_request_is_rejected_with_the_field_named_and_answered() -> None:
     net = build()
     net.publish("app", Send(Kind.REQUEST, net.topics.app_requests("app"), "", 0, "request",
                             {"request_id": "r2", "models": [{"name": "x"}]}))
+    net.publish("app", Send(Kind.REQUEST, net.topics.app_requests("app"), "", 0, "request",
+                            {"models": 3}))
     net.run()
-    assert net.rejections("coord") == {"bad-request": 1}
+    assert net.rejections("coord") == {"bad-request": 2}
+    (named, anonymous) = replies(net)
+    assert named["request_id"] == "r2" and named["accepted"] == []
+    assert "models.0.task: Field required" in named["refused"][""]
+    assert anonymous["request_id"] == "" and "request_id" in anonymous["refused"][""]
+
+
+def test_every_request_is_answered_and_a_job_id_names_one_job_for_ever() -> None:
+    net = build(registry=frozenset({"old-m"}))
+    request(net, spec(rounds=1))
+    request(net, spec(rounds=1))  # the same request again: the same job, not a second one
+    request(net, spec(rounds=2))  # the same id for another spec
+    request(net, spec(rounds=1), app="app2")  # another app's request, the same id
+    request(net, spec(rounds=1), rid="old")  # an earlier job's id, kept in the registry
+    request(net, spec(rounds=1, aggregators=["site-x"]), rid="r9")  # a job that cannot run
+    ours = replies(net)
+    assert [r["accepted"] for r in ours] == [["r1-m"], ["r1-m"], [], [], []]
+    assert "another spec" in ours[2]["refused"]["m"]
+    assert "registry" in ours[3]["refused"]["m"]
+    assert "unknown aggregators: site-x" in ours[4]["refused"]["m"]
+    (theirs,) = replies(net, "app2")
+    assert "belongs to another app" in theirs["refused"]["m"]
+    # One job, one version; the repeat was answered with its state (done by then).
+    assert len(versions(net)) == 1 and job_states(net) == ["running", "done", "done"]
+    # The app that failed to start a job may ask again under the same id, fixed.
+    request(net, spec(rounds=1), rid="r9")
+    assert replies(net)[-1]["accepted"] == ["r9-m"] and len(versions(net, "r9-m")) == 1
 
 
 def test_two_models_in_one_request_become_two_jobs_on_their_aggregators() -> None:
