@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from edge_agent.check import Check, passed, run_checks
-from edge_agent.runner import agent_node, board_data
 from hfl.cli import ConfigOption, VerboseOption, fail, open_config, setup_logging
 from hfl.messages import Role
 from hfl.service import serve
-from hfl.task import TaskError
+
+if TYPE_CHECKING:
+    from edge_agent.check import Check
 
 app = typer.Typer(help="The client layer: train on local data, send updates to the aggregator.",
                   no_args_is_help=True)
@@ -31,6 +31,11 @@ def run(config: ConfigOption, verbose: VerboseOption = False) -> None:
     setup_logging(verbose)
     cfg, identity, roster, feed = open_config(config, Role.AGENT, "agent")
     assert cfg.agent is not None
+    # torch and the tasks load here, not for every `hfl` command.
+    from edge_agent.runner import agent_node, board_data
+    from hfl.data import stop_live
+    from hfl.task import TaskError
+
     try:
         tasks = cfg.agent.task_set()
     except TaskError as e:
@@ -39,7 +44,11 @@ def run(config: ConfigOption, verbose: VerboseOption = False) -> None:
     node, machine = agent_node(identity, roster, cfg.broker_settings(), cfg.topics,
                                cfg.agent.aggregator, tasks, data, device=cfg.agent.device,
                                max_payload=cfg.max_payload, feed=feed)
-    raise typer.Exit(serve(node, machine, device_dir=cfg.device.dir, metrics=cfg.metrics))
+    try:
+        code = serve(node, machine, device_dir=cfg.device.dir, metrics=cfg.metrics)
+    finally:
+        stop_live()  # the live sources' windows: what they hold pending is written
+    raise typer.Exit(code)
 
 
 MARKS = {"pass": "[green]ok[/]", "warn": "[yellow]warn[/]", "fail": "[bold red]FAIL[/]",
@@ -60,6 +69,8 @@ def check(
 ) -> None:
     """Check this board before (or instead of) serving: config, keys, roster, certificate,
     clock, broker over TLS, data, device. Exit code 0 when nothing failed."""
+    from edge_agent.check import passed, run_checks
+
     checks = run_checks(config, timeout=timeout)
     console = Console(width=max(Console().width, 120))
     console.print(verdict_table(checks))

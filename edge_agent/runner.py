@@ -107,9 +107,10 @@ def board_data(datasets: dict[str, DatasetSection], state_dir: Path) -> dict[str
     return {name: BoardData(name, section, state_dir) for name, section in datasets.items()}
 
 
-def train_seed(spec_seed: int, job: str, round: int, agent: str) -> int:
-    """The seed of one agent's local round: distinct per agent and round, reproducible."""
-    digest = hashlib.sha256(f"{spec_seed}/{job}/{round}/{agent}".encode()).digest()
+def train_seed(spec_seed: int, model: str, round: int, agent: str) -> int:
+    """The seed of one agent's local round: distinct per agent and round, reproducible for
+    the spec (its seed and model name), whatever the job's id."""
+    digest = hashlib.sha256(f"{spec_seed}/{model}/{round}/{agent}".encode()).digest()
     return int.from_bytes(digest[:4], "little")
 
 
@@ -148,7 +149,7 @@ class LocalTrainer:
         r = Round(job=t.job, round=t.round, epochs=spec.epochs or p.task.epochs,
                   batch_size=spec.batch_size or p.task.batch_size, lr=spec.lr or p.task.lr,
                   momentum=p.task.momentum if spec.momentum is None else spec.momentum,
-                  seed=train_seed(spec.seed, t.job, t.round, self.agent_id),
+                  seed=train_seed(spec.seed, spec.name, t.round, self.agent_id),
                   device=self.device, progress=self.progress)
         try:
             return self._train(p, t, local, r)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -19,8 +19,10 @@ from aggregator.cli import app as aggregator_app
 from coordinator import cli as coordinator_cli
 from edge_agent.cli import app as agent_app
 from fleet import ops_cli, pki_cli
-from fleet.follow import RoundRow
 from hfl.cli import VerboseOption, fail, setup_logging, table_console
+
+if TYPE_CHECKING:  # torch comes with it: only the commands that train load it
+    from fleet.follow import RoundRow
 
 app = typer.Typer(
     help="hfl: hierarchical federated learning for edge fleets over MQTT.\n\n"
@@ -151,7 +153,8 @@ def run_and_report(cfg, out: Path, report: Path | None, title: str, verbose: boo
     if report:
         write_json(report, doc)
         console.print(f"report: {report}")
-    if not outcome.rows or any(s["state"] == "failed" for s in doc["jobs"].values()):
+    if not outcome.rows or any(s["state"] in ("failed", "refused")
+                               for s in doc["jobs"].values()):
         fail("the job did not complete")
     console.print(f"[bold green]final {headline(outcome.rows[-1])}[/]")
 

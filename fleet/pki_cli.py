@@ -186,6 +186,10 @@ def broker_config(
         "256 KiB) whole; raise it to max_payload + 1024 if they use a larger max_payload, or "
         "to the largest retained message (model versions) that late subscribers must get "
         "whole.")] = MAX_PACKET_SIZE,
+    user: Annotated[str | None, typer.Option(
+        help="The account Mosquitto drops to when started as root (its own default: "
+        "mosquitto, which must read the installed files); \"$(id -un)\" runs a local broker "
+        "on files only you can read.")] = None,
     autosave_interval: Annotated[int, typer.Option(
         min=0, help="Seconds between saves of the broker's persistence database (a kill -9 "
         "loses about twice this); each save rewrites the whole database, so raise it where "
@@ -209,7 +213,7 @@ def broker_config(
         tls = BrokerTls.from_pki(p, name, out, Topics(prefix), host or [])
         conf = mosquitto_config(port=port, host=bind, persistence_dir=persistence_dir,
                                 max_packet_size=max_packet_size, autosave_s=autosave_interval,
-                                tls=tls.under(install_dir))
+                                user=user, tls=tls.under(install_dir))
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
     (out / "mosquitto.conf").write_text(
@@ -217,5 +221,5 @@ def broker_config(
         + conf)
     typer.echo(f"wrote {out}/: mosquitto.conf, acl, ca.crt, crl.pem, {name}.crt, "
                f"{name}.tls.key")
-    typer.echo(f"install them in {install_dir} (readable by user mosquitto) and reload: "
-               "systemctl reload mosquitto")
+    typer.echo(f"install them in {install_dir} (readable by user {user or 'mosquitto'}) and "
+               "reload: systemctl reload mosquitto")
