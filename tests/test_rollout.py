@@ -115,20 +115,22 @@ def enrol(pki_dir: Path) -> Pki:
     return pki
 
 
-def build_wheel(root: Path) -> Path:
+def build_wheel(root: Path, src: Path, names: tuple[str, ...], pattern: str) -> Path:
     """The operator's `pip wheel --no-deps -w dist .`, from a copy of the sources (an in-tree
     build would leave build/ and *.egg-info behind in the repository)."""
-    src = root / "src"
-    src.mkdir()
-    for name in PACKAGES:
-        shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(REPO / name, src / name)
+    copy = root / "src" / src.name
+    copy.mkdir(parents=True)
+    for name in names:
+        if (src / name).is_dir():
+            shutil.copytree(src / name, copy / name,
+                            ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(src / name, copy / name)
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps",
-                            "--no-build-isolation", "-w", str(root / "dist"), str(src)],
+                            "--no-build-isolation", "-w", str(root / "dist"), str(copy)],
                            capture_output=True, text=True)
     assert build.returncode == 0, build.stdout + build.stderr
-    (wheel,) = (root / "dist").glob("hfl-*.whl")
+    (wheel,) = (root / "dist").glob(pattern)
     return wheel
 
 
@@ -164,8 +166,8 @@ def sshd(root: Path) -> Iterator[dict[str, str]]:
         stop(proc)
 
 
-def inventory(root: Path, ssh: dict[str, str], wheel: Path, pki: Path, broker_port: int,
-              account: str) -> Path:
+def inventory(root: Path, ssh: dict[str, str], wheel: Path, task: Path, pki: Path,
+              broker_port: int, account: str) -> Path:
     """Six hosts on one machine: every path under the host's own root, one shared venv."""
     host_root = f"{root}/hosts/{{{{ inventory_hostname }}}}"
     common = {
@@ -189,6 +191,10 @@ def inventory(root: Path, ssh: dict[str, str], wheel: Path, pki: Path, broker_po
         "hfl_agent_watchdog": WATCHDOG,
         "hfl_aggregator_watchdog": WATCHDOG,
         "hfl_coordinator_watchdog": WATCHDOG,
+        # A user's task as a wheel, on the boards and the coordinator (docs/tasks.md).
+        "hfl_agent_tasks": ["logreg", "linear-regression"],
+        "hfl_agent_task_wheels": [str(task)],
+        "hfl_coordinator_task_wheels": [str(task)],
         "mosquitto_pki": str(pki),
         "mosquitto_hfl_command": [str(Path(sys.executable).parent / "hfl")],
         "mosquitto_build_dir": f"{root}/broker-config",
@@ -354,13 +360,16 @@ def test_site_yml_rolls_out_a_fleet_that_trains(tools: None, mosquitto: str, roo
                                                  account: str) -> None:
     t0 = time.monotonic()
     pki = enrol(root / "pki")
-    wheel = build_wheel(root)
+    wheel = build_wheel(root, REPO, (*PACKAGES, "pyproject.toml", "README.md"), "hfl-*.whl")
+    task = build_wheel(root, REPO / "examples/tasks/linear-regression",
+                       ("pyproject.toml", "hfl_linear_regression.py"),
+                       "hfl_example_linear_regression-*.whl")
     broker_port = free_port()
     hosts = root / "hosts"
     for host in ("broker", *SERVICES):
         (hosts / host).mkdir(mode=0o755, parents=True)  # each board's "/"
     with sshd(root) as ssh:
-        inv = inventory(root, ssh, wheel, pki.root, broker_port, account)
+        inv = inventory(root, ssh, wheel, task, pki.root, broker_port, account)
         first = playbook(root, inv)
         t_first = time.monotonic() - t0
         assert all(c["failed"] == 0 and c["unreachable"] == 0 for c in first.values()), first
@@ -380,6 +389,12 @@ def test_site_yml_rolls_out_a_fleet_that_trains(tools: None, mosquitto: str, roo
         cfg = load_config(hosts / "agent-2/etc/hfl/agent.toml")
         assert (cfg.agent.aggregator, cfg.agent.datasets["digits"].index,
                 cfg.broker.port) == ("site-a", 1, broker_port)
+        assert cfg.agent.tasks == ["logreg", "linear-regression"]
+        # The task wheel is installed in the venv the services run from, found by its name.
+        found = subprocess.run([f"{root}/venv/bin/python", "-c", "from hfl.tasks import load; "
+                                "print(load('linear-regression').version)"],
+                               capture_output=True, text=True)
+        assert found.stdout.strip() == "1.0.0", found.stderr
 
         # The broker from its installed config (Mosquitto drops to user mosquitto itself).
         logs = root / "logs"
