@@ -109,7 +109,7 @@ def test_sent_when_something_changed_at_most_every_interval(fleet_ids) -> None:
     roster, ids = fleet_ids
     node = node_of(ids["site-a"], roster)
     now = [100.0]
-    tel = Telemetry(node, interval=5, clock=lambda: now[0])
+    tel = Telemetry(node, interval=5, clock=lambda: now[0], every=60)
     (first,) = tel.tick(100)
     assert (first.kind, first.topic, first.retain) == (
         Kind.TELEMETRY, T.telemetry("aggregator", "site-a"), True)
@@ -126,8 +126,22 @@ def test_sent_when_something_changed_at_most_every_interval(fleet_ids) -> None:
     assert (meta.activity.job, meta.activity.round, meta.activity.stage) == (
         "j1", 7, "round_open")
     assert (meta.counts.messages_out, meta.counts.bytes_out) == (1, 500)
-    assert meta.uptime_s == 18.0
+    assert meta.uptime_s == 18.0 and meta.every_s == 60
+    # Nothing new: still sent once `every` seconds passed, so an observer can tell a quiet
+    # node from one gone silent.
+    assert [tel.tick(t) for t in (123, 173)] == [[], []]
+    (beat,) = tel.tick(178)
+    assert TelemetryMeta.model_validate(beat.meta).uptime_s == 78.0
     assert Telemetry(node, interval=0).tick(1000) == []  # 0: off
+
+
+def test_a_service_says_how_it_is_every_interval_an_agent_every_twelve(fleet_ids) -> None:
+    roster, ids = fleet_ids
+    service, agent = (Telemetry(node_of(ids[i], roster), interval=5) for i in ("site-a", "a1"))
+    assert (service.every, agent.every) == (5, 60)
+    assert [len(service.tick(t)) for t in (0, 5, 10, 12, 15)] == [1, 1, 1, 0, 1]
+    assert [len(agent.tick(t)) for t in (0, 5, 55, 60)] == [1, 0, 0, 1]
+    assert TelemetryMeta.model_validate(service.tick(20)[0].meta).every_s == 5
 
 
 def test_only_a_service_publishes_telemetry_and_only_its_own(fleet_ids) -> None:
