@@ -574,7 +574,7 @@ class Failing(_Tolerant):
 class TelemetryMeta(_Tolerant):
     """every service → its telemetry topic (retained): what it is on and its counters,
     published when something changed, at most every `telemetry_s` seconds, and at least
-    every `every_s` seconds: older than three times that, it is stale."""
+    every `every_s` seconds: older than three times that (and 10 s), it is stale."""
 
     uptime_s: float = Field(ge=0)
     started: float | None = Field(default=None, description="when the process started (Unix "

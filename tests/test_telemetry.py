@@ -79,6 +79,31 @@ def test_retries_and_failures_are_counted(stats) -> None:
     assert stats["coord"].failures == 1 and stats["coord"].rounds == 0
 
 
+def test_a_site_that_cannot_form_its_secure_group_is_failing_since_its_first_block(
+        stats) -> None:
+    net = build(groups={"site-a": ["a1", "a2", "a3"], "site-b": ["b1", "b2"]})
+    request(net, spec(rounds=3, secagg={"enabled": True}))  # each block at t = 1000
+    failing = stats["site-b"].failure()
+    assert failing is not None and (failing.job, failing.count, failing.since) == (
+        "r1-m", 3, 1000.0)
+    assert failing.reason.startswith("secure group too small: 2 agents available")
+    assert stats["site-b"].failures == 3 and stats["site-a"].failure() is None
+
+
+def test_a_block_that_works_ends_the_failing_streak_of_its_job() -> None:
+    st = Stats()
+    for t, job in ((10, "j1"), (20, "j2"), (30, "j1")):
+        st.observe(Note("block_failed", {"job": job, "block": 0, "reason": f"r{t}"}), t)
+    f = st.failure()  # the job that failed last, since its first failure
+    assert (f.job, f.count, f.since, f.reason) == ("j1", 2, 10.0, "r30")
+    st.observe(Note("partial_sent", {"job": "j1", "weight": 0.0}), 35)  # a failed block's
+    assert st.failure().job == "j1"
+    st.observe(Note("partial_sent", {"job": "j1", "weight": 12.0}), 40)
+    assert (st.failure().job, st.failure().since) == ("j2", 20.0)
+    st.observe(Note("partial_sent", {"job": "j2", "weight": 3.0}), 50)
+    assert st.failure() is None and st.failures == 3
+
+
 def test_epsilon_per_job_from_the_coordinators_versions() -> None:
     st = Stats()
     st.observe(Note("version", {"job": "j1", "version": 1, "epsilon": 1.25}), 0.0)
