@@ -247,6 +247,11 @@ def test_the_prometheus_exposition_is_the_snapshot(fleet_ids) -> None:
         ROUND_BUCKETS) + 1
     assert m[("hfl_epsilon_spent", (("job", "j1"), *me))] == 0.75
     assert m[("hfl_connected", me)] == 0  # never started
+    assert (m[("hfl_blocks_failing", me)], m[("hfl_saves_failing", me)]) == (0, 0)
+    assert ("hfl_restarts", me) not in m  # no state folder
+    tel.stats.observe(Note("block_failed", {"job": "j1", "reason": "too small"}), 70)
+    tel.stats.observe(Note("block_failed", {"job": "j1", "reason": "too small"}), 80)
+    assert scrape(tel)[("hfl_blocks_failing", me)] == 2
 
 
 def test_the_metrics_section_is_validated(tmp_path) -> None:
