@@ -100,12 +100,15 @@ class FleetView:
                              **{s: states.get(s, 0) for s in STATES}}
             aggregators.append(doc)
         jobs = [_job_doc(m) for _, m in sorted(self.jobs.items())]
+        states = {j["job"]: j["state"] for j in jobs}
         for doc in aggregators:
             # the running jobs whose newest version was made without this site
             doc["missing"] = [{"job": j["job"], "version": j["version"], "reason": why}
                               for j in jobs if j["state"] == "running"
                               for agg, why in j["missing"].items() if agg == doc["id"]]
-            doc["problems"] += _missing_text(doc)
+            if doc["failing"] is not None:  # its job may have ended since: say how
+                doc["failing"]["job_state"] = states.get(doc["failing"]["job"])
+            doc["problems"] = problems(doc, now) + _missing_text(doc)
         coordinators = self._role(Role.COORDINATOR, now)
         rejections: dict[str, dict[str, int]] = {}
         for doc in [*aggregators, *agents, *coordinators]:
@@ -179,7 +182,10 @@ def problems(doc: dict[str, Any], now: float) -> list[str]:
     """What is wrong with a node, in words: blocks failing, saves failing, its error
     counters (a bug, a full disk, a recipient gone)."""
     out = []
-    if f := doc["failing"]:
+    if (f := doc["failing"]) and f.get("job_state") not in (None, "running"):
+        out.append(f"its last {f['count']} blocks failed (job {f['job']}, "
+                   f"now {f['job_state']}): {f['reason']}")
+    elif f:
         out.append(f"blocks failing for {human_s(now - f['since'])} ({f['count']} in a row, "
                    f"job {f['job']}): {f['reason']}")
     if f := doc["saves_failing"]:
@@ -188,6 +194,12 @@ def problems(doc: dict[str, Any], now: float) -> list[str]:
     c = doc["counts"] or {}
     out += [f"{k.replace('_', ' ')} {c[k]}" for k in ERRORS if c.get(k)]
     return out
+
+
+def _failing_now(doc: dict[str, Any]) -> bool:
+    """Its blocks fail in a job still running (or one the observer has no status of)."""
+    f = doc["failing"]
+    return bool(f) and f.get("job_state") in (None, "running")
 
 
 def _missing_text(doc: dict[str, Any]) -> list[str]:
@@ -247,7 +259,7 @@ def summary(snap: dict[str, Any]) -> Text:
     online_aggs = sum(a["state"] == "online" and not a["stale"] for a in aggs)
     trouble = [f"{n} {what}" for n, what in (
         (sum(a["stale"] for a in aggs), "stale"),
-        (sum(bool(a["failing"] or a["saves_failing"] or a["missing"]) for a in aggs),
+        (sum(bool(_failing_now(a) or a["saves_failing"] or a["missing"]) for a in aggs),
          "failing")) if n]
     line = (f"coordinator {coord} · aggregators {online_aggs}/{len(aggs)} online"
             + (f" ({', '.join(trouble)})" if trouble else "")

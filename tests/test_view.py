@@ -196,7 +196,8 @@ def test_a_failing_site_says_why_and_since_when_and_jobs_name_the_sites_missing(
                             meta.model_dump(mode="json"), retain=True))
     snap = f.view.snapshot(1000.0)
     site_a, site_b = snap["aggregators"]
-    assert site_a["failing"] == {"reason": why, "since": 700.0, "count": 13, "job": "r1-m"}
+    assert site_a["failing"] == {"reason": why, "since": 700.0, "count": 13, "job": "r1-m",
+                                 "job_state": "running"}
     assert site_a["problems"] == [f"blocks failing for 5 min (13 in a row, job r1-m): {why}"]
     assert site_a["missing"] == [{"job": "r1-m", "version": 2, "reason": why}]
     assert site_b["problems"] == [] and site_b["missing"] == []
@@ -209,11 +210,18 @@ def test_a_failing_site_says_why_and_since_when_and_jobs_name_the_sites_missing(
     f.telemetry("site-a", now=999.5, every_s=5.0)
     (site_a, _) = f.view.snapshot(1000.0)["aggregators"]
     assert site_a["problems"] == [f"missing from r1-m v2: {why}"]
-    # A job that ended keeps its rows (jobs table) but no longer marks the site.
+    # A job that ended keeps its rows (jobs table) but no longer marks the site as missing;
+    # the site's own failing streak is told as what it was, not as failing now.
     f.deliver("coord", Send(Kind.JOB, T.job("r1-m"), "r1-m", 2, "done", meta.model_copy(
         update={"state": "done"}).model_dump(mode="json"), retain=True))
     snap = f.view.snapshot(1000.0)
     assert snap["aggregators"][0]["problems"] == [] and snap["jobs"][0]["missing"]
+    f.telemetry("site-a", now=999.7, every_s=5.0,
+                failing={"reason": why, "since": 700.0, "count": 13, "job": "r1-m"})
+    snap = f.view.snapshot(1000.0)
+    assert snap["aggregators"][0]["problems"] == [
+        f"its last 13 blocks failed (job r1-m, now done): {why}"]
+    assert "aggregators 2/2 online ·" in _render(snap)
 
 
 def test_failing_saves_and_restarts_are_shown_for_what_they_are() -> None:
