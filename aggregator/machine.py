@@ -26,6 +26,7 @@ again: nothing is counted twice, as who contributed is part of the record.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -544,7 +545,8 @@ class AggregatorMachine:
         return [note, *self._open(ej, now)]
 
     def _fail_block(self, ej: EdgeJob, reason: str) -> list[Action]:
-        note = Note("block_failed", {"job": ej.job, "block": ej.block, "reason": reason})
+        note = Note("block_failed", {"job": ej.job, "block": ej.block, "reason": reason},
+                    logging.WARNING, f"job {ej.job} block {ej.block} failed here: {reason}")
         return [note, *self._send_partial(ej, None, 0.0, 0, Metrics(samples=0), reason)]
 
     def _send_partial(

@@ -18,6 +18,7 @@ restart `restore` and `resume` carry on between partials with the same global mo
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -126,6 +127,19 @@ class Job:
         metrics = Metrics(**{k: row[k] for k in Metrics.model_fields if k in row})
         return NewVersion(self.job, self.app, self.spec, self.version, self.params, metrics,
                           row["agents"], row["dropped"], row["epsilon"], row.get("declines", 0))
+
+
+def missing_sites(job: Job) -> dict[str, str]:
+    """The block's aggregators without a contribution, and why: the failure each reported
+    (a site too small for its secure group, say), or none by the deadline."""
+    out = {}
+    for failure in job.failures:  # "{aggregator}: {why}" (an id has no colon)
+        agg, _, why = failure.partition(": ")
+        out[agg] = why
+    for agg in job.spec.aggregators:
+        if agg not in job.reported:
+            out[agg] = "no partial by the deadline"
+    return out
 
 
 def block_timeout(spec: ModelSpec) -> float:
@@ -398,12 +412,18 @@ class CoordinatorMachine:
                # who sat the block out and why (the first few: the row is retained, per version)
                "declines": len(job.declined), "declined": dict(list(job.declined.items())[:20]),
                **metrics.model_dump()}
+        row["missing"] = missing = missing_sites(job)  # sites not in it, and why
         job.history.append(row)
         out: list[Action] = [
             NewVersion(job.job, job.app, job.spec, job.version, job.params, metrics, job.agents,
                        job.dropped, eps, len(job.declined)),
             Note("version", {"job": job.job, **row}),
         ]
+        if missing:
+            out.append(Note("sites_missing", {"job": job.job, "version": job.version,
+                                              "missing": missing}, logging.WARNING,
+                            f"job {job.job} version {job.version} was made without "
+                            + "; ".join(f"{a} ({why})" for a, why in sorted(missing.items()))))
         if metrics.eval_samples > 0:
             if metrics.eval_loss < job.best_loss - job.spec.min_delta:
                 job.best_loss, job.since_best = metrics.eval_loss, 0
@@ -422,8 +442,10 @@ class CoordinatorMachine:
 
     def _end(self, job: Job, state: str, reason: str) -> list[Action]:
         job.state, job.reason, job.acc = state, reason, None
+        level = logging.WARNING if state == "failed" else logging.INFO
         return [self._status(job), Note("job_ended", {"job": job.job, "state": state,
-                                                      "reason": reason})]
+                                                      "reason": reason}, level,
+                                        f"job {job.job} {state}: {reason}")]
 
     def _status(self, job: Job) -> Send:
         b = job.budget

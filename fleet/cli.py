@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -98,6 +99,27 @@ def rounds_table(rows: list[RoundRow]) -> Table:
     return table
 
 
+def missing_lines(rounds: list[dict]) -> list[str]:
+    """The sites versions were made without, by site and reason, with those versions."""
+    by: dict[tuple[str, str], list[int]] = {}
+    for r in rounds:
+        for site, why in sorted((r.get("missing") or {}).items()):
+            by.setdefault((site, why), []).append(r["round"])
+    return [f"{site} missing from {len(vs)} of {len(rounds)} versions ({_spans(vs)}): {why}"
+            for (site, why), vs in by.items()]
+
+
+def _spans(vs: list[int]) -> str:
+    """[1, 2, 3, 5] -> '1-3, 5'."""
+    out: list[list[int]] = []
+    for v in sorted(vs):
+        if out and v == out[-1][1] + 1:
+            out[-1][1] = v
+        else:
+            out.append([v, v])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in out)
+
+
 def headline(r: RoundRow) -> str:
     """A version's score in a few words: the task's first metric on held-out data (or the
     agents' own evaluation when the app has none), else the loss."""
@@ -142,6 +164,8 @@ def run_and_report(cfg, out: Path, report: Path | None, title: str, verbose: boo
         fail(str(e))
     doc = summary(cfg, outcome, fleet, secs)
     console.print(rounds_table(outcome.rows))
+    for line in missing_lines(doc["rounds"]):
+        console.print(f"[yellow]{escape(line)}[/]")
     if outcome.rows:
         console.print(f"plot:         {plot_rounds(outcome.rows, out / 'metrics.png', title)}")
     if doc["onnx"]:

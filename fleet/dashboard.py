@@ -1,8 +1,10 @@
 """`hfl dashboard`: a read-only web page over the coordinator's registry and the fleet's
 status and telemetry topics.
 
-The page (fleet/web/) polls `/api/state` and redraws: jobs, loss, metric and ε curves per model
-(inline SVG from fleet.charts) and the health of each aggregator's site. The server is the
+The page (fleet/web/) polls `/api/state` and redraws: jobs (with the sites their newest version
+was made without), loss, metric and ε curves per model (inline SVG from fleet.charts) and the
+health of each aggregator's site (fleet.view: stale telemetry, failing blocks or saves, error
+counters, restarts). The server is the
 standard library's, bound to localhost unless told otherwise; it answers GET and HEAD only,
 and its pages load nothing from elsewhere (Content-Security-Policy).
 """
@@ -119,9 +121,14 @@ class Dashboard:
     def state(self) -> dict[str, Any]:
         with self._lock:
             jobs, versions = self.registry.jobs(), self.registry.versions()
-        return {"updated": time.time(), "refresh_s": self.refresh_s,
-                "jobs": job_rows(jobs, versions), "models": model_charts(versions),
-                "fleet": self.fleet()}
+        fleet = self.fleet()
+        rows = job_rows(jobs, versions)
+        # The sites each job's newest version was made without, from its retained status.
+        missing = {j["job"]: j["missing"] for j in fleet.get("jobs", [])}
+        for row in rows:
+            row["missing"] = missing.get(row["job"], {})
+        return {"updated": time.time(), "refresh_s": self.refresh_s, "jobs": rows,
+                "models": model_charts(versions), "fleet": fleet}
 
 
 def handler(dash: Dashboard) -> type[BaseHTTPRequestHandler]:

@@ -13,6 +13,7 @@ The unit tests and the fast simulator (`fleet.memsim`) run on it.
 
 from __future__ import annotations
 
+import logging
 import random
 from collections import deque
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 from paho.mqtt.client import topic_matches_sub
 
 from edge_agent.machine import Declined, Train, Update
-from hfl.actions import Note, Send
+from hfl.actions import Note, Send, log_note
 from hfl.errors import Rejected
 from hfl.gate import Gate
 from hfl.identity import Identity, Roster
@@ -30,6 +31,8 @@ from hfl.topics import Topics
 
 Trainer = Callable[[str, Train], "Update | Declined | None"]  # None: the agent stays silent
 Fault = Callable[[str, bytes], list[bytes]]  # one message in, what gets delivered out
+
+log = logging.getLogger("hfl.memnet")
 
 
 @dataclass
@@ -130,6 +133,7 @@ class MemNet:
             if isinstance(a, Send):
                 self.publish(peer.identity.id, a)
             elif isinstance(a, Note):
+                log_note(log, peer.identity.id, a)  # at the level a runner would
                 if self.record:
                     self.notes.append((peer.identity.id, a))
             elif isinstance(a, Train):

@@ -54,8 +54,9 @@ def status(
     wait: WaitOption = 10.0,
     verbose: VerboseOption = False,
 ) -> None:
-    """The fleet, live: who is online, offline or lost, each job's state, version and ε,
-    each aggregator's round and stage, rounds, updates and rejected messages by reason.
+    """The fleet, live: who is online, offline, lost or stale, each job's state, version, ε
+    and the sites missing from it, each aggregator's round and stage, rounds, updates,
+    rejected messages by reason, and what is failing and since when (health).
 
     Connects as an observer (an identity with role observer, see `hfl pki issue`)."""
     setup_logging(verbose, quiet=not verbose)

@@ -226,11 +226,15 @@ def summary(cfg: SimConfig, outcome: Outcome, fleet: InProcessFleet | MemFleet,
     spec = cfg.spec(sorted(fleet.layout.groups))
     ours = [v for v in fleet.versions if v.job in outcome.status or v.job in outcome.refused]
     last = ours[-1] if ours else None  # this run's newest: the folder may hold earlier runs
+    # The sites each version was made without, and why (the job's history rows).
+    missing = {(j, row.get("version")): row.get("missing") or {}
+               for j, s in outcome.status.items() for row in s.meta.history}
     return {
         "task": spec.task,
         "rounds": [
             {"round": r.round, "loss": r.loss, **r.metrics, "agents": r.agents,
-             "dropped": r.dropped, "declines": r.declines, "train_loss": r.train_loss,
+             "dropped": r.dropped, "declines": r.declines,
+             "missing": missing.get((r.job, r.round), {}), "train_loss": r.train_loss,
              "federated": {"loss": r.federated_loss, **r.federated}, "epsilon": r.epsilon}
             for r in outcome.rows
         ],

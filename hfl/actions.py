@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,10 +29,24 @@ class Send:
 
 @dataclass(frozen=True)
 class Note:
-    """Something worth a log line, a progress bar tick or a metric; no effect on the protocol."""
+    """Something worth a log line, a progress bar tick or a metric; no effect on the protocol.
+
+    `level` is the log level the runner writes it at (a machine does no I/O: it says how
+    loud); `text`, when given, is that line for an operator instead of the raw fields."""
 
     event: str
     fields: dict[str, Any] = field(default_factory=dict)
+    level: int = logging.DEBUG
+    text: str = ""
+
+
+def log_note(logger: logging.Logger, who: str, note: Note) -> None:
+    """Write `note` at its level: its text, or its event and fields."""
+    if logger.isEnabledFor(note.level):
+        if note.text:
+            logger.log(note.level, "%s: %s", who, note.text)
+        else:
+            logger.log(note.level, "%s: %s %s", who, note.event, note.fields)
 
 
 Action = Any  # Send | Note | a role's own action (Train, NewVersion)

@@ -494,7 +494,8 @@ class JobMeta(_Strict):
     delta: float | None = None
     history: list[dict[str, Any]] = Field(default_factory=list, max_length=100_000,
                                           description="one row per version: its metrics, "
-                                          "agents, ε, and the agents that declined and why")
+                                          "agents, ε, the agents that declined and why, and "
+                                          "`missing`: the aggregators not in it and why")
 
 
 class StatusMeta(_Strict):
@@ -508,7 +509,14 @@ class StatusMeta(_Strict):
 _Count = Annotated[int, Field(ge=0)]
 
 
-class ActivityMeta(_Strict):
+class _Tolerant(BaseModel):
+    """Telemetry, read by operators' tools only: fields a newer service adds are ignored, so
+    an older `hfl status` still shows what it knows."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class ActivityMeta(_Tolerant):
     """What a service is on (hfl.activity): its job, global round (block), edge round and
     the step it took last (a stage it sent or an event such as `round_closed`)."""
 
@@ -518,8 +526,8 @@ class ActivityMeta(_Strict):
     stage: str = Field(default="", max_length=64)
 
 
-class Counts(_Strict):
-    """A service's counters since it started."""
+class Counts(_Tolerant):
+    """A service's counters since it started (`TelemetryMeta.started`)."""
 
     messages_in: _Count = Field(description="envelopes accepted: verified, not a repeat")
     messages_out: _Count = Field(description="envelopes sent (not status)")
@@ -545,7 +553,7 @@ class Counts(_Strict):
     dropped: _Count = Field(description="aggregator: agents whose masks were recovered")
 
 
-class RoundTimes(_Strict):
+class RoundTimes(_Tolerant):
     """How long rounds took: an aggregator's edge rounds (open to closed), an agent's work
     on one (round open to update sent), the coordinator's global rounds (tasks to version)."""
 
@@ -554,11 +562,31 @@ class RoundTimes(_Strict):
     last_s: float | None = Field(default=None, ge=0)
 
 
-class TelemetryMeta(_Strict):
+class Failing(_Tolerant):
+    """Something that keeps failing: the last reason, since when, how many times in a row."""
+
+    reason: str = Field(max_length=500)
+    since: float = Field(description="the first failure in a row (the node's clock, Unix s)")
+    count: int = Field(default=1, ge=1, description="failures in a row (blocks, saves)")
+    job: str = Field(default="", max_length=ID_MAX, description="the job (failing blocks)")
+
+
+class TelemetryMeta(_Tolerant):
     """every service → its telemetry topic (retained): what it is on and its counters,
-    published when something changed, at most every `telemetry_s` seconds."""
+    published when something changed, at most every `telemetry_s` seconds, and at least
+    every `every_s` seconds: older than three times that (and 10 s), it is stale."""
 
     uptime_s: float = Field(ge=0)
+    started: float | None = Field(default=None, description="when the process started (Unix "
+                                  "s): its counters count from then")
+    restarts: int | None = Field(default=None, ge=0, description="starts before this one on "
+                                 "the service's state folder (none: it keeps no state)")
+    every_s: float | None = Field(default=None, gt=0, description="the longest it goes "
+                                  "without publishing this message")
+    failing: Failing | None = Field(default=None, description="aggregator: its blocks fail "
+                                    "(a site too small for its secure group, say): why, since")
+    saves_failing: Failing | None = Field(default=None, description="its state saves fail "
+                                          "now (a full disk): the last error, since when")
     activity: ActivityMeta
     counts: Counts
     round_s: RoundTimes

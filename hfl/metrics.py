@@ -90,6 +90,17 @@ class TelemetryCollector:
                                      labels=LABELS), labels, int(t.node.session.connected))
         yield _one(GaugeMetricFamily("hfl_uptime_seconds", "Seconds since the service "
                                      "started.", labels=LABELS), labels, meta.uptime_s)
+        if meta.restarts is not None:
+            yield _one(GaugeMetricFamily("hfl_restarts", "Starts before this one on the "
+                                         "service's state folder.", labels=LABELS), labels,
+                       meta.restarts)
+        for name, help_, f in (
+                ("hfl_blocks_failing", "Aggregator: blocks failed in a row (0: the last "
+                 "worked), for the job that failed last.", meta.failing),
+                ("hfl_saves_failing", "State saves failed in a row now (a full disk).",
+                 meta.saves_failing)):
+            yield _one(GaugeMetricFamily(name, help_, labels=LABELS), labels,
+                       f.count if f else 0)
 
 
 def _one(family: CounterMetricFamily | GaugeMetricFamily, labels: list[str],

@@ -14,7 +14,8 @@ it restarts from, and the broker delivers again whatever was not saved. Saves ar
 one when something is to go out, when the inbox runs dry, or every `ACK_BATCH` messages
 (well inside the broker's window of unacknowledged messages). The chunks of a message are
 acknowledged once the whole message is handled. A failing save (a full disk) is logged and
-counted and retried; until it succeeds nothing is acknowledged and nothing goes out.
+counted and retried; until it succeeds nothing is acknowledged and nothing goes out but the
+node's telemetry, which says so (hfl.telemetry).
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from hfl import chunks, envelope
-from hfl.actions import Action, Note, Send, effects
+from hfl.actions import Action, Note, Send, effects, log_note
 from hfl.envelope import Envelope
 from hfl.gate import Gate
 from hfl.identity import Identity, Roster
@@ -64,6 +66,21 @@ def encode_send(action: Send, identity: Identity, roster: Roster,
                            round=action.round, stage=action.stage, sender=identity.id,
                            key=identity.key, tensors=action.tensors, meta=action.meta, now=now,
                            seal_to=seal_to)
+
+
+def _unheld(action: Action) -> bool:
+    """Telemetry is no consequence of the state the node saves: it goes out at once, and so
+    says how the node is even while its saves fail (a full disk holds everything else)."""
+    return isinstance(action, Send) and action.kind is Kind.TELEMETRY
+
+
+@dataclass
+class SaveFailure:
+    """Saves failing now: the last error, the first failure's time, the tries so far."""
+
+    reason: str
+    since: float
+    count: int = 1
 
 
 class Stopped(BaseException):
@@ -111,7 +128,8 @@ class Node:
         self._unacked: list[Inbound] = []  # handled, to acknowledge once saved
         self._held: dict[tuple[str, bytes], list[Inbound]] = {}  # chunks of an open message
         self._tried_at = self._heard_at = 0.0
-        self._failing = False
+        # Saves failing now: the last error, since when, how many tries (telemetry shows it).
+        self.save_failure: SaveFailure | None = None
         self.handlers: dict[type, Callable[[Any], list[Action] | None]] = {
             Send: self.send,
             Note: self._log_note,
@@ -140,7 +158,7 @@ class Node:
         self.counters["bytes_sent"] += len(data)
 
     def _log_note(self, note: Note) -> None:
-        log.debug("%s %s", note.event, note.fields)
+        log_note(log, self.identity.id, note)
 
     # ------------------------------------------------------------------ inbound
 
@@ -250,7 +268,11 @@ class Node:
             else:
                 self._unacked += self._held.pop(key, []) if key is not None else []
                 self._unacked.append(msg)
-        self._outbox += machine.tick(now)
+        for action in machine.tick(now):
+            if _unheld(action):  # how the node is, not what it decided: out at once
+                self.dispatch([action])
+            else:
+                self._outbox.append(action)
         if self.feed is not None:
             self._outbox += self.feed.poll(now)
         # Chunks of a message dropped (evicted, expired) hold nothing any more; and a long
@@ -266,22 +288,26 @@ class Node:
         handled. False when the save failed (logged and counted; tried again later)."""
         assert self.durable is not None
         if self.durable.dirty():
-            if self._failing and not retry and now - self._tried_at < SAVE_RETRY_S:
+            if self.save_failure and not retry and now - self._tried_at < SAVE_RETRY_S:
                 return False
             self._tried_at = now
             try:
                 self.durable.save()
             except StateError as e:
                 self.counters["checkpoint_errors"] += 1
-                if not self._failing:
+                f = self.save_failure
+                if f is None:
                     log.error("%s: %s; nothing is acknowledged or sent until a save succeeds "
                               "(retrying every %.0f s)", self.identity.id, e, SAVE_RETRY_S)
-                self._failing = True
+                    self.save_failure = SaveFailure(str(e), now)
+                else:
+                    f.reason, f.count = str(e), f.count + 1
                 return False
-            if self._failing:
-                log.warning("%s: state saved again after %d failed tries", self.identity.id,
-                            self.counters["checkpoint_errors"])
-                self._failing = False
+            if self.save_failure is not None:
+                log.warning("%s: state saved again after %d failed tries in %.0f s",
+                            self.identity.id, self.save_failure.count,
+                            now - self.save_failure.since)
+                self.save_failure = None
             self.counters["checkpoints"] += 1
         out, self._outbox = self._outbox, []
         self.dispatch(out)

@@ -14,6 +14,7 @@ A state folder belongs to one service. Opened with an `owner` ("aggregator site-
 store holds an exclusive lock on `state.lock` in the folder for as long as it is open (the
 kernel drops it when the process dies, `kill -9` included) and records the owner in the
 database: a second service is refused while the first runs, and a different one even after.
+It also counts the owner's starts there (`starts`), which its telemetry reports.
 """
 
 from __future__ import annotations
@@ -110,6 +111,7 @@ class StateStore:
         self.folder = Path(folder)
         self.path = self.folder / name
         self.owner = owner
+        self.starts: int | None = None  # the owner's starts on this folder, this one included
         self._lock: int | None = None
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
@@ -125,6 +127,7 @@ class StateStore:
             self.db.executescript(SCHEMA)
             if owner is not None:
                 self._claim(owner)
+                self.starts = self._count_start()
         except sqlite3.Error as e:
             self.close()
             raise unusable("open the state", self.folder, e) from None
@@ -139,6 +142,17 @@ class StateStore:
         if recorded != owner:
             raise StateError(f"state folder {self.folder} was written by {recorded}; give "
                              f"this service ({owner}) its own state_dir")
+
+    def _count_start(self) -> int | None:
+        """Count this start (telemetry says a counter back at 0 is a restart, not a loss);
+        None when it cannot be written: a full disk must not stop a service that can resume."""
+        try:
+            self.db.execute("INSERT INTO meta VALUES ('starts', '1') ON CONFLICT(key) DO "
+                            "UPDATE SET value = CAST(value AS INTEGER) + 1")
+            (n,) = self.db.execute("SELECT value FROM meta WHERE key='starts'").fetchone()
+            return int(n)
+        except (sqlite3.Error, ValueError):
+            return None
 
     def close(self) -> None:
         """Close the database and let go of the folder."""

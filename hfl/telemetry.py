@@ -8,7 +8,15 @@
   signed, retained message on `telemetry/{role}/{id}` that `hfl status` and `hfl dashboard`
   read, and what the Prometheus endpoint (hfl.metrics) serves at each scrape.
 - `instrument` wraps the node's machine so that its tick also returns that message when
-  something changed, at most every `interval` seconds: the runner sends it like any other.
+  something changed, at most every `interval` seconds, and at least every `every` seconds
+  (a service: each interval; an agent, of which there are thousands: every 12), so that an
+  observer can tell a node gone quiet (stale) from a node with nothing new. The runner sends
+  it like any other, and at once even while its state saves fail (hfl.node).
+
+What an operator must be able to trust is in it too: when the process started and how often
+the service started before on its state folder (a counter back at 0 is a restart), the blocks
+an aggregator keeps failing (`failing`: why, since when, how many) and the saves failing now
+(`saves_failing`: the last error, since when).
 """
 
 from __future__ import annotations
@@ -21,13 +29,24 @@ from typing import Any
 
 from hfl.actions import Action, Note, Send
 from hfl.activity import Activity
-from hfl.messages import ActivityMeta, Counts, Kind, Role, RoundTimes, TelemetryMeta
+from hfl.messages import (
+    ActivityMeta,
+    Counts,
+    Failing,
+    Kind,
+    Role,
+    RoundTimes,
+    TelemetryMeta,
+)
 from hfl.node import Machine, Node
+from hfl.topics import ID_MAX
 
 DEFAULT_INTERVAL = 5.0
 # Upper bounds of the round-duration histogram, in seconds (Prometheus `le` buckets).
 ROUND_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 MAX_OPEN = 256  # rounds started and not yet ended that are remembered (retries leave some)
+MAX_FAILING = 64  # jobs whose blocks fail that are remembered
+AGENT_EVERY = 12  # an agent's telemetry goes out at least every 12 intervals (a service's: 1)
 
 
 @dataclass
@@ -49,6 +68,7 @@ class Stats:
     round_count: int = 0
     round_total: float = 0.0
     round_last: float | None = None
+    failing: dict[str, Failing] = field(default_factory=dict)  # job → its blocks failing now
     _open: dict[tuple[str, int], float] = field(default_factory=dict)
 
     def observe(self, action: Any, now: float) -> None:
@@ -83,6 +103,21 @@ class Stats:
             self.retries += 1
         elif event == "block_failed" or (event == "job_ended" and f.get("state") == "failed"):
             self.failures += 1
+            if event == "block_failed":
+                self._failed(str(job), str(f.get("reason", "unknown")), now)
+        elif event == "partial_sent" and f.get("weight", 0) > 0:
+            self.failing.pop(str(job), None)  # a block that worked ends the streak
+
+    def _failed(self, job: str, reason: str, now: float) -> None:
+        old = self.failing.pop(job, None)
+        self.failing[job] = Failing(reason=reason[:500], since=old.since if old else now,
+                                    count=old.count + 1 if old else 1, job=job[:ID_MAX])
+        if len(self.failing) > MAX_FAILING:
+            del self.failing[next(iter(self.failing))]
+
+    def failure(self) -> Failing | None:
+        """The job whose block failed last, while its blocks keep failing."""
+        return next(reversed(self.failing.values()), None)
 
     def _start(self, key: tuple[Any, Any], now: float) -> None:
         self._open.setdefault(key, now)  # a retried block keeps its first start
@@ -113,10 +148,14 @@ class Telemetry:
     counters, in one `TelemetryMeta` snapshot."""
 
     def __init__(self, node: Node, interval: float = DEFAULT_INTERVAL,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, every: float | None = None) -> None:
         ident = node.identity
         agg = ident.id if ident.role is Role.AGGREGATOR else node.group
         self.node, self.interval, self.clock = node, interval, clock
+        if every is None:
+            every = interval * (AGENT_EVERY if ident.role is Role.AGENT else 1)
+        self.every = max(every, interval)
+        self._last = float("-inf")  # when the last message went out
         self.topic = node.topics.telemetry(ident.role.value, ident.id)
         self.activity = Activity(ident.role.value, ident.id, agg)
         self.stats = Stats()
@@ -143,10 +182,26 @@ class Telemetry:
             registry_errors=n.get("registry_errors", 0), rounds=st.rounds, retries=st.retries,
             failures=st.failures, updates=st.updates, dropped=st.dropped)
 
+    def restarts(self) -> int | None:
+        """Starts before this one on the node's state folder; None without one."""
+        durable = self.node.durable
+        starts = durable.store.starts if durable is not None else None
+        return max(starts - 1, 0) if starts else None
+
+    def saves_failing(self) -> Failing | None:
+        f = self.node.save_failure
+        return None if f is None else Failing(reason=f.reason[:500], since=f.since,
+                                              count=f.count)
+
     def meta(self, now: float) -> TelemetryMeta:
         a, st = self.activity, self.stats
         return TelemetryMeta(
             uptime_s=max(now - self.started, 0.0),
+            started=self.started,
+            restarts=self.restarts(),
+            every_s=self.every if self.interval > 0 else None,
+            failing=st.failure(),
+            saves_failing=self.saves_failing(),
             activity=ActivityMeta(job=a.job, block=a.block, round=a.round, stage=a.stage[:64]),
             counts=self.counts(),
             round_s=RoundTimes(count=st.round_count, total_s=st.round_total,
@@ -157,16 +212,17 @@ class Telemetry:
 
     def tick(self, now: float) -> list[Action]:
         """The telemetry message when something changed since the last one (its own
-        sending aside), checked at most every `interval` seconds; 0 turns it off."""
+        sending aside), checked at most every `interval` seconds, or when `every` seconds
+        passed since the last one; an interval of 0 turns it off."""
         if self.interval <= 0 or now < self._next:
             return []
         self._next = now + self.interval
         meta = self.meta(now)
         said = meta.model_dump(exclude={"uptime_s": True,
                                         "counts": {"messages_out", "bytes_out"}})
-        if said == self._sent:
+        if said == self._sent and now - self._last < self.every:
             return []
-        self._sent = said
+        self._sent, self._last = said, now
         return [Send(Kind.TELEMETRY, self.topic, "", 0, "telemetry",
                      meta.model_dump(mode="json"), retain=True)]
 
@@ -184,7 +240,7 @@ class Instrumented:
         return [*self.machine.tick(now), *self.telemetry.tick(now)]
 
 
-def instrument(node: Node, machine: Machine,
-               interval: float = DEFAULT_INTERVAL) -> tuple[Telemetry, Instrumented]:
-    telemetry = Telemetry(node, interval)
+def instrument(node: Node, machine: Machine, interval: float = DEFAULT_INTERVAL,
+               every: float | None = None) -> tuple[Telemetry, Instrumented]:
+    telemetry = Telemetry(node, interval, every=every)
     return telemetry, Instrumented(machine, telemetry)

@@ -92,6 +92,20 @@ def test_charts_and_rows_from_the_registry(tmp_path: Path) -> None:
     reg.close()
 
 
+def test_each_job_row_names_the_sites_its_newest_version_was_made_without(
+        tmp_path: Path) -> None:
+    reg = Registry(tmp_path / "registry")
+    fill(reg)
+    fleet = {"jobs": [{"job": "r1-m", "missing": {"site-b": "secure group too small"}},
+                      {"job": "gone", "missing": {"site-a": "x"}}]}
+    rows = {r["job"]: r for r in Dashboard(reg, lambda: fleet).state()["jobs"]}
+    assert rows["r1-m"]["missing"] == {"site-b": "secure group too small"}
+    assert rows["r2-m"]["missing"] == {} and "gone" not in rows  # the registry's jobs only
+    page = (ROOT / "fleet" / "web" / "dashboard.js").read_text()
+    assert "j.missing" in page and "n.problems" in page and "n.stale" in page
+    reg.close()
+
+
 def test_the_server_answers_get_only_with_a_strict_policy(tmp_path: Path) -> None:
     reg = Registry(tmp_path / "registry")
     fill(reg)

@@ -133,3 +133,62 @@ def test_unsaved_messages_come_again_and_saved_ones_do_not(world, broker: Broker
             seen.append(acc[0].meta["from"])
     watcher.stop()
     assert sorted(seen) == ["a1"] * 3 + ["a2"] * 3  # sent once each, after the save
+
+
+def test_an_observer_sees_failing_saves_while_they_fail_and_then_the_restart(
+        world, broker: Broker, tmp_path: Path) -> None:
+    """Through the real path: telemetry of a service whose disk is full reaches `hfl status`'s
+    view while nothing else may leave; the service started again says it restarted."""
+    from fleet.view import stale_after
+    from fleet.watch import Watch
+    from hfl.telemetry import instrument
+
+    topics, roster, ids = world
+    ops = Identity.generate("ops", Role.OBSERVER)
+    roster.enroll(ops)
+    watch = Watch(ops, roster, BrokerSettings(broker.host, broker.port), topics)
+    watch.start(10)
+    owner = ids["site-a"].who
+    try:
+        first, m1 = node(ids["site-a"], roster, topics, broker, FailingStore(tmp_path,
+                                                                             owner=owner))
+        _, served = instrument(first, m1, interval=0.2)
+        first.start(10)
+        publish_updates(world, broker, 4)
+        run_for(first, served, 1.5)
+        watch.pump(0.5)
+        (site_a,) = watch.snapshot()["aggregators"]
+        assert sum(m1.counts.values()) == 4 and first.counters["checkpoint_errors"] >= 2
+        # Nothing the machine decided left (the four partials wait for a save)...
+        assert len([a for a in first._outbox if isinstance(a, Send)]) == 4
+        # ...but the telemetry did, saying why, with the count of failed saves.
+        assert site_a["counts"]["checkpoint_errors"] >= 2 and not site_a["stale"]
+        failing = site_a["saves_failing"]
+        assert failing["reason"] == "cannot write the state in x: disk full (simulated)"
+        assert failing["count"] >= 2
+        assert any(p.startswith("state saves failing for") for p in site_a["problems"])
+        assert (site_a["restarts"], site_a["restarted"]) == (0, "")
+        # Its loop stuck (connected, status online): its telemetry goes stale.
+        later = time.time() + stale_after(0.2) + 1
+        (stuck,) = watch.view.snapshot(later)["aggregators"]
+        assert stuck["state"] == "online" and stuck["stale"]
+        first.session.stop()
+        first.durable.close()
+
+        # Started again on the same folder, its disk fine: the restart is said, the
+        # failure is over and the counters count from this start.
+        second, m2 = node(ids["site-a"], roster, topics, broker, StateStore(tmp_path,
+                                                                              owner=owner))
+        _, served = instrument(second, m2, interval=0.2)
+        second.start(10)
+        run_for(second, served, 1.5)
+        watch.pump(0.5)
+        (site_a,) = watch.snapshot()["aggregators"]
+        assert m2.counts == {"a1": 2, "a2": 2}
+        assert site_a["state"] == "online" and site_a["saves_failing"] is None
+        assert site_a["counts"]["checkpoint_errors"] == 0 and site_a["restarts"] == 1
+        assert site_a["restarted"].startswith("restarted ") and "(start 2)" in site_a[
+            "restarted"]
+        second.stop()
+    finally:
+        watch.stop()

@@ -3,6 +3,7 @@ HierFAVG blocks, quorum and deadlines, repeats, reordering, stale and malformed 
 
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import replace
 
@@ -260,6 +261,58 @@ def test_a_small_secure_group_is_skipped_with_its_reason_or_runs_in_the_clear() 
     # Site-b's agents were told the round is plain: they sent sealed deltas, not masks.
     stages = {s.stage for p, s in net.sent if p in ("b1", "b2") and s.kind is Kind.UPDATE}
     assert stages == {"update"}
+
+
+def test_each_version_names_the_sites_missing_from_it_and_why_at_warning(caplog) -> None:
+    caplog.set_level(logging.WARNING)
+    small = {"site-a": ["a1", "a2", "a3"], "site-b": ["b1", "b2"]}
+    net = build(groups=small)
+    request(net, spec(rounds=3, secagg={"enabled": True}))
+    why = ("secure group too small: 2 agents available, secure aggregation needs n >= 3; "
+           'secagg.small_groups = "plain" aggregates such rounds in the clear')
+    assert [v.agents for v in versions(net)] == [3, 3, 3]
+    final = [s for _, s in net.sent if s.kind is Kind.JOB][-1].meta
+    assert final["state"] == "done"
+    assert [r["missing"] for r in final["history"]] == [{"site-b": why}] * 3
+    # Said at WARNING, by the site for each block and by the coordinator for each version.
+    warned = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert warned.count(("WARNING", f"site-b: job r1-m block 0 failed here: {why}")) == 1
+    assert ("WARNING", f"site-b: job r1-m block 2 failed here: {why}") in warned
+    assert ("WARNING", f"coord: job r1-m version 3 was made without site-b ({why})") in warned
+    assert len(warned) == 6, warned
+    # A whole site: no version lists anyone missing, nothing is said.
+    caplog.clear()
+    net = build()
+    request(net, spec(rounds=1))
+    (row,) = [s for _, s in net.sent if s.kind is Kind.JOB][-1].meta["history"]
+    assert row["missing"] == {} and caplog.records == []
+
+
+def test_a_site_whose_partial_never_came_is_missing_by_the_deadline(caplog) -> None:
+    caplog.set_level(logging.WARNING)
+    net = build()
+    net.peers["site-b"].machine = _Sink()  # its aggregator hangs: tasks in, nothing out
+    request(net, spec(rounds=1))
+    assert versions(net) == []
+    net.advance(31)  # the block's timeout: κ1 · deadline · (retries + 1) + 10 s of grace
+    (v,) = versions(net)
+    assert v.agents == 3
+    (row,) = [s for _, s in net.sent if s.kind is Kind.JOB][-1].meta["history"]
+    assert row["missing"] == {"site-b": "no partial by the deadline"}
+    assert [r.getMessage() for r in caplog.records] == [
+        "coord: job r1-m version 1 was made without site-b (no partial by the deadline)"]
+
+
+def test_a_job_every_site_failed_ends_failed_at_warning(caplog) -> None:
+    caplog.set_level(logging.WARNING)
+    net = build(trainer=constant_trainer(silent=set(STEP)))
+    request(net, spec(rounds=1, max_retries=0))
+    net.advance(11)
+    assert job_states(net)[-1] == "failed"
+    msgs = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "site-a: job r1-m block 0 failed here: round failed: 0 < 2" in msgs
+    assert any(m.startswith("coord: job r1-m failed: every aggregator failed the block")
+               for m in msgs), msgs
 
 
 def test_below_quorum_retries_then_the_other_site_carries_the_block() -> None:

@@ -111,3 +111,23 @@ def test_hfl_simulate_runs_a_config_on_the_memory_network(tmp_path: Path) -> Non
     assert job.startswith("sim-s3-") and state == {"state": "done", "reason": "2 rounds"}
     assert doc["rounds"][-1]["accuracy"] > 0.5
     assert (tmp_path / "o" / "metrics.png").is_file()
+
+
+def test_the_report_names_the_sites_each_version_was_made_without(tmp_path: Path) -> None:
+    cfg = tmp_path / "sim.toml"  # 5 agents on 2 sites: 3 and 2, too few for SecAgg+ there
+    cfg.write_text('seed = 3\n[fleet]\naggregators = 2\nagents = 5\nnetwork = "memory"\n'
+                   '[data]\nsource = "digits"\npartition = "iid"\n'
+                   '[model]\ntask = "logreg"\n'
+                   'options = {input_shape = [1, 8, 8], num_classes = 10}\n'
+                   'rounds = 2\nepochs = 1\nmin_agents = 2\n')
+    report = tmp_path / "r.json"
+    res = CliRunner().invoke(app, ["simulate", str(cfg), "--out", str(tmp_path / "o"),
+                                   "--report", str(report)], terminal_width=300)
+    assert res.exit_code == 0, res.output
+    doc = json.loads(report.read_text())
+    assert [r["agents"] for r in doc["rounds"]] == [3, 3]
+    (why,) = {r["missing"]["site-2"] for r in doc["rounds"]}
+    assert why.startswith("secure group too small: 2 agents available")
+    assert all(list(r["missing"]) == ["site-2"] for r in doc["rounds"])
+    assert "site-2 missing from 2 of 2 versions (1-2): secure group too small" in " ".join(
+        res.output.split())

@@ -79,6 +79,31 @@ def test_retries_and_failures_are_counted(stats) -> None:
     assert stats["coord"].failures == 1 and stats["coord"].rounds == 0
 
 
+def test_a_site_that_cannot_form_its_secure_group_is_failing_since_its_first_block(
+        stats) -> None:
+    net = build(groups={"site-a": ["a1", "a2", "a3"], "site-b": ["b1", "b2"]})
+    request(net, spec(rounds=3, secagg={"enabled": True}))  # each block at t = 1000
+    failing = stats["site-b"].failure()
+    assert failing is not None and (failing.job, failing.count, failing.since) == (
+        "r1-m", 3, 1000.0)
+    assert failing.reason.startswith("secure group too small: 2 agents available")
+    assert stats["site-b"].failures == 3 and stats["site-a"].failure() is None
+
+
+def test_a_block_that_works_ends_the_failing_streak_of_its_job() -> None:
+    st = Stats()
+    for t, job in ((10, "j1"), (20, "j2"), (30, "j1")):
+        st.observe(Note("block_failed", {"job": job, "block": 0, "reason": f"r{t}"}), t)
+    f = st.failure()  # the job that failed last, since its first failure
+    assert (f.job, f.count, f.since, f.reason) == ("j1", 2, 10.0, "r30")
+    st.observe(Note("partial_sent", {"job": "j1", "weight": 0.0}), 35)  # a failed block's
+    assert st.failure().job == "j1"
+    st.observe(Note("partial_sent", {"job": "j1", "weight": 12.0}), 40)
+    assert (st.failure().job, st.failure().since) == ("j2", 20.0)
+    st.observe(Note("partial_sent", {"job": "j2", "weight": 3.0}), 50)
+    assert st.failure() is None and st.failures == 3
+
+
 def test_epsilon_per_job_from_the_coordinators_versions() -> None:
     st = Stats()
     st.observe(Note("version", {"job": "j1", "version": 1, "epsilon": 1.25}), 0.0)
@@ -109,7 +134,7 @@ def test_sent_when_something_changed_at_most_every_interval(fleet_ids) -> None:
     roster, ids = fleet_ids
     node = node_of(ids["site-a"], roster)
     now = [100.0]
-    tel = Telemetry(node, interval=5, clock=lambda: now[0])
+    tel = Telemetry(node, interval=5, clock=lambda: now[0], every=60)
     (first,) = tel.tick(100)
     assert (first.kind, first.topic, first.retain) == (
         Kind.TELEMETRY, T.telemetry("aggregator", "site-a"), True)
@@ -126,8 +151,22 @@ def test_sent_when_something_changed_at_most_every_interval(fleet_ids) -> None:
     assert (meta.activity.job, meta.activity.round, meta.activity.stage) == (
         "j1", 7, "round_open")
     assert (meta.counts.messages_out, meta.counts.bytes_out) == (1, 500)
-    assert meta.uptime_s == 18.0
+    assert meta.uptime_s == 18.0 and meta.every_s == 60
+    # Nothing new: still sent once `every` seconds passed, so an observer can tell a quiet
+    # node from one gone silent.
+    assert [tel.tick(t) for t in (123, 173)] == [[], []]
+    (beat,) = tel.tick(178)
+    assert TelemetryMeta.model_validate(beat.meta).uptime_s == 78.0
     assert Telemetry(node, interval=0).tick(1000) == []  # 0: off
+
+
+def test_a_service_says_how_it_is_every_interval_an_agent_every_twelve(fleet_ids) -> None:
+    roster, ids = fleet_ids
+    service, agent = (Telemetry(node_of(ids[i], roster), interval=5) for i in ("site-a", "a1"))
+    assert (service.every, agent.every) == (5, 60)
+    assert [len(service.tick(t)) for t in (0, 5, 10, 12, 15)] == [1, 1, 1, 0, 1]
+    assert [len(agent.tick(t)) for t in (0, 5, 55, 60)] == [1, 0, 0, 1]
+    assert TelemetryMeta.model_validate(service.tick(20)[0].meta).every_s == 5
 
 
 def test_only_a_service_publishes_telemetry_and_only_its_own(fleet_ids) -> None:
@@ -208,6 +247,11 @@ def test_the_prometheus_exposition_is_the_snapshot(fleet_ids) -> None:
         ROUND_BUCKETS) + 1
     assert m[("hfl_epsilon_spent", (("job", "j1"), *me))] == 0.75
     assert m[("hfl_connected", me)] == 0  # never started
+    assert (m[("hfl_blocks_failing", me)], m[("hfl_saves_failing", me)]) == (0, 0)
+    assert ("hfl_restarts", me) not in m  # no state folder
+    tel.stats.observe(Note("block_failed", {"job": "j1", "reason": "too small"}), 70)
+    tel.stats.observe(Note("block_failed", {"job": "j1", "reason": "too small"}), 80)
+    assert scrape(tel)[("hfl_blocks_failing", me)] == 2
 
 
 def test_the_metrics_section_is_validated(tmp_path) -> None:

@@ -143,3 +143,124 @@ def test_a_message_the_view_does_not_watch_is_refused() -> None:
 def test_human_bytes() -> None:
     assert [human_bytes(n) for n in (0, 1023, 1024, 5 << 20, 3 << 40)] == [
         "0 B", "1023 B", "1.0 KiB", "5.0 MiB", "3072.0 GiB"]
+
+
+# ---------------------------------------------------------------- what is wrong, said
+
+
+def _render(snap: dict, agents: bool = False) -> str:
+    console = Console(record=True, width=400)
+    console.print(render(snap, agents=agents))
+    return console.export_text()
+
+
+def test_an_online_node_whose_telemetry_is_too_old_is_stale_not_online() -> None:
+    f = Fleet()
+    for id_ in ("coord", "site-a", "site-b", "a1"):
+        f.status(id_, "online")
+    f.telemetry("coord", now=972.0, every_s=5.0)  # 28 s old at 1000: > 3 × 5 s
+    f.telemetry("site-a", now=990.0, every_s=5.0)  # 10 s old: within 15 s
+    f.telemetry("site-b", now=900.0)  # an older service, no period: cannot be judged
+    f.telemetry("a1", now=900.0, every_s=60.0)  # an agent's period: 100 s < 180 s
+    snap = f.view.snapshot(1000.0)
+    coord, (site_a, site_b) = snap["coordinators"][0], snap["aggregators"]
+    assert (coord["stale"], coord["seen_s"], coord["state"]) == (True, 28.0, "online")
+    assert not site_a["stale"] and not site_b["stale"]
+    assert not snap["agents"][0]["stale"]
+    assert not f.view.snapshot(986.0)["coordinators"][0]["stale"]  # 14 s: not yet
+    # Offline or lost nodes' telemetry is old by nature: their state says it all.
+    f.status("coord", "lost")
+    assert not f.view.snapshot(1000.0)["coordinators"][0]["stale"]
+    f.status("coord", "online")
+    text = _render(f.view.snapshot(1000.0))
+    assert "coordinator coord stale (28 s)" in text
+    assert "aggregators 2/2 online" in text
+    f.telemetry("site-a", now=900.0, every_s=5.0)  # a late copy of an older message: ignored
+    assert f.view.snapshot(1000.0)["aggregators"][0]["seen_s"] == 10.0
+    assert "aggregators 1/2 online (1 stale)" in _render(f.view.snapshot(1010.0))
+
+
+def test_a_failing_site_says_why_and_since_when_and_jobs_name_the_sites_missing() -> None:
+    f = Fleet()
+    for id_ in ("coord", "site-a", "site-b"):
+        f.status(id_, "online")
+    why = "secure group too small: 2 agents available, secure aggregation needs n >= 3"
+    f.telemetry("site-a", now=999.0, every_s=5.0,
+                failing={"reason": why, "since": 700.0, "count": 13, "job": "r1-m"},
+                counts={"failures": 13})
+    f.telemetry("site-b", now=999.0, every_s=5.0)
+    rows = [{"version": v, "missing": {"site-a": why}} for v in (1, 2)]
+    meta = JobMeta(job="r1-m", app="app", model="m", state="running", version=2, rounds=5,
+                   history=rows)
+    f.deliver("coord", Send(Kind.JOB, T.job("r1-m"), "r1-m", 2, "running",
+                            meta.model_dump(mode="json"), retain=True))
+    snap = f.view.snapshot(1000.0)
+    site_a, site_b = snap["aggregators"]
+    assert site_a["failing"] == {"reason": why, "since": 700.0, "count": 13, "job": "r1-m",
+                                 "job_state": "running"}
+    assert site_a["problems"] == [f"blocks failing for 5 min (13 in a row, job r1-m): {why}"]
+    assert site_a["missing"] == [{"job": "r1-m", "version": 2, "reason": why}]
+    assert site_b["problems"] == [] and site_b["missing"] == []
+    assert snap["jobs"][0]["missing"] == {"site-a": why}
+    text = _render(snap)
+    assert f"site-a: {why}" in text  # the jobs table's missing sites
+    assert "blocks failing for 5 min (13 in a row, job r1-m)" in text
+    assert "aggregators 2/2 online (1 failing)" in text
+    # Its own telemetry silent on it (an older aggregator, or none at all): the job says so.
+    f.telemetry("site-a", now=999.5, every_s=5.0)
+    (site_a, _) = f.view.snapshot(1000.0)["aggregators"]
+    assert site_a["problems"] == [f"missing from r1-m v2: {why}"]
+    # A job that ended keeps its rows (jobs table) but no longer marks the site as missing;
+    # the site's own failing streak is told as what it was, not as failing now.
+    f.deliver("coord", Send(Kind.JOB, T.job("r1-m"), "r1-m", 2, "done", meta.model_copy(
+        update={"state": "done"}).model_dump(mode="json"), retain=True))
+    snap = f.view.snapshot(1000.0)
+    assert snap["aggregators"][0]["problems"] == [] and snap["jobs"][0]["missing"]
+    f.telemetry("site-a", now=999.7, every_s=5.0,
+                failing={"reason": why, "since": 700.0, "count": 13, "job": "r1-m"})
+    snap = f.view.snapshot(1000.0)
+    assert snap["aggregators"][0]["problems"] == [
+        f"its last 13 blocks failed (job r1-m, now done): {why}"]
+    assert "aggregators 2/2 online ·" in _render(snap)
+
+
+def test_failing_saves_and_restarts_are_shown_for_what_they_are() -> None:
+    f = Fleet()
+    f.status("coord", "online")
+    f.telemetry("coord", now=999.0, every_s=5.0, counts={"checkpoint_errors": 28},
+                saves_failing={"reason": "cannot write the state in /s: database or disk "
+                               "is full", "since": 972.0, "count": 28},
+                started=900.0, restarts=2)
+    snap = f.view.snapshot(1000.0)
+    (coord,) = snap["coordinators"]
+    assert coord["problems"] == [
+        "state saves failing for 28 s (28 tries): cannot write the state in /s: database or "
+        "disk is full", "checkpoint errors 28"]
+    assert (coord["restarts"], coord["started"]) == (2, 900.0)
+    assert coord["restarted"] == "restarted 1 min ago (start 3): counters from then"
+    text = _render(snap)
+    assert "state saves failing for 28 s" in text and "start 3" in text
+    # A node without a state folder (restarts None) seen starting again while watched.
+    f.status("a1", "online")
+    f.telemetry("a1", now=999.0, started=900.0, counts={"rounds": 9})
+    assert f.view.snapshot(1000.0)["agents"][0]["restarted"] == ""
+    f.telemetry("a1", now=1005.0, started=1003.0, counts={"rounds": 0})
+    a1 = f.view.snapshot(1010.0)["agents"][0]
+    assert a1["resets_seen"] == 1
+    assert a1["restarted"] == "restarted 1 min ago (seen restarting): counters from then"
+
+
+def test_older_and_newer_telemetry_both_read() -> None:
+    f = Fleet()
+    old = {"uptime_s": 5, "activity": {}, "round_s": {},
+           "counts": dict.fromkeys(Counts.model_fields, 0)}
+    meta = TelemetryMeta.model_validate(old)  # what a service before these fields sent
+    assert (meta.started, meta.restarts, meta.every_s, meta.failing) == (None,) * 4
+    newer = {**old, "some_later_field": {"x": 1}, "counts": {**old["counts"], "later": 3}}
+    assert TelemetryMeta.model_validate(newer).counts.rounds == 0  # ignored, not refused
+    f.status("site-a", "online")
+    f.deliver("site-a", Send(Kind.TELEMETRY, T.telemetry("aggregator", "site-a"), "", 0,
+                             "telemetry", newer, retain=True))
+    site_a = f.view.snapshot(1000.0)["aggregators"][0]
+    assert site_a["counts"]["rounds"] == 0 and site_a["problems"] == []
+    assert not site_a["stale"] and site_a["restarted"] == ""

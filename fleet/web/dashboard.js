@@ -2,8 +2,6 @@
 // SVG made by the server (fleet/charts.py), every text in them escaped there.
 "use strict";
 
-const ERRORS = ["internal_errors", "unsendable", "checkpoint_errors", "registry_errors"];
-
 function cell(row, text, cls) {
   const td = row.insertCell();
   td.textContent = text === null || text === undefined ? "-" : String(text);
@@ -24,7 +22,7 @@ function renderJobs(jobs) {
   const body = document.querySelector("#jobs tbody");
   body.replaceChildren();
   if (!jobs.length) {
-    cell(body.insertRow(), "no jobs yet", "muted").colSpan = 9;
+    cell(body.insertRow(), "no jobs yet", "muted").colSpan = 10;
     return;
   }
   for (const j of jobs) {
@@ -39,6 +37,8 @@ function renderJobs(jobs) {
     cell(row, fixed(j.epsilon, 2), "num");
     cell(row, j.reason);
     cell(row, new Date(j.updated * 1000).toLocaleTimeString());
+    const missing = Object.entries(j.missing || {}).map(([site, why]) => `${site}: ${why}`);
+    cell(row, missing.join("; "), missing.length ? "state-lost" : "");
   }
 }
 
@@ -83,7 +83,9 @@ function renderFleet(fleet) {
     const c = n.counts || {};
     const r = n.round_s || {};
     cell(row, n.id);
-    cell(row, n.state, `state-${n.state}`);
+    // Online by its status, but its telemetry is too old to believe it: stale.
+    if (n.stale) cell(row, `stale (${ago(n.seen_s).replace(" ago", "")})`, "state-lost");
+    else cell(row, n.state, `state-${n.state}`);
     if (n.agents) {
       const lost = n.agents.lost ? `, ${n.agents.lost} lost` : "";
       const off = n.agents.offline ? `, ${n.agents.offline} offline` : "";
@@ -103,15 +105,19 @@ function renderFleet(fleet) {
     const rejected = Object.values(n.rejections).reduce((s, v) => s + v, 0);
     cell(row, rejected, rejected ? "num state-lost" : "num");
     cell(row, ago(n.seen_s));
-    const errors = ERRORS.filter((k) => c[k]).map((k) => `${k.replace("_", " ")} ${c[k]}`);
-    cell(row, errors.join(", "), "state-lost");
+    // What is wrong (fleet.view.problems), then whether it restarted (counters from 0).
+    const health = cell(row, [...(n.problems || []), n.restarted].filter(Boolean).join("; "),
+                        n.problems && n.problems.length ? "state-lost" : "state-offline");
+    health.dataset.problems = String((n.problems || []).length);
   }
   const agents = fleet.agents;
   const online = agents.filter((a) => a.state === "online").length;
   const lost = agents.filter((a) => a.state === "lost").length;
-  const aggs = fleet.aggregators.filter((a) => a.state === "online").length;
+  const aggs = fleet.aggregators.filter((a) => a.state === "online" && !a.stale).length;
+  const stale = fleet.aggregators.filter((a) => a.stale).length;
   document.getElementById("summary").textContent =
-    `aggregators ${aggs}/${fleet.aggregators.length} online · agents ${online}/${agents.length}` +
+    `aggregators ${aggs}/${fleet.aggregators.length} online${stale ? ` (${stale} stale)` : ""}` +
+    ` · agents ${online}/${agents.length}` +
     ` online${lost ? ` (${lost} lost)` : ""} · roster serial ${fleet.roster_serial}`;
   const reasons = Object.entries(fleet.rejections).map(
     ([reason, by]) => `${reason}: ${Object.entries(by).map(([k, v]) => `${k} ${v}`).join(", ")}`);
