@@ -78,7 +78,7 @@ def wait_for(what: str, check: Callable[[], object], timeout: float = 30.0) -> o
 
 
 def spec(aggregators: list[str], **kw) -> ModelSpec:
-    base = dict(name="m", task="logreg", options={"input_shape": P_SHAPE, "num_classes": 2},
+    base = dict(name="m", task="logreg", options={"input_shape": list(P_SHAPE), "num_classes": 2},
                 dataset="d", aggregators=aggregators, rounds=2, min_agents=2, deadline_s=60,
                 max_retries=2,
                 secagg={"enabled": False, "stage_timeout_s": 20})
