@@ -43,24 +43,31 @@ def permissions(m: Member, t: Topics) -> tuple[list[str], list[str]]:
     if m.role is Role.AGENT:
         assert m.group is not None  # the roster refuses an agent without its aggregator
         # Its group's rounds, and of the per-agent levels only its own (its SecAgg+ shares).
-        return ([pattern(t.rounds, m.group, ANY), pattern(t.round_to, m.group, ANY, m.id),
-                 t.roster()],
+        rounds = pattern(t.rounds, m.group, ANY)
+        return ([rounds, pattern(t.round_to, m.group, ANY, m.id), t.roster(),
+                 t.chunks(rounds), t.chunks(t.roster())],
                 [t.update(m.group, m.id), *own])
     if m.role is Role.AGGREGATOR:
+        rounds = pattern(t.rounds, m.id, ANY)
         return ([t.tasks(m.id), pattern(t.update, m.id, ANY),
-                 pattern(t.status, Role.AGENT.value, ANY), t.roster()],
-                [pattern(t.rounds, m.id, ANY), pattern(t.round_to, m.id, ANY, ANY),
+                 pattern(t.status, Role.AGENT.value, ANY), t.roster(), t.chunks(t.roster())],
+                [rounds, pattern(t.round_to, m.id, ANY, ANY), t.chunks(rounds),
                  t.partials(m.id), *own])
     if m.role is Role.COORDINATOR:
+        # It alone writes the retained sets of jobs, models and the roster (their chunk
+        # subtopics): what an app assembles from them comes from it or from no one.
+        jobs, models = pattern(t.job, ANY), pattern(t.model, ANY)
         return ([pattern(t.app_requests, ANY), pattern(t.partials, ANY),
                  pattern(t.status, ANY, ANY)],
-                [pattern(t.job, ANY), pattern(t.model, ANY), t.roster(), pattern(t.tasks, ANY),
-                 pattern(t.replies, ANY), *own])
+                [jobs, models, t.roster(), t.chunks(jobs), t.chunks(models),
+                 t.chunks(t.roster()), pattern(t.tasks, ANY), pattern(t.replies, ANY), *own])
     if m.role is Role.APP:
-        return ([pattern(t.job, ANY), pattern(t.model, ANY), t.roster(), t.replies(m.id)],
+        jobs, models = pattern(t.job, ANY), pattern(t.model, ANY)
+        return ([jobs, models, t.roster(), t.chunks(jobs), t.chunks(models),
+                 t.chunks(t.roster()), t.replies(m.id)],
                 [t.app_requests(m.id), *own])
     if m.role is Role.OBSERVER:
-        return [f"{t.prefix}/#"], own
+        return [f"{t.prefix}/#"], own  # the chunk subtopics included
     raise ValueError(f"no ACL rule for role {m.role.value}")
 
 

@@ -183,9 +183,9 @@ def broker_config(
     max_packet_size: Annotated[int, typer.Option(
         min=MIN_PACKET_SIZE, help="The largest MQTT packet the broker takes; a client sending "
         "a larger one is disconnected. The default fits the services' chunks (max_payload "
-        "256 KiB) whole; raise it to max_payload + 1024 if they use a larger max_payload, or "
-        "to the largest retained message (model versions) that late subscribers must get "
-        "whole.")] = MAX_PACKET_SIZE,
+        "256 KiB) whole; raise it to max_payload + 1024 if they use a larger max_payload. "
+        "Larger retained messages (model versions) are retained in chunks that late "
+        "subscribers get whole at any limit.")] = MAX_PACKET_SIZE,
     user: Annotated[str | None, typer.Option(
         help="The account Mosquitto drops to when started as root (its own default: "
         "mosquitto, which must read the installed files); \"$(id -un)\" runs a local broker "

@@ -260,7 +260,9 @@ class AppWire:
     """The app without I/O, for an MQTT client of your own (MQTT 5 or 3.1.1, QoS 1).
 
     Subscribe to `subscriptions(...)`, publish `request(...)`'s (topic, payload) with QoS 1,
-    and pass every message received to `feed`: it reassembles chunks, checks the signature
+    and pass every message received to `feed`: it reassembles chunks and retained sets (a
+    version too large for one packet, retained on the model's chunk subtopics, which
+    `subscriptions` includes, so a late subscriber gets it whole), checks the signature
     against the roster, opens what is sealed for this app, follows roster updates and
     returns the new model versions, job updates and replies to its requests. Nothing a peer
     sends raises: refusals are counted in `rejections`."""

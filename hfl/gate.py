@@ -17,7 +17,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
-from hfl import envelope
+from hfl import chunks, envelope
 from hfl.chunks import Reassembler
 from hfl.envelope import Envelope
 from hfl.errors import Rejected
@@ -57,6 +57,7 @@ class Gate:
         self._reassembler = Reassembler(max_message=max_message, max_pending_bytes=in_all,
                                         max_key_bytes=per_key)
         self._evicted = 0  # evictions counted so far
+        self._stale = 0  # replaced retained sets counted so far
 
     def accept(self, topic: str, payload: bytes, now: float) -> tuple[Envelope, Route] | None:
         """One inbound payload → a verified envelope and its route, or None (incomplete,
@@ -66,7 +67,12 @@ class Gate:
             return None  # a cleared retained message
         try:
             try:
-                data = self._reassembler.feed(topic, payload, now)
+                cut = self.topics.chunk_of(topic)
+                if cut is None:
+                    data = self._reassembler.feed(topic, payload, now)
+                else:  # a frame of the retained set on `topic`, which is the set's from now on
+                    topic, index = cut
+                    data = self._reassembler.feed_chunk(topic, index, payload, now)
             finally:
                 self._count_chunks()
             if data is None:
@@ -129,6 +135,15 @@ class Gate:
         """Whether chunks of message `msg_id` on `topic` wait for the rest."""
         return self._reassembler.holds(topic, msg_id)
 
+    def chunk_key(self, topic: str, payload: bytes) -> tuple[str, bytes] | None:
+        """(topic, message id) of the message a chunk frame belongs to, for `holds`: a frame
+        on a chunk subtopic belongs to its topic's retained set. None for anything else."""
+        msg_id = chunks.message_id(payload)
+        if msg_id is None:
+            return None
+        cut = self.topics.chunk_of(topic)
+        return (topic if cut is None else cut[0]), msg_id
+
     @property
     def pending(self) -> tuple[int, int]:
         """Incomplete chunked messages held, and their bytes."""
@@ -139,6 +154,9 @@ class Gate:
         if r.evicted > self._evicted:
             self.rejections["chunks-evicted"] += r.evicted - self._evicted
             self._evicted = r.evicted
+        if r.stale > self._stale:
+            self.rejections["chunks-stale"] += r.stale - self._stale
+            self._stale = r.stale
         if r.repeats > self.counters["chunk_repeats"]:
             self.counters["chunk_repeats"] = r.repeats
 

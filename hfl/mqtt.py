@@ -48,8 +48,8 @@ def packet_bound(max_payload: int = DEFAULT_MAX_PAYLOAD) -> int:
     """The broker's Maximum Packet Size a node needs to send chunks of `max_payload` bytes
     whole: the frame (HFC1 header included) and PACKET_HEADROOM for the PUBLISH header
     (_PUBLISH_FIXED) and the topic (the prefix + at most 206 bytes with hfl's 64-character
-    ids), with room to spare. Under it the node sends smaller chunks, and retained messages
-    larger than it go in chunks."""
+    ids; a chunk subtopic adds at most 17), with room to spare. Under it the node sends
+    smaller chunks."""
     return max_payload + PACKET_HEADROOM
 
 
@@ -170,7 +170,7 @@ class Session:
         self._filters: list[str] = list(dict.fromkeys(subscriptions))
         self._broker_max: int | None = None
         self._warned_limit: int | None = None
-        self._warned_retain = False
+        self._retained_sets: dict[str, int] = {}  # topic → chunks of the retained set left there
         self._cond = threading.Condition()
         self._subacks = _Acks(self._cond)
         self._pubacks = _Acks(self._cond)
@@ -247,26 +247,52 @@ class Session:
     def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
         """QoS 1; split into chunks that fit `chunk_limit` and the broker's packet limit.
 
-        A retained message goes whole whenever the broker's limit allows it: the broker
-        keeps only the last message on a topic, so a late subscriber could not reassemble
-        a chunked one.
+        A retained message that does not fit one packet is a retained set (hfl.chunks):
+        each frame retained on its own chunk subtopic, then a manifest on the topic, so a
+        late subscriber gets the whole message whatever the broker's packet limit (a broker
+        keeps one retained message per topic: frames on the topic itself would leave it the
+        last one). Whether or not the broker would take it whole: one wire for every broker,
+        and paho handles large payloads slowly (DESIGN.md §8). What fits stays one message:
+        a status is also a Last Will, which cannot be a set, and a set costs two messages.
         """
-        room = None  # the largest payload the broker takes on this topic, if it says
-        if self._broker_max is not None:
-            room = self._broker_max - _PUBLISH_FIXED - len(topic.encode())
         if retain:
-            limit = max(len(payload), self.chunk_limit) if room is None else room
-        else:
-            limit = self.chunk_limit if room is None else min(self.chunk_limit, room)
-        frames = chunks.split(payload, limit)
-        if retain and len(frames) > 1 and not self._warned_retain:
-            self._warned_retain = True
-            log.warning("retained message on %s split into %d chunks: the broker keeps only "
-                        "the last chunk for late subscribers", topic, len(frames))
-        for frame in frames:
-            info = self._client.publish(topic, frame, qos=QOS, retain=retain)
-            self._pubacks.add(info.mid)
-            self._bump("published")
+            self._publish_retained(topic, payload)
+            return
+        for frame in chunks.split(payload, self._limit(topic)):
+            self._send(topic, frame, retain=False)
+
+    def _limit(self, topic: str) -> int:
+        """The largest payload to send on `topic`: `chunk_limit`, and below the broker's
+        packet limit when it says one."""
+        if self._broker_max is None:
+            return self.chunk_limit
+        return min(self.chunk_limit, self._broker_max - _PUBLISH_FIXED - len(topic.encode()))
+
+    def _publish_retained(self, topic: str, payload: bytes) -> None:
+        """Chunk subtopics first, the topic last: a subscriber that gets a manifest finds
+        its chunks already retained. The subtopics of an earlier, longer set that the new
+        message does not overwrite are cleared (an empty retained message), so no stale
+        chunk lingers; this session remembers how many it left on each topic (a restarted
+        publisher does not know its predecessor's: receivers drop what no manifest names)."""
+        with self._cond:
+            old = self._retained_sets.pop(topic, 0)
+        frames: list[bytes] = []
+        head = payload
+        if not chunks.whole(payload, self._limit(topic)):
+            longest = chunks.chunk_topic(topic, 2**32 - 1)
+            head, frames = chunks.retained_set(payload, self._limit(longest))
+            for i, frame in enumerate(frames):
+                self._send(chunks.chunk_topic(topic, i), frame, retain=True)
+            with self._cond:
+                self._retained_sets[topic] = len(frames)
+        for i in range(len(frames), old):
+            self._send(chunks.chunk_topic(topic, i), b"", retain=True)
+        self._send(topic, head, retain=True)
+
+    def _send(self, topic: str, payload: bytes, *, retain: bool) -> None:
+        info = self._client.publish(topic, payload, qos=QOS, retain=retain)
+        self._pubacks.add(info.mid)
+        self._bump("published")
 
     def ack(self, messages: list[Inbound]) -> None:
         """Acknowledge (leave_unacked) what came on the current connection; the broker sends

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from hfl import chunks, envelope
+from hfl import envelope
 from hfl.actions import Action, Note, Send, effects, log_note
 from hfl.envelope import Envelope
 from hfl.gate import Gate
@@ -261,8 +261,7 @@ class Node:
         if msg is not None:
             self._heard_at = now
             self._receive(machine, msg, now, self._outbox.extend)
-            cid = chunks.message_id(msg.payload)
-            key = (msg.topic, cid) if cid is not None else None
+            key = self.gate.chunk_key(msg.topic, msg.payload)
             if key is not None and self.gate.holds(*key):
                 self._held.setdefault(key, []).append(msg)  # acknowledged with its message
             else:

@@ -9,9 +9,15 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from hfl.chunks import CHUNK_LEVEL, split_chunk_topic
 from hfl.errors import Rejected
 
 DEFAULT_PREFIX = "hfl/v1"
+# The routes whose retained messages may outgrow one packet (a model version, a round's
+# model, a job's history, the roster of a large fleet): such a message is a retained set,
+# its frames on `{topic}/chunk/{index}` (hfl.chunks). Status and telemetry stay whole:
+# they are small, and a status is also a Last Will, which is one message.
+CHUNKED = frozenset({"job", "model", "rounds", "roster"})
 ID_MAX = 64
 _ID = re.compile(rf"[A-Za-z0-9][A-Za-z0-9_.-]{{0,{ID_MAX - 1}}}")
 ID_PATTERN = f"^{_ID.pattern}$"  # the same rule as a JSON Schema (ECMA-262) pattern
@@ -87,6 +93,25 @@ class Topics:
     def telemetry(self, role: str, id: str) -> str:
         return f"{self.prefix}/telemetry/{check_id(role, 'role')}/{check_id(id, 'id')}"
 
+    def chunks(self, topic: str) -> str:
+        """The filter of the chunk subtopics of a topic (or of a filter's topics): where
+        the frames of a retained set on it are retained."""
+        return f"{topic}/{CHUNK_LEVEL}/+"
+
+    def chunk_of(self, topic: str) -> tuple[str, int] | None:
+        """(topic, index) when `topic` is the chunk subtopic `index` of a topic of this tree
+        that may carry retained sets (CHUNKED); None for anything else, a topic of the tree
+        included (a job or an agent may be named `chunk`)."""
+        cut = split_chunk_topic(topic)
+        head = self.prefix + "/"
+        if cut is None or not topic.startswith(head) or _match(topic[len(head):].split("/")):
+            return None
+        try:
+            route = self.parse(cut[0])
+        except Rejected:
+            return None
+        return cut if route.kind in CHUNKED else None
+
     # Subscription filters, one list per role.
 
     def coordinator_filters(self) -> list[str]:
@@ -96,34 +121,44 @@ class Topics:
             f"{self.prefix}/status/aggregator/+",
         ]
 
+    # A role that reads a retained topic of CHUNKED also reads its chunk subtopics (last,
+    # after the role's own topics).
+
     def aggregator_filters(self, agg: str) -> list[str]:
         return [
             self.tasks(agg),
             f"{self.prefix}/agg/{agg}/updates/+",
             f"{self.prefix}/status/agent/+",
             self.roster(),
+            self.chunks(self.roster()),
         ]
 
     def agent_filters(self, agg: str, agent: str) -> list[str]:
         rounds = f"{self.prefix}/agg/{check_id(agg, 'aggregator')}/rounds/+"
-        return [rounds, f"{rounds}/{check_id(agent, 'agent')}", self.roster()]
+        return [rounds, f"{rounds}/{check_id(agent, 'agent')}", self.roster(),
+                self.chunks(rounds), self.chunks(self.roster())]
 
     def app_filters(self, models: list[str], jobs: list[str] | None = None,
                     app: str | None = None) -> list[str]:
         """An app's: its models, the jobs (all when None), the roster, and with its id, the
-        coordinator's replies to its requests."""
+        coordinator's replies to its requests; then the chunk subtopics of the retained
+        ones, where a version too large for one packet is retained."""
         out = [self.model(m) for m in models] + ([self.replies(app)] if app else [])
-        out += [self.job(j) for j in jobs] if jobs is not None else [f"{self.prefix}/coord/jobs/+"]
-        return [*out, self.roster()]
+        jobs_ = [self.job(j) for j in jobs] if jobs is not None else [f"{self.prefix}/coord/jobs/+"]
+        retained = [self.model(m) for m in models] + jobs_ + [self.roster()]
+        return [*out, *jobs_, self.roster(), *map(self.chunks, retained)]
 
     def observer_filters(self) -> list[str]:
         """What the operator's tools read (hfl status, hfl dashboard): never the rounds,
         updates or models, whose bodies are large and sealed for others anyway."""
+        jobs = f"{self.prefix}/coord/jobs/+"
         return [
             f"{self.prefix}/status/+/+",
             f"{self.prefix}/telemetry/+/+",
-            f"{self.prefix}/coord/jobs/+",
+            jobs,
             self.roster(),
+            self.chunks(jobs),
+            self.chunks(self.roster()),
         ]
 
     def parse(self, topic: str) -> Route:

@@ -15,12 +15,13 @@ import jsonschema
 import numpy as np
 import yaml
 
+from hfl.chunks import Reassembler
 from hfl.topics import Topics
 
 DOCUMENT = Path(__file__).resolve().parents[1] / "docs" / "asyncapi.yaml"
 # One sample id per channel parameter; the parameter names are those of hfl.topics.Topics.
 SAMPLE = {"app": "app-1", "job": "r1-m", "model": "m", "agg": "site-a", "agent": "agent-1",
-          "role": "agent", "id": "agent-1"}
+          "role": "agent", "id": "agent-1", "index": "0"}
 _PARAM = re.compile(r"\{([^}]+)\}")
 DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I8": "i1",
           "U64": "<u8", "U32": "<u4", "U8": "u1"}
@@ -39,10 +40,22 @@ def sample_topic(address: str, values: dict[str, str] = SAMPLE) -> str:
     return _PARAM.sub(lambda m: values[m.group(1)], address)
 
 
+def route_kind(topic: str) -> str:
+    """The route kind (hfl.topics) of a topic; for a chunk subtopic of a retained set, its
+    topic's kind + "/chunk"."""
+    t = Topics()
+    cut = t.chunk_of(topic)
+    return f"{t.parse(cut[0]).kind}/chunk" if cut is not None else t.parse(topic).kind
+
+
 def channel_routes(doc: dict[str, Any]) -> dict[str, str]:
-    """channel name → the route kind (hfl.topics) its address parses to."""
-    return {name: Topics().parse(sample_topic(ch["address"])).kind
-            for name, ch in doc["channels"].items()}
+    """channel name → the route kind (`route_kind`) its address parses to."""
+    return {name: route_kind(sample_topic(ch["address"])) for name, ch in doc["channels"].items()}
+
+
+def is_frame(message: dict[str, Any]) -> bool:
+    """Whether a documented message is a retained set's manifest or chunk, not an envelope."""
+    return "x-hfl-frame" in message
 
 
 def channel_of(doc: dict[str, Any], topic: str) -> str:
@@ -89,6 +102,8 @@ def message_for(doc: dict[str, Any], topic: str, header: dict[str, Any]) -> tupl
     channel = channel_of(doc, topic)
     fits, why = [], {}
     for name, msg in channel_messages(doc, channel).items():
+        if is_frame(msg):
+            continue
         errors = header_errors(doc, msg, header)
         if errors:
             why[name] = errors[:3]
@@ -120,3 +135,24 @@ def body_errors(message: dict[str, Any], tensors: dict[str, np.ndarray]) -> list
                     f is not None and f != n for f, n in zip(fixed, array.shape, strict=True)):
                 errors.append(f"{name}: shape {list(array.shape)}, documented {shape}")
     return errors
+
+
+class WireReassembler:
+    """Whole messages out of what a subscriber to `#` sees: messages sent whole or chunked on
+    their topic, and retained sets (frames on the chunk subtopics, a manifest on the topic)."""
+
+    def __init__(self, topics: Topics | None = None) -> None:
+        self.topics = topics or Topics()
+        self.reassembler = Reassembler(max_message=64 << 20, max_pending_bytes=256 << 20)
+
+    def feed(self, topic: str, payload: bytes) -> tuple[str, bytes] | None:
+        """(the topic the message counts as received on, the message) once one is whole."""
+        if not payload:
+            return None  # a cleared retained message
+        cut = self.topics.chunk_of(topic)
+        if cut is None:
+            data = self.reassembler.feed(topic, payload, 0.0)
+        else:
+            topic, index = cut
+            data = self.reassembler.feed_chunk(topic, index, payload, 0.0)
+        return None if data is None else (topic, bytes(data))

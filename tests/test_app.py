@@ -184,7 +184,11 @@ def test_wire_request_is_a_signed_request_on_the_apps_topic(fleet) -> None:
                                                 "site-a)")]
     assert wire.subscriptions(["digits"]) == ["hfl/v1/coord/models/digits",
                                               "hfl/v1/apps/app/replies",
-                                              "hfl/v1/coord/jobs/+", "hfl/v1/coord/roster"]
+                                              "hfl/v1/coord/jobs/+", "hfl/v1/coord/roster",
+                                              # where retained sets keep their chunks
+                                              "hfl/v1/coord/models/digits/chunk/+",
+                                              "hfl/v1/coord/jobs/+/chunk/+",
+                                              "hfl/v1/coord/roster/chunk/+"]
 
 
 # ---------------------------------------------------------------- device folders

@@ -18,11 +18,13 @@ from typing import Any
 
 import jsonschema
 import pytest
+from paho.mqtt.client import topic_matches_sub
 
 from hfl import asyncapi, envelope
+from hfl.chunks import MANIFEST_SIZE, chunk_topic
 from hfl.identity import Identity
 from hfl.messages import VOCABULARY, Kind, ModelMeta, Role
-from hfl.topics import Topics
+from hfl.topics import CHUNKED, Topics
 from tests.contract import (
     DOCUMENT,
     SAMPLE,
@@ -30,9 +32,11 @@ from tests.contract import (
     channel_routes,
     document,
     header_errors,
+    is_frame,
     message_for,
     params,
     resolve,
+    route_kind,
     sample_topic,
 )
 
@@ -137,8 +141,9 @@ def _code_topics() -> dict[str, str]:
     t = Topics()
     out = {}
     for name, fn in inspect.getmembers(t, inspect.ismethod):
-        if name.startswith("_") or inspect.signature(fn).return_annotation != "str":
-            continue
+        if name.startswith("_") or inspect.signature(fn).return_annotation != "str" \
+                or not set(inspect.signature(fn).parameters) <= set(SAMPLE):
+            continue  # `chunks(topic)` spells a filter of another topic's subtopics
         topic = fn(*[SAMPLE[p] for p in inspect.signature(fn).parameters])
         out[t.parse(topic).kind] = name
     return out
@@ -146,14 +151,20 @@ def _code_topics() -> dict[str, str]:
 
 def test_every_topic_of_the_code_is_a_channel_and_vice_versa(doc) -> None:
     code = _code_topics()
-    # The code agrees with itself.
+    # The code agrees with itself; retained sets are for retained topics only.
     assert set(code) == {r for link in VOCABULARY.values() for r in link.routes}
+    assert {r for link in VOCABULARY.values() if link.retained for r in link.routes} >= CHUNKED
     routes = channel_routes(doc)
-    assert sorted(routes.values()) == sorted(code)  # one channel per topic, none missing
+    # One channel per topic, none missing, and one per chunk subtopics of a retained set.
+    assert sorted(routes.values()) == sorted([*code, *(f"{k}/chunk" for k in CHUNKED)])
     t = Topics()
     for channel, kind in routes.items():  # spelled exactly as the code spells it
         address = doc["channels"][channel]["address"]
-        built = getattr(t, code[kind])(**{p: SAMPLE[p] for p in params(address)})
+        base = kind.removesuffix("/chunk")
+        built = getattr(t, code[base])(**{p: SAMPLE[p] for p in params(address) if p != "index"})
+        if base != kind:  # and what a subscriber's `chunks` filter matches
+            assert topic_matches_sub(t.chunks(built), chunk_topic(built, 0))
+            built = chunk_topic(built, int(SAMPLE["index"]))
         assert sample_topic(address) == built
 
 
@@ -164,7 +175,13 @@ def _kinds(doc: dict[str, Any], message: dict[str, Any]) -> str:
 
 def test_each_channel_carries_the_kinds_the_vocabulary_routes_to_it(doc) -> None:
     for channel, route in channel_routes(doc).items():
-        messages = channel_messages(doc, channel).values()
+        frames = [m["x-hfl-frame"] for m in channel_messages(doc, channel).values()
+                  if is_frame(m)]
+        messages = [m for m in channel_messages(doc, channel).values() if not is_frame(m)]
+        if route.endswith("/chunk"):  # the frames of a retained set, and nothing else
+            assert frames == ["chunk"] and messages == [], channel
+            continue
+        assert frames == (["manifest"] if route in CHUNKED else []), channel
         assert {_kinds(doc, m) for m in messages} == {
             k.value for k, link in VOCABULARY.items() if route in link.routes}
         for m in messages:  # a sealed message says for whom
@@ -174,18 +191,36 @@ def test_each_channel_carries_the_kinds_the_vocabulary_routes_to_it(doc) -> None
 
 
 def _operations(doc: dict[str, Any], action: str) -> list[tuple[str, dict, set[str], set[str]]]:
-    """(channel, operation, its role tags, the kinds of its messages)."""
+    """(channel, operation, its role tags, the kinds of its envelope messages)."""
     out = []
     for op in doc["operations"].values():
         if op["action"] == action:
             channel = op["channel"]["$ref"].split("/")[-1]
-            kinds = {_kinds(doc, resolve(doc, m["$ref"])) for m in op["messages"]}
+            kinds = {_kinds(doc, m) for ref in op["messages"]
+                     if not is_frame(m := resolve(doc, ref["$ref"]))}
             out.append((channel, op, {t["name"] for t in op["tags"]}, kinds))
     return out
 
 
+def test_retained_sets_are_sent_retained_by_their_topics_senders(doc) -> None:
+    routes = channel_routes(doc)
+    for channel, op, roles, _ in _operations(doc, "send"):
+        frames = {resolve(doc, m["$ref"]).get("x-hfl-frame") for m in op["messages"]} - {None}
+        if not frames:
+            continue
+        base = routes[channel].removesuffix("/chunk")
+        assert base in CHUNKED, channel
+        assert op["bindings"]["mqtt"]["retain"] is True, channel
+        assert roles == {r.value for link in VOCABULARY.values() if base in link.routes
+                         for r in link.senders}, channel
+    # The manifest is documented as hfl.chunks builds it.
+    text = DOCUMENT.read_text(encoding="utf-8")
+    layout = '"HFM1" | message id (16) | u32 LE count | u64 LE total | SHA-256 of the message (32)'
+    assert layout in text and MANIFEST_SIZE == 4 + 16 + 4 + 8 + 32 == 64
+
+
 def test_senders_and_retained_flags_are_the_vocabulary(doc) -> None:
-    sends = _operations(doc, "send")
+    sends = [s for s in _operations(doc, "send") if s[3]]  # frames: the test above
     assert {k for *_, kinds in sends for k in kinds} == {k.value for k in Kind}
     for _, op, roles, kinds in sends:
         for kind in map(Kind, kinds):
@@ -210,11 +245,18 @@ def _filters(role: Role) -> list[str]:
     return fn(**args)
 
 
+def _sample(topic_filter: str) -> str:
+    """A topic the filter matches: a chunk subtopic's index 0, any other level x9."""
+    if topic_filter.endswith("/chunk/+"):
+        topic_filter = topic_filter.removesuffix("+") + "0"
+    return topic_filter.replace("+", "x9")
+
+
 def test_receive_operations_are_each_roles_subscriptions(doc) -> None:
     receives = _operations(doc, "receive")
     routes = channel_routes(doc)
     for role in Role:
-        subscribed = {Topics().parse(f.replace("+", "x9")).kind for f in _filters(role)}
+        subscribed = {route_kind(_sample(f)) for f in _filters(role)}
         documented = {routes[ch] for ch, _, roles, _ in receives if role.value in roles}
         assert documented == subscribed, role
 

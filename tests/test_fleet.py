@@ -17,10 +17,10 @@ from fleet.follow import follow
 from fleet.inproc import FleetLayout, InProcessFleet
 from fleet.simulate import demo_config, fleet_data
 from hfl import envelope
-from hfl.chunks import Reassembler
 from hfl.identity import Identity
 from hfl.messages import KNOWN_TYPES, ModelRequest, ModelSpec, Role
 from hfl.mqtt import Session
+from tests.contract import WireReassembler
 
 
 def start_fleet(tmp_path: Path, rounds: int = 8, observers: tuple[str, ...] = (),
@@ -159,14 +159,12 @@ def test_an_admin_subscriber_to_everything_finds_no_plaintext_vector(
 
 
 def _reassemble(inbox: queue.Queue) -> list[bytes]:
-    r = Reassembler(max_message=64 << 20, max_pending_bytes=256 << 20)
+    wire = WireReassembler()
     out = []
     while not inbox.empty():
         msg = inbox.get()
-        if msg.payload:
-            data = r.feed(msg.topic, msg.payload, 0.0)
-            if data is not None:
-                out.append(bytes(data))
+        if (whole := wire.feed(msg.topic, msg.payload)) is not None:
+            out.append(whole[1])
     return out
 
 

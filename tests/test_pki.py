@@ -296,12 +296,16 @@ def test_acl_pins_every_member_to_its_own_topics(pki: Pki, prefix: str) -> None:
     assert users["a1"] == {
         ("read", wild(t.rounds("site-a", "J"), "J")), ("read", t.roster()),
         ("read", wild(t.round_to("site-a", "J", "a1"), "J")),  # its own shares only
+        # the chunk subtopics of the round models and of the roster (retained sets)
+        ("read", t.chunks(wild(t.rounds("site-a", "J"), "J"))), ("read", t.chunks(t.roster())),
         ("write", t.update("site-a", "a1")), ("write", t.status("agent", "a1")),
         ("write", t.telemetry("agent", "a1"))}
     assert users["site-a"] == {
         ("read", t.tasks("site-a")), ("read", wild(t.update("site-a", "X"), "X")),
         ("read", wild(t.status("agent", "X"), "X")), ("read", t.roster()),
+        ("read", t.chunks(t.roster())),
         ("write", wild(t.rounds("site-a", "J"), "J")), ("write", t.partials("site-a")),
+        ("write", t.chunks(wild(t.rounds("site-a", "J"), "J"))),
         ("write", wild(t.round_to("site-a", "J", "A"), "J", "A")),
         ("write", t.status("aggregator", "site-a")),
         ("write", t.telemetry("aggregator", "site-a"))}
@@ -310,10 +314,15 @@ def test_acl_pins_every_member_to_its_own_topics(pki: Pki, prefix: str) -> None:
         ("read", wild(t.status("R", "X"), "R", "X")),
         ("write", wild(t.job("J"), "J")), ("write", wild(t.model("M"), "M")),
         ("write", t.roster()), ("write", wild(t.tasks("X"), "X")),
+        # it alone writes the chunk subtopics of its retained sets
+        ("write", t.chunks(wild(t.job("J"), "J"))), ("write", t.chunks(wild(t.model("M"), "M"))),
+        ("write", t.chunks(t.roster())),
         ("write", wild(t.replies("X"), "X")), ("write", t.status("coordinator", "coord")),
         ("write", t.telemetry("coordinator", "coord"))}
     assert users["dash"] == {
         ("read", wild(t.job("J"), "J")), ("read", wild(t.model("M"), "M")), ("read", t.roster()),
+        ("read", t.chunks(wild(t.job("J"), "J"))), ("read", t.chunks(wild(t.model("M"), "M"))),
+        ("read", t.chunks(t.roster())),  # where versions too large for a packet are retained
         ("read", t.replies("dash")),  # the answers to its own requests, no other app's
         ("write", t.app_requests("dash")), ("write", t.status("app", "dash"))}
     assert users["obs"] == {("read", f"{prefix}/#"), ("write", t.status("observer", "obs"))}

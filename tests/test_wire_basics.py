@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from paho.mqtt.client import topic_matches_sub
 
+from hfl.chunks import chunk_topic
 from hfl.config import load_config
 from hfl.errors import Rejected
 from hfl.identity import Identity, Roster
@@ -32,9 +33,12 @@ def test_every_topic_parses_back_to_what_built_it() -> None:
 def test_an_agent_subscribes_to_its_groups_rounds_and_its_own_level_of_them() -> None:
     subs = Topics().agent_filters("site-a", "a1")
     mine, theirs = Topics().round_to("site-a", "j", "a1"), Topics().round_to("site-a", "j", "a2")
-    assert [topic_matches_sub(f, mine) for f in subs] == [False, True, False]
+    assert [topic_matches_sub(f, mine) for f in subs] == [False, True, False, False, False]
     assert not any(topic_matches_sub(f, theirs) for f in subs)
     assert topic_matches_sub(subs[0], Topics().rounds("site-a", "j"))
+    # and the chunk subtopics of the retained round models and roster (retained sets)
+    assert topic_matches_sub(subs[3], chunk_topic(Topics().rounds("site-a", "j"), 7))
+    assert topic_matches_sub(subs[4], chunk_topic(Topics().roster(), 0))
 
 
 @pytest.mark.parametrize("bad", ["a/b", "+", "#", "", "-lead", "x" * 65, "sp ace"])

@@ -1,5 +1,6 @@
 // Follow an hfl model from Node.js with nothing but the mqtt package and node:crypto, coded
-// against docs/asyncapi.yaml: reassemble HFC1 chunks, verify the HFL1 envelope (Ed25519 key
+// against docs/asyncapi.yaml: reassemble HFC1 chunks (and retained sets: HFM1 manifest on the
+// model's topic, frames on its chunk subtopics), verify the HFL1 envelope (Ed25519 key
 // from the CA-signed roster), open the HFS1 sealed body (X25519, HKDF-SHA256, AES-256-GCM),
 // read the safetensors tensors and write each version's ONNX file to the working directory.
 //
@@ -7,7 +8,8 @@
 //
 // DEVICE_DIR is the app's folder from `hfl pki issue PKI ID --role app`. The versions are
 // sealed for the app that requested the job (request one with the Python SDK or by hand).
-// Kept short: it reads the roster file once (no live revocation) and keeps no repeat list.
+// Kept short: it reads the roster file once (no live revocation), keeps no repeat list and
+// never drops the frames of a retained set that no manifest names.
 import crypto from "node:crypto";
 import fs from "node:fs";
 import path from "node:path";
@@ -38,19 +40,45 @@ const members = new Map(signed.roster.members.map((m) => [m.id, m]));
 const sealKey = crypto.createPrivateKey(file(`${id}.seal.key`));
 const sealPublic = Buffer.from(crypto.createPublicKey(sealKey).export({ format: "jwk" }).x, "base64url");
 
-const partial = new Map(); // HFC1 frames: "HFC1" | id (16) | u32 index | u32 count | u64 total | data
-function reassemble(topic, p) {
-  if (p.subarray(0, 4).toString() !== "HFC1") return p;
-  const key = topic + p.subarray(4, 20).toString("hex");
-  const [index, count, total] = [p.readUInt32LE(20), p.readUInt32LE(24), Number(p.readBigUInt64LE(28))];
-  if (total > 64 << 20) throw new Error("too large");
-  const m = partial.get(key) ?? { buf: Buffer.alloc(total), got: new Set() };
-  partial.set(key, m);
-  p.copy(m.buf, index * Math.ceil(total / count), 36);
-  m.got.add(index);
-  if (m.got.size < count) return null;
-  partial.delete(key);
+const partial = new Map(); // "topic id" → the frames so far of one chunked message
+const named = new Map(); // topic → its newest manifest (a retained set's)
+function frame(topic, p, index) { // "HFC1" | id (16) | u32 index | u32 count | u64 total | data
+  const id = p.subarray(4, 20).toString("hex");
+  const [i, count, total] = [p.readUInt32LE(20), p.readUInt32LE(24), Number(p.readBigUInt64LE(28))];
+  if (p.subarray(0, 4).toString() !== "HFC1" || total > 64 << 20 || i >= count || (index ?? i) !== i) {
+    throw new Error("bad chunk");
+  }
+  const m = partial.get(`${topic} ${id}`) ?? { id, count, total, buf: Buffer.alloc(total), got: new Set() };
+  partial.set(`${topic} ${id}`, m);
+  p.copy(m.buf, i * Math.ceil(total / count), 36);
+  m.got.add(i);
+  return m;
+}
+function ready(topic, m) { // a retained set: complete, and named by the newest manifest
+  const n = named.get(topic);
+  if (!m || m.got.size < m.count || n?.id !== m.id) return null;
+  partial.delete(`${topic} ${m.id}`);
+  const digest = crypto.createHash("sha256").update(m.buf).digest();
+  if (n.count !== m.count || n.total !== m.total || !digest.equals(n.digest)) throw new Error("bad set");
   return m.buf;
+}
+function reassemble(topic, p) { // → [the topic it counts as received on, the whole message] or null
+  const sub = /^(.+)\/chunk\/(0|[1-9][0-9]*)$/.exec(topic); // frame i of a retained set
+  if (sub) return [sub[1], ready(sub[1], frame(sub[1], p, Number(sub[2])))];
+  const magic = p.subarray(0, 4).toString();
+  if (magic === "HFM1") { // "HFM1" | id (16) | u32 count | u64 total | SHA-256 (32)
+    if (p.length !== 64) throw new Error("bad manifest");
+    const id = p.subarray(4, 20).toString("hex"), old = named.get(topic);
+    if (old && old.id !== id) partial.delete(`${topic} ${old.id}`); // replaced: never complete
+    named.set(topic, { id, count: p.readUInt32LE(20), total: Number(p.readBigUInt64LE(24)),
+                       digest: p.subarray(32, 64) });
+    return [topic, ready(topic, partial.get(`${topic} ${id}`))];
+  }
+  if (magic !== "HFC1") return [topic, p];
+  const m = frame(topic, p);
+  if (m.got.size < m.count) return [topic, null];
+  partial.delete(`${topic} ${m.id}`);
+  return [topic, m.buf];
 }
 
 function gcm(key, nonce, sealed, aad) {
@@ -106,13 +134,14 @@ function open(topic, data) { // HFL1 | u32 H | header (H) | body | Ed25519 signa
 
 const client = mqtt.connect({ host, port: Number(port), protocol: "mqtts", protocolVersion: 5, clientId: id,
   ca: file("ca.crt"), cert: file(`${id}.crt`), key: file(`${id}.tls.key`) });
-client.on("connect", () => client.subscribe(`hfl/v1/coord/models/${model}`, { qos: 1 }));
+const topic = `hfl/v1/coord/models/${model}`;
+client.on("connect", () => client.subscribe([topic, `${topic}/chunk/+`], { qos: 1 }));
 client.on("error", (e) => { console.error(`mqtt: ${e.message}`); process.exitCode = 1; client.end(); });
 const newest = new Map(); // job → newest version shown: retained copies come again
-client.on("message", (topic, payload) => {
+client.on("message", (received, payload) => {
   try {
-    const data = payload.length ? reassemble(topic, payload) : null;
-    const { header, tensors: t } = data ? open(topic, data) : {};
+    const [on, data] = payload.length ? reassemble(received, payload) : [received, null];
+    const { header, tensors: t } = data ? open(on, data) : {};
     if (header?.type !== "model" || !t || header.round <= (newest.get(header.job) ?? 0)) return;
     const m = header.meta;
     newest.set(m.job, m.version);
@@ -122,6 +151,6 @@ client.on("message", (topic, payload) => {
                 `epsilon ${m.epsilon ?? "none"}, wrote ${model}-v${m.version}.onnx (${t.onnx.length} bytes)`);
     if (--remaining === 0) client.end();
   } catch (e) {
-    console.error(`refused a message on ${topic}: ${e.message}`);
+    console.error(`refused a message on ${received}: ${e.message}`);
   }
 });
