@@ -40,7 +40,7 @@ def export_onnx(model: nn.Module, example: Sequence[torch.Tensor]) -> bytes:
         torch.onnx.export(
             m,
             example,
-            buf,
+            buf,  # type: ignore[arg-type]  # torch's stub names paths only; a file object works
             dynamo=False,
             input_names=inputs,
             output_names=outputs,

@@ -323,9 +323,9 @@ def transport_probe(host: str, port: int, ca: str | None, cert: str | None, key:
 def mqtt_probe(b: Board, name: str) -> Check:
     """Resume the device's session as the device, ack nothing, read what is retained."""
     assert b.cfg is not None and b.cfg.agent is not None
-    cfg, inbox = b.cfg, queue.Queue[Inbound]()
+    cfg, agent, inbox = b.cfg, b.cfg.agent, queue.Queue[Inbound]()
     session = Session(cfg.identity.id, cfg.broker_settings(), inbox=inbox,
-                      subscriptions=cfg.topics.agent_filters(cfg.agent.aggregator,
+                      subscriptions=cfg.topics.agent_filters(agent.aggregator,
                                                              cfg.identity.id),
                       leave_unacked=True, max_payload=cfg.max_payload)
     started = time.monotonic()
@@ -354,7 +354,8 @@ def received_stamps(inbox: queue.Queue[Inbound], roster: Roster | None,
     """(sender, created) of each message that verifies against the roster."""
     if roster is None:
         return []
-    gate, out, now = Gate(roster, cfg.topics), [], time.time()
+    gate, now = Gate(roster, cfg.topics), time.time()
+    out: list[tuple[str, float]] = []
     while True:
         try:
             msg = inbox.get_nowait()

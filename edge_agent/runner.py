@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -118,7 +118,7 @@ def train_seed(spec_seed: int, model: str, round: int, agent: str) -> int:
 class LocalTrainer:
     agent_id: str
     tasks: TaskSet
-    data: dict[str, DataSource]
+    data: Mapping[str, DataSource]
     device: torch.device = field(default_factory=lambda: pick_device("auto"))
     progress: Callable[[], None] | None = None  # after every batch (Node.alive)
     # One model per (task, options): a simulator's many trainers share one dict.
@@ -184,7 +184,7 @@ def agent_node(
     topics: Topics,
     aggregator: str,
     tasks: TaskSet,
-    data: dict[str, DataSource],
+    data: Mapping[str, DataSource],
     *,
     device: str = "auto",
     max_payload: int = 256 * 1024,

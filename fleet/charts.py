@@ -8,13 +8,14 @@ with `data-name` and `data-points`, so a test (or a script) can read what is dra
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from xml.sax.saxutils import escape, quoteattr
 
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b")
 WIDTH, HEIGHT = 460, 230
 LEFT, RIGHT, TOP, BOTTOM = 52, 14, 30, 34
 
-Series = dict[str, list[tuple[float, float]]]  # name → (x, y) points, x ascending
+Series = Mapping[str, Sequence[tuple[float, float]]]  # name → (x, y) points, x ascending
 
 
 def ticks(lo: float, hi: float, n: int = 5) -> list[float]:

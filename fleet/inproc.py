@@ -12,6 +12,7 @@ import logging
 import shutil
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,7 +39,7 @@ log = logging.getLogger("hfl.fleet")
 class FleetLayout:
     """Who is in the fleet: aggregator id → {agent id → its data sources by name}."""
 
-    groups: dict[str, dict[str, dict[str, DataSource]]]
+    groups: Mapping[str, Mapping[str, Mapping[str, DataSource]]]
     coordinator: str = "coordinator"
     apps: tuple[str, ...] = ("app",)
     observers: tuple[str, ...] = ()
@@ -135,10 +136,10 @@ class InProcessFleet:
                                                      feed=self.feed())
             self._serve(agg, node, aggregators[agg], timeout)
             for agent, data in agents.items():
-                node, machine = agent_node(ids[agent], self.roster, s(agent), self.topics,
-                                           agg, self.tasks, data, device=self.device,
-                                           max_payload=self.max_payload, feed=self.feed())
-                self._serve(agent, node, machine, timeout)
+                node, agent_machine = agent_node(ids[agent], self.roster, s(agent), self.topics,
+                                                 agg, self.tasks, data, device=self.device,
+                                                 max_payload=self.max_payload, feed=self.feed())
+                self._serve(agent, node, agent_machine, timeout)
         # An aggregator samples among the agents it has seen online: wait until it has seen
         # them all, or a job asked for right away would start with whoever was quickest.
         deadline = time.monotonic() + timeout

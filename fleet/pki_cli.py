@@ -35,7 +35,9 @@ app = typer.Typer(
     no_args_is_help=True,
 )
 
-IssueRole = Enum("IssueRole", {r.name: r.value for r in Role} | {"BROKER": BROKER}, type=str)
+# Role's members and the broker: built from Role, so mypy cannot list them.
+IssueRole = Enum("IssueRole", {r.name: r.value for r in Role} | {"BROKER": BROKER},  # type: ignore[misc]
+                 type=str)
 
 PkiArg = Annotated[Path, typer.Argument(help="The PKI folder on the operator's control node.",
                                         show_default=False)]

@@ -264,7 +264,7 @@ def demo_config(rounds: int | None = None, seed: int = 0, private: bool = True) 
     if private:
         return SimConfig(
             fleet=FleetSection(aggregators=2, agents=100),
-            data=DataSection(source="digits", partition="iid"),
+            data=DataSection.model_validate({"source": "digits", "partition": "iid"}),
             model=dict(task="logreg", options=DIGITS, rounds=rounds or 15, epochs=5,
                        batch_size=16, lr=0.1, momentum=0.9, server_momentum=0.9,
                        min_agents=20, deadline_s=60,
@@ -274,7 +274,8 @@ def demo_config(rounds: int | None = None, seed: int = 0, private: bool = True) 
         )
     return SimConfig(
         fleet=FleetSection(aggregators=2, agents=6),
-        data=DataSection(source="digits", partition="dirichlet", alpha=0.5),
+        data=DataSection.model_validate({"source": "digits", "partition": "dirichlet",
+                                         "alpha": 0.5}),
         model=dict(task="mlp", options=DIGITS, rounds=rounds or 12,
                    kappa1=2, epochs=2, batch_size=16, lr=0.05, momentum=0.9, min_agents=2,
                    deadline_s=30),

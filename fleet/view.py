@@ -77,10 +77,10 @@ class FleetView:
                     node.resets += 1  # it started again: its counters count from 0
             node.telemetry, node.seen = meta, created
         elif kind is Kind.JOB:
-            meta = parse_meta(JobMeta, env.meta)
-            old = self.jobs.get(meta.job)
-            if old is None or meta.version >= old.version:  # a late repeat never goes back
-                self.jobs[meta.job] = meta
+            job = parse_meta(JobMeta, env.meta)
+            held = self.jobs.get(job.job)
+            if held is None or job.version >= held.version:  # a late repeat never goes back
+                self.jobs[job.job] = job
         else:
             raise Rejected("unexpected-type", f"the fleet view does not take {kind.value}")
 
@@ -100,14 +100,14 @@ class FleetView:
                              **{s: states.get(s, 0) for s in STATES}}
             aggregators.append(doc)
         jobs = [_job_doc(m) for _, m in sorted(self.jobs.items())]
-        states = {j["job"]: j["state"] for j in jobs}
+        job_states = {j["job"]: j["state"] for j in jobs}
         for doc in aggregators:
             # the running jobs whose newest version was made without this site
             doc["missing"] = [{"job": j["job"], "version": j["version"], "reason": why}
                               for j in jobs if j["state"] == "running"
                               for agg, why in j["missing"].items() if agg == doc["id"]]
             if doc["failing"] is not None:  # its job may have ended since: say how
-                doc["failing"]["job_state"] = states.get(doc["failing"]["job"])
+                doc["failing"]["job_state"] = job_states.get(doc["failing"]["job"])
             doc["problems"] = problems(doc, now) + _missing_text(doc)
         coordinators = self._role(Role.COORDINATOR, now)
         rejections: dict[str, dict[str, int]] = {}
@@ -133,7 +133,7 @@ class FleetView:
         t = node.telemetry
         seen_s = None if node.seen is None else max(now - node.seen, 0.0)
         every = t.every_s if t else None
-        doc = {
+        doc: dict[str, Any] = {
             "id": id_,
             "role": member.role.value if member else None,
             "group": member.group if member else None,

@@ -88,7 +88,7 @@ def npz(path: str | Path, x: str = "x", y: str | None = "y") -> Samples:
     path = Path(path)
     try:
         with np.load(path, allow_pickle=False) as f:
-            missing = {x, y} - set(f.files) - {None}
+            missing = {n for n in (x, y) if n is not None} - set(f.files)
             if missing:
                 raise DataError(str(path), f"missing array(s) {sorted(missing)}; it has "
                                 f"{sorted(f.files)}")
@@ -107,7 +107,8 @@ def folder(path: str | Path, pattern: str = "*.npy",
     if not root.is_dir():
         raise DataError(str(root), "not a folder")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-    files = [(f, None) for f in sorted(root.glob(pattern)) if f.is_file()]
+    files: list[tuple[Path, int | None]] = [(f, None) for f in sorted(root.glob(pattern))
+                                             if f.is_file()]
     files += [(f, k) for k, c in enumerate(classes) for f in sorted((root / c).glob(pattern))
               if f.is_file()]
     if not files:

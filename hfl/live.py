@@ -283,7 +283,7 @@ def _arrays(rows: list[tuple[float, bytes, bytes | None]], width: int | None,
     y = np.full((n, *y_shape), np.nan, dtype=np.float32)
     labelled = [i for i, r in enumerate(rows) if r[2] is not None]
     if labelled:
-        values = np.frombuffer(b"".join(rows[i][2] for i in labelled), "<f4")
+        values = np.frombuffer(b"".join(bytes(rows[i][2] or b"") for i in labelled), "<f4")
         y[labelled] = values.reshape(len(labelled), *y_shape)
     return x, y, t
 
@@ -361,15 +361,15 @@ class LiveWindow:
         client = self._client = self._make_client()
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = self._session_expiry_s
-        args = dict(host=self.host, port=self.port, keepalive=self._keepalive,
-                    clean_start=False, properties=props)
         if timeout is None:
-            client.connect_async(**args)
+            client.connect_async(self.host, self.port, self._keepalive, clean_start=False,
+                                 properties=props)
             client.loop_start()
             return self
         client.connect_timeout = timeout
         try:
-            client.connect(**args)
+            client.connect(self.host, self.port, self._keepalive, clean_start=False,
+                           properties=props)
         except OSError as e:
             self.stop()
             raise LiveSourceError(f"{self.source}: cannot reach the broker: {e}") from e
@@ -507,7 +507,7 @@ class LiveWindow:
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         # An exception escaping here would kill paho's network thread: count it instead.
         try:
-            self._receive(msg.payload, time.time())
+            self._receive(bytes(msg.payload), time.time())
         except Exception:
             log.exception("%s: a reading could not be handled", self.source)
             with self._cond:

@@ -360,7 +360,7 @@ class Session:
     def _send_subscribe(self, filters: list[str]) -> None:
         opts = SubscribeOptions(qos=QOS)
         rc, mid = self._client.subscribe([(f, opts) for f in filters])
-        if rc == mqtt.MQTT_ERR_SUCCESS:
+        if rc == mqtt.MQTT_ERR_SUCCESS and mid is not None:
             self._subacks.add(mid)  # otherwise the next on_connect subscribes again
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int,
@@ -390,7 +390,9 @@ class Session:
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         try:
-            self.inbox.put(Inbound(msg.topic, msg.payload, bool(msg.retain), msg.mid, msg.qos,
+            # paho's payload is bytes, typed as bytes | bytearray: bytes() of bytes is no copy
+            self.inbox.put(Inbound(msg.topic, bytes(msg.payload), bool(msg.retain), msg.mid,
+                                   msg.qos,
                                    self.counters["connects"]))
             self._bump("received")
             self._bump("bytes_received", len(msg.payload))

@@ -135,7 +135,7 @@ class Node:
             Note: self._log_note,
         }
         self.observers: list[Callable[[Action], None]] = []  # see every action (hfl.activity)
-        self.heartbeat: Callable[[], None] | None = None  # fed by alive() (the watchdog)
+        self.heartbeat: Callable[[], object] | None = None  # fed by alive() (the watchdog)
         self.stop_event = threading.Event()
 
     # ------------------------------------------------------------------ outbound

@@ -40,7 +40,7 @@ def _kek(shared: bytes, eph: bytes, recipient: bytes) -> AESGCM:
     return AESGCM(key)
 
 
-def seal(plaintext: bytes | memoryview, recipients: Mapping[str, X25519PublicKey],
+def seal(plaintext: bytes | bytearray | memoryview, recipients: Mapping[str, X25519PublicKey],
          aad: bytes) -> bytearray:
     """Encrypt `plaintext` so that each recipient (id → sealing key) and nobody else can read it."""
     if not recipients or len(recipients) > MAX_RECIPIENTS:

@@ -50,7 +50,7 @@ class StateError(Exception):
     read-only mount). The message names the folder; nothing already stored is changed."""
 
 
-def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+def write_atomic(path: Path, data: bytes | bytearray, mode: int = 0o644) -> None:
     """Replace `path` with `data`: the old file or the new one, whatever happens."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -81,7 +81,7 @@ def dump(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None =
     for name in order:
         a = prepared[name]
         begin = start + header[name]["data_offsets"][0]
-        view[begin : begin + a.nbytes] = memoryview(a.reshape(-1)).cast("B")
+        view[begin : begin + a.nbytes] = a.reshape(-1).view(np.uint8).data
     return out
 
 
