@@ -47,6 +47,7 @@ def one_run(args: argparse.Namespace, lr: float, save: Callable[[dict], None]) -
     if cfg.test is not None:
         cfg.test.path = args.data
     cfg.data.partition = args.partition
+    cfg.seed = args.seed  # the partition, the initial model, agent sampling, local shuffling
     cfg.fleet.agents, cfg.timeout = args.agents, args.rounds * 900
     cfg.model.update(lr=lr, rounds=args.rounds, min_agents=max(1, round(
         cfg.model["client_fraction"] * args.agents / cfg.fleet.aggregators)))
@@ -116,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="the learning-rate grid")
     ap.add_argument("--rounds", type=int, help="at most (default: the paper's figure)")
     ap.add_argument("--target", type=float, default=0.99)
+    ap.add_argument("--seed", type=int, default=0, help="the simulation's seed (default 0)")
     ap.add_argument("--agents", type=int, default=100)
     ap.add_argument("--int8", action="store_true",
                     help="int8 update compression (SecAgg+ off): its accuracy cost")
