@@ -74,6 +74,8 @@ class Stopped(BaseException):
 class Machine(Protocol):
     def handle(self, env: Envelope, route: Route, now: float) -> list[Action]: ...
     def tick(self, now: float) -> list[Action]: ...
+    # Optional: `reconnected(now) -> list[Action]`, called once the connection is back after
+    # a loss (subscriptions sent again): what the broker may have lost, sent again.
 
 
 class Node:
@@ -119,6 +121,7 @@ class Node:
         self.observers: list[Callable[[Action], None]] = []  # see every action (hfl.activity)
         self.heartbeat: Callable[[], None] | None = None  # fed by alive() (the watchdog)
         self.stop_event = threading.Event()
+        self._connects = 0  # the session's connects the machine has been told of
 
     # ------------------------------------------------------------------ outbound
 
@@ -218,9 +221,12 @@ class Node:
         except queue.Empty:
             msg = None
         now = time.time()
+        back = self._reconnected(machine, now)
         if self.durable is not None:
+            self._outbox += back
             self._step_durable(machine, msg, now)
         else:
+            self.dispatch(back)
             if msg is not None:
                 self._receive(machine, msg, now, self.dispatch)
             self.dispatch(machine.tick(now))
@@ -228,11 +234,24 @@ class Node:
                 self.dispatch(self.feed.poll(now))
         self.gate.expire(now)
 
+    def _reconnected(self, machine: Machine, now: float) -> list[Action]:
+        """The machine's `reconnected` event, once per new connection (after the first):
+        the broker may have lost its sessions, queued and retained messages meanwhile."""
+        connects = self.session.counters["connects"]
+        if connects <= max(self._connects, 1) or not self.session.connected:
+            return []  # the first connection, or one already told of
+        self._connects = connects
+        self.counters["reconnects"] += 1
+        event = getattr(machine, "reconnected", None)
+        return list(event(now)) if event is not None else []
+
     def _receive(self, machine: Machine, msg: Inbound, now: float,
                  sink: Callable[[list[Action]], Any]) -> None:
         try:
-            self.gate.deliver(msg.topic, msg.payload, now, self.feed,
-                              lambda env, route: sink(machine.handle(env, route, now)))
+            refusal = self.gate.deliver(msg.topic, msg.payload, now, self.feed,
+                                        lambda env, route: sink(machine.handle(env, route, now)))
+            if refusal:  # what a machine still sends about a message it refused (an ack)
+                sink(refusal)
         except Exception:  # a bug of ours must not take the service down
             self.counters["internal_errors"] += 1
             log.exception("handling a message on %s", msg.topic)

@@ -39,6 +39,7 @@ class Route:
     agent: str = ""
     role: str = ""
     id: str = ""
+    to: str = ""  # an acknowledgement's receiver (its sender is `id`)
 
 
 @dataclass(frozen=True)
@@ -87,13 +88,18 @@ class Topics:
     def telemetry(self, role: str, id: str) -> str:
         return f"{self.prefix}/telemetry/{check_id(role, 'role')}/{check_id(id, 'id')}"
 
+    def ack(self, sender: str, to: str) -> str:
+        """`sender`'s acknowledgements of what `to` sent it (hfl.delivery)."""
+        return f"{self.prefix}/acks/{check_id(sender, 'sender')}/{check_id(to, 'recipient')}"
+
     # Subscription filters, one list per role.
 
-    def coordinator_filters(self) -> list[str]:
+    def coordinator_filters(self, coordinator: str = "coordinator") -> list[str]:
         return [
             f"{self.prefix}/apps/+/requests",
             f"{self.prefix}/coord/partials/+",
             f"{self.prefix}/status/aggregator/+",
+            f"{self.prefix}/acks/+/{check_id(coordinator, 'coordinator')}",
         ]
 
     def aggregator_filters(self, agg: str) -> list[str]:
@@ -102,11 +108,16 @@ class Topics:
             f"{self.prefix}/agg/{agg}/updates/+",
             f"{self.prefix}/status/agent/+",
             self.roster(),
+            f"{self.prefix}/acks/+/{agg}",  # the coordinator's, of its partials
+            f"{self.prefix}/status/coordinator/+",  # back online: its partials again
         ]
 
     def agent_filters(self, agg: str, agent: str) -> list[str]:
         rounds = f"{self.prefix}/agg/{check_id(agg, 'aggregator')}/rounds/+"
-        return [rounds, f"{rounds}/{check_id(agent, 'agent')}", self.roster()]
+        # Its aggregator's acknowledgements of its answers, and its status: once the
+        # aggregator is back online, unacknowledged answers go again.
+        return [rounds, f"{rounds}/{check_id(agent, 'agent')}", self.roster(),
+                self.ack(agg, agent), self.status("aggregator", agg)]
 
     def app_filters(self, models: list[str], jobs: list[str] | None = None,
                     app: str | None = None) -> list[str]:
@@ -164,8 +175,10 @@ def _match(p: list[str]) -> Route | None:
         return Route("status", role=p[1], id=p[2])
     if n == 3 and p[0] == "telemetry":
         return Route("telemetry", role=p[1], id=p[2])
+    if n == 3 and p[0] == "acks":
+        return Route("ack", id=p[1], to=p[2])
     return None
 
 
 def _ids(r: Route) -> list[str]:
-    return [v for v in (r.app, r.job, r.model, r.agg, r.agent, r.role, r.id) if v]
+    return [v for v in (r.app, r.job, r.model, r.agg, r.agent, r.role, r.id, r.to) if v]
