@@ -30,7 +30,8 @@ partial waits in an `Outbox` until the coordinator acknowledges it (a new block 
 Messages to the agents need no acknowledgement of their own: their answers are one. When
 the connection comes back (`reconnected`), the partial, the round announcement (retained)
 and the current SecAgg+ stage go again; when an agent the round waits for says it is online
-(after it subscribed), what it waits for goes again, once for all such agents in a second.
+(after it subscribed), what it waits for goes again, once for all such agents in a second
+(and at most every 5 s).
 """
 
 from __future__ import annotations
@@ -76,8 +77,10 @@ if TYPE_CHECKING:
 # After a restart, an open round gets at least this long past its old deadline to take in
 # the messages the broker kept for us while we were down.
 RESUME_GRACE_S = 5.0
-# Agents that come back online within this long are sent their round's messages once.
+# Agents that come back online within this long are sent their round's messages once, and
+# a round sends them again at most this often (its announcement is sealed for every agent).
 NUDGE_S = 1.0
+NUDGE_EVERY_S = 5.0
 
 
 def update_delta(tensors: dict[str, np.ndarray], spec: ModelSpec, num_params: int) -> np.ndarray:
@@ -136,6 +139,7 @@ class EdgeJob:
     # messages again (one copy for all that come within NUDGE_S).
     nudge: set[str] = field(default_factory=set)
     nudge_at: float | None = None
+    nudged: float = float("-inf")  # when they were last sent again for agents back online
 
     @property
     def round(self) -> int:
@@ -198,13 +202,17 @@ class AggregatorMachine:
         except Rejected as r:  # acknowledged all the same: a copy would be refused too
             raise Rejected(r.reason, r.detail, answer=[
                 *r.answer, ack(self.id, self.topics, env, "refused", str(r))]) from None
+        repeat = any(isinstance(a, Note) and a.event == "duplicate" for a in out)
+        if repeat and not effects(out):
+            # Nothing changed: nothing to save. Its acknowledgement still waits for the save
+            # of the batch that holds the first copy (the node sends none before).
+            return [*out, ack(self.id, self.topics, env, "repeat")]
         also = []
         if kind is Kind.UPDATE and env.stage != "update":  # a SecAgg+ stage: its own record
             also.append(f"client/{env.job}/{env.round}/{env.sender}")
             if env.stage == "masked":
                 also.append(f"sum/{env.job}")
         self._touched(env.job, block=kind is Kind.TASK or effects(out), also=also)
-        repeat = any(isinstance(a, Note) and a.event == "duplicate" for a in out)
         return [*out, ack(self.id, self.topics, env, "repeat" if repeat else "taken")]
 
     def reconnected(self, now: float) -> list[Action]:
@@ -248,7 +256,9 @@ class AggregatorMachine:
         for ej in list(self.jobs.values()):
             if ej.nudge_at is not None and now >= ej.nudge_at:
                 who = ej.nudge & self._awaited(ej)
-                out += self._again(ej, who) if who else []
+                if who:
+                    out += self._again(ej, who)
+                    ej.nudged = now
                 ej.nudge, ej.nudge_at = set(), None
             if ej.secure is not None:
                 acts = ej.secure.tick(now) + self._settle(ej, now)
@@ -391,7 +401,7 @@ class AggregatorMachine:
                 if env.sender in self._awaited(ej):
                     ej.nudge.add(env.sender)
                     if ej.nudge_at is None:
-                        ej.nudge_at = now + NUDGE_S
+                        ej.nudge_at = max(now + NUDGE_S, ej.nudged + NUDGE_EVERY_S)
         return []
 
     def _task(self, env: Envelope, now: float) -> list[Action]:

@@ -14,7 +14,8 @@ their own, from the receiver, once what they changed is saved (`Kind.ACK`, `AckM
 The sender keeps each such message here until its acknowledgement comes and sends it
 again: at once when its own connection comes back (`reconnected`) or when the receiver
 says it is online again (its status is published after it has subscribed, so a message
-sent then reaches it), and otherwise after `first_s`, doubling up to `max_s`. It stops
+sent then reaches it), and otherwise, as a last resort, after `first_s`, doubling up to
+`max_s`. It stops
 when the acknowledgement comes, when the machine says the round or block is over or
 superseded (`forget`), or after `give_up_s`. Receivers already drop repeats; they answer
 each one with an acknowledgement again, so a lost acknowledgement costs one more copy.
@@ -37,8 +38,11 @@ if TYPE_CHECKING:
     from hfl.envelope import Envelope
     from hfl.topics import Topics
 
-RESEND_FIRST_S = 10.0  # the first copy waits this long for its acknowledgement
-RESEND_MAX_S = 120.0  # the wait doubles with each copy, up to this
+# The timer is the last resort: a reconnection and the receiver's online status send again
+# at once, and a broker that lost a message restarted, so both come. A receiver slow to
+# acknowledge (a thousand agents' updates to save) must not get every message twice.
+RESEND_FIRST_S = 30.0  # the first copy waits this long for its acknowledgement
+RESEND_MAX_S = 300.0  # the wait doubles with each copy, up to this
 GIVE_UP_S = 3600.0  # a message unacknowledged this long is dropped (the session expiry)
 JITTER = 0.25  # each wait is stretched by up to this fraction, so a fleet does not resend
 # in lockstep (derived from the message and the copy number: no randomness, no clock)

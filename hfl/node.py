@@ -11,8 +11,9 @@ A node given a `Checkpointer` (aggregator, coordinator) survives `kill -9`: it a
 an inbound message only once the records it changed are saved, and holds back whatever the
 machine wants to send until then, so nothing it published is ever contradicted by the state
 it restarts from, and the broker delivers again whatever was not saved. Saves are grouped:
-one when something is to go out, when the inbox runs dry, or every `ACK_BATCH` messages
-(well inside the broker's window of unacknowledged messages). The chunks of a message are
+one when something is to go out (but for acknowledgements, which wait for the batch), when
+the inbox runs dry, or every `ACK_BATCH` messages (well inside the broker's window of
+unacknowledged messages). The chunks of a message are
 acknowledged once the whole message is handled. A failing save (a full disk) is logged and
 counted and retried; until it succeeds nothing is acknowledged and nothing goes out.
 """
@@ -29,7 +30,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from hfl import chunks, envelope
-from hfl.actions import Action, Note, Send, effects
+from hfl.actions import Action, Note, Send
 from hfl.envelope import Envelope
 from hfl.gate import Gate
 from hfl.identity import Identity, Roster
@@ -64,6 +65,14 @@ def encode_send(action: Send, identity: Identity, roster: Roster,
                            round=action.round, stage=action.stage, sender=identity.id,
                            key=identity.key, tensors=action.tensors, meta=action.meta, now=now,
                            seal_to=seal_to)
+
+
+def urgent(actions: list[Action]) -> bool:
+    """Whether any of `actions` should go out now (so be saved now): anything but a `Note` or
+    an acknowledgement. Acknowledgements wait for the batch's save, as the MQTT ones do: one
+    per message would make every message a save of its own."""
+    return any(not isinstance(a, Note) and not (isinstance(a, Send) and a.kind is Kind.ACK)
+               for a in actions)
 
 
 class Stopped(BaseException):
@@ -277,7 +286,7 @@ class Node:
         quiet = now - self._heard_at >= HOLD_IDLE_S
         for key in [k for k in self._held if quiet or not self.gate.holds(*k)]:
             self._unacked += self._held.pop(key)
-        if effects(self._outbox) or len(self._unacked) >= ACK_BATCH or self.inbox.empty():
+        if urgent(self._outbox) or len(self._unacked) >= ACK_BATCH or self.inbox.empty():
             self.commit(now)
 
     def commit(self, now: float, retry: bool = False) -> bool:

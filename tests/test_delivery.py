@@ -15,7 +15,7 @@ import pytest
 
 from fleet.memnet import MemNet
 from hfl.actions import Send
-from hfl.delivery import GIVE_UP_S, JITTER, Key, Outbox, ack, acked
+from hfl.delivery import GIVE_UP_S, JITTER, RESEND_FIRST_S, Key, Outbox, ack, acked
 from hfl.errors import Rejected
 from hfl.messages import Kind
 from hfl.topics import Topics
@@ -23,6 +23,7 @@ from tests import test_secure_rounds as secure
 from tests.test_machines import GROUPS, build, constant_trainer, fedavg, request, spec, versions
 
 EVERYONE = GROUPS["site-a"] + GROUPS["site-b"]
+RESEND_S = RESEND_FIRST_S * (1 + JITTER) + 2  # by then, a first copy has gone again
 
 
 def send(job: str = "j", round: int = 3, stage: str = "update") -> Send:
@@ -184,9 +185,9 @@ def acks_to(net: MemNet, to: str) -> list[tuple[str, int, str, str]]:
 def test_a_lost_update_goes_again_and_is_counted_once() -> None:
     fault = lose(lambda t, h: h["type"] == "update" and t.endswith("/a1"))
     net = build(fault=fault)
-    request(net, spec(rounds=1, deadline_s=60))
+    request(net, spec(rounds=1, deadline_s=120))
     assert fault.lost and not versions(net)  # the round waits for a1
-    wait(net, 15)
+    wait(net, RESEND_S)
     (v,) = versions(net)
     assert v.agents == 6
     np.testing.assert_allclose(v.params, fedavg(EVERYONE), rtol=1e-6)
@@ -199,8 +200,8 @@ def test_a_lost_ack_costs_one_more_copy_which_is_acknowledged_as_a_repeat() -> N
     # a3 is silent, so the round stays open long enough for a1 to send again.
     fault = lose(lambda t, h: h["type"] == "ack" and t.endswith("/a1"))
     net = build(fault=fault, trainer=constant_trainer(silent={"a3"}))
-    request(net, spec(rounds=1, deadline_s=30))
-    wait(net, 31)
+    request(net, spec(rounds=1, deadline_s=60))
+    wait(net, 61)
     (v,) = versions(net)
     assert v.agents == 5  # a1 counted once; a3 left out at the deadline
     np.testing.assert_allclose(v.params, fedavg([a for a in EVERYONE if a != "a3"]), rtol=1e-6)
@@ -213,9 +214,9 @@ def test_a_lost_ack_costs_one_more_copy_which_is_acknowledged_as_a_repeat() -> N
 def test_a_lost_partial_goes_again_and_every_site_is_in_the_version() -> None:
     fault = lose(lambda t, h: h["type"] == "partial" and t.endswith("/site-a"))
     net = build(fault=fault)
-    request(net, spec(rounds=2))
+    request(net, spec(rounds=2, deadline_s=60))
     assert len(versions(net)) == 0
-    wait(net, 15)
+    wait(net, RESEND_S)
     assert [v.agents for v in versions(net)] == [6, 6]
     np.testing.assert_allclose(versions(net)[-1].params, 2 * fedavg(EVERYONE), rtol=1e-6)
     assert ("partial", 0, "partial", "taken") in acks_to(net, "site-a")
@@ -225,9 +226,9 @@ def test_a_lost_partial_goes_again_and_every_site_is_in_the_version() -> None:
 def test_a_lost_task_goes_again() -> None:
     fault = lose(lambda t, h: h["type"] == "task" and "/site-b/" in t)
     net = build(fault=fault)
-    request(net, spec(rounds=2))
+    request(net, spec(rounds=2, deadline_s=60))
     assert len(versions(net)) == 0
-    wait(net, 15)
+    wait(net, RESEND_S)
     assert [v.agents for v in versions(net)] == [6, 6]
     assert [o for of, *_, o in acks_to(net, "coord") if of == "task"] == ["taken"] * 4
     assert outboxes(net) == {}
@@ -238,7 +239,7 @@ def test_a_partial_acknowledged_too_late_is_late_not_an_error() -> None:
     net = build(fault=fault)
     request(net, spec(rounds=1))
     assert len(versions(net)) == 1
-    wait(net, 15)  # site-a sends its partial again: the block is over
+    wait(net, RESEND_S)  # site-a sends its partial again: the block is over
     assert len(fault.lost) == 1  # the first acknowledgement, "taken"
     assert [o for *_, o in acks_to(net, "site-a")] == ["taken", "late"]
     assert net.events("late") and not net.rejections("coord")
@@ -250,10 +251,10 @@ def test_a_lost_secagg_answer_goes_again_and_nobody_is_dropped(stage: str) -> No
     fault = lose(lambda t, h: h["type"] == "update" and h["stage"] == stage
                  and t.endswith("/a1"))
     net = secure.net(fault=fault)
-    request(net, secure.spec(deadline_s=60, secagg={"threshold": 0.6,
-                                                    "stage_timeout_s": 30}))
+    request(net, secure.spec(deadline_s=120, secagg={"threshold": 0.6,
+                                                     "stage_timeout_s": 60}))
     assert fault.lost
-    wait(net, 15)
+    wait(net, RESEND_S)
     (v,) = versions(net)
     assert v.agents == 13 and v.dropped == 0
     np.testing.assert_allclose(v.params, secure.fedavg(secure.STEP), atol=secure.TOL)
@@ -269,9 +270,9 @@ def test_a_secagg_answer_sent_again_after_its_stage_is_a_repeat_not_stale() -> N
     silent = secure.drop({"a9"}, "unshares")
     net = build(trainer=secure.trainer, groups=secure.GROUPS,
                 fault=lambda t, d: [x for y in lost_ack(t, d) for x in silent(t, y)])
-    request(net, secure.spec(deadline_s=60, secagg={"threshold": 0.6,
-                                                    "stage_timeout_s": 30}))
-    wait(net, 31)
+    request(net, secure.spec(deadline_s=120, secagg={"threshold": 0.6,
+                                                     "stage_timeout_s": 60}))
+    wait(net, 61)
     assert [o for _, _, st, o in acks_to(net, "a1") if st == "shares"] == ["taken", "repeat"]
     assert all(not net.rejections(p) for p in net.peers)
     (v,) = versions(net)
