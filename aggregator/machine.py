@@ -21,6 +21,17 @@ saves O(n²)) and builds each with `record`; the runner
 saves them (`hfl.state`) before it acknowledges the messages behind them or lets out what
 they produced. `restore` takes them back after a restart and `resume` says what to send
 again: nothing is counted twice, as who contributed is part of the record.
+
+End-to-end delivery (`hfl.delivery`), so that a broker that loses what it held loses nothing
+of a job: every agent's answer and every task is acknowledged (`Kind.ACK`: taken, a repeat,
+or refused and why) once what it changed is saved, a repeat too, so a lost acknowledgement
+costs one more copy; a repeat of the round that just ended is recognised as such. The
+partial waits in an `Outbox` until the coordinator acknowledges it (a new block ends that).
+Messages to the agents need no acknowledgement of their own: their answers are one. When
+the connection comes back (`reconnected`), the partial, the round announcement (retained)
+and the current SecAgg+ stage go again; when an agent the round waits for says it is online
+(after it subscribed), what it waits for goes again, once for all such agents in a second
+(and at most every 5 s).
 """
 
 from __future__ import annotations
@@ -37,6 +48,7 @@ import numpy as np
 from aggregator.secure import Abort, Done, SecureRound
 from hfl.actions import Action, Note, Send, effects
 from hfl.aggregate import WeightedSum
+from hfl.delivery import Outbox, ack, acked
 from hfl.dp import AdaptiveClip, NoiseSource, adaptive_noise, edge_noise_std
 from hfl.errors import Rejected
 from hfl.messages import (
@@ -66,6 +78,10 @@ if TYPE_CHECKING:
 # After a restart, an open round gets at least this long past its old deadline to take in
 # the messages the broker kept for us while we were down.
 RESUME_GRACE_S = 5.0
+# Agents that come back online within this long are sent their round's messages once, and
+# a round sends them again at most this often (its announcement is sealed for every agent).
+NUDGE_S = 1.0
+NUDGE_EVERY_S = 5.0
 
 
 def update_delta(tensors: dict[str, np.ndarray], spec: ModelSpec, num_params: int) -> np.ndarray:
@@ -120,6 +136,11 @@ class EdgeJob:
     releases: list[Release] = field(default_factory=list)  # this block's, for DP accounting
     declined: dict[str, str] = field(default_factory=dict)  # this block's: agent → why
     partial: Send | None = None  # the block's result, kept to answer a repeated task
+    # Soft state: agents the round waits for that came online, and when to send them its
+    # messages again (one copy for all that come within NUDGE_S).
+    nudge: set[str] = field(default_factory=set)
+    nudge_at: float | None = None
+    nudged: float = float("-inf")  # when they were last sent again for agents back online
 
     @property
     def round(self) -> int:
@@ -160,31 +181,86 @@ class AggregatorMachine:
         # of selection while the others suffice, until they send anything signed again. An
         # "online" status is no proof: a stalled board can keep its connection.
         self.silent: dict[str, float] = {}
+        self.outbox = Outbox()  # partials not yet acknowledged by the coordinator
+        # Per job, the round that ended last and who answered which of its stages: a copy
+        # an agent sends again after it ended is a repeat, not a stale message (soft state).
+        self.past: dict[str, tuple[int, dict[str, set[str]]]] = {}
 
     # ------------------------------------------------------------------ events
 
     def handle(self, env: Envelope, route: Route, now: float) -> list[Action]:
         kind = Kind(env.type)
-        if kind is Kind.TASK:
-            out = self._task(env, now)
-        elif kind is Kind.UPDATE:
-            self.silent.pop(env.sender, None)  # it answers: alive, even if late
-            out = self._update(env, now)
-        elif kind is Kind.STATUS:
-            return self._status(env)
-        else:
+        if kind is Kind.STATUS:
+            return self._status(env, route, now)
+        if kind is Kind.ACK:
+            return self._acked(env)
+        if kind not in (Kind.TASK, Kind.UPDATE):
             raise Rejected("unexpected-type", f"aggregator does not take {kind.value}")
+        if kind is Kind.UPDATE:
+            self.silent.pop(env.sender, None)  # it answers: alive, even if late
+        try:
+            out = self._task(env, now) if kind is Kind.TASK else self._update(env, now)
+        except Rejected as r:  # acknowledged all the same: a copy would be refused too
+            raise Rejected(r.reason, r.detail, answer=[
+                *r.answer, ack(self.id, self.topics, env, "refused", str(r))]) from None
+        repeat = any(isinstance(a, Note) and a.event == "duplicate" for a in out)
+        if repeat and not effects(out):
+            # Nothing changed: nothing to save. Its acknowledgement still waits for the save
+            # of the batch that holds the first copy (the node sends none before).
+            return [*out, ack(self.id, self.topics, env, "repeat")]
         also = []
         if kind is Kind.UPDATE and env.stage != "update":  # a SecAgg+ stage: its own record
             also.append(f"client/{env.job}/{env.round}/{env.sender}")
             if env.stage == "masked":
                 also.append(f"sum/{env.job}")
         self._touched(env.job, block=kind is Kind.TASK or effects(out), also=also)
+        return [*out, ack(self.id, self.topics, env, "repeat" if repeat else "taken")]
+
+    def reconnected(self, now: float) -> list[Action]:
+        """The connection is back, maybe to a broker that lost every session and retained
+        message: the partials not yet acknowledged, and for each open round its
+        announcement (retained; while agents train) or the SecAgg+ stage's messages."""
+        out: list[Action] = list(self.outbox.reconnected(now))
+        for ej in self.jobs.values():
+            out += self._again(ej, None)
         return out
 
+    def _again(self, ej: EdgeJob, agents: set[str] | None) -> list[Action]:
+        """What the round being collected asked its agents (or only `agents`, where the
+        stage has a message for each), sent again: the agents answer each message once and
+        drop a repeat, their answers waiting for our acknowledgement do the rest."""
+        ej.nudge, ej.nudge_at = set(), None
+        if ej.secure is not None and ej.secure.stage != "advert":
+            return list(ej.secure.broadcast(agents))
+        return self._announce(ej) if ej.collecting else []
+
+    def _awaited(self, ej: EdgeJob) -> set[str]:
+        """The agents the round being collected still waits for."""
+        if ej.secure is not None:
+            return ej.secure.expected - ej.secure.got
+        if ej.acc is not None:
+            return self._plain_unanswered(ej)
+        return set()
+
+    def _acked(self, env: Envelope) -> list[Action]:
+        key, meta = acked(env)
+        self.outbox.ack(key)
+        if meta.outcome == "refused":
+            return [Note("partial_refused", {"job": env.job, "block": env.round,
+                                             "reason": meta.reason})]
+        return []
+
     def tick(self, now: float) -> list[Action]:
-        out: list[Action] = []
+        again, gone = self.outbox.due(now)
+        out: list[Action] = [*again, *(Note("gave_up", {"job": k.job, "block": k.round})
+                                       for k in gone)]
         for ej in list(self.jobs.values()):
+            if ej.nudge_at is not None and now >= ej.nudge_at:
+                who = ej.nudge & self._awaited(ej)
+                if who:
+                    out += self._again(ej, who)
+                    ej.nudged = now
+                ej.nudge, ej.nudge_at = set(), None
             if ej.secure is not None:
                 acts = ej.secure.tick(now) + self._settle(ej, now)
             elif ej.acc is not None and now >= ej.deadline:
@@ -301,7 +377,7 @@ class AggregatorMachine:
         out: list[Action] = []
         for ej in self.jobs.values():
             if ej.partial is not None:
-                out.append(ej.partial)
+                out.append(self.outbox.track(ej.partial, ej.coordinator, now))
             elif ej.collecting:
                 ej.deadline = max(ej.deadline, now + RESUME_GRACE_S)
                 out += self._announce(ej)
@@ -314,10 +390,19 @@ class AggregatorMachine:
                                         "done": ej.partial is not None}))
         return out
 
-    def _status(self, env: Envelope) -> list[Action]:
+    def _status(self, env: Envelope, route: Route, now: float) -> list[Action]:
         meta = parse_meta(StatusMeta, env.meta)
+        online = meta.state == "online"
+        if route.role == "coordinator":  # back online, so subscribed: its partials again
+            return list(self.outbox.peer_online(env.sender, now)) if online else []
         if env.sender in self.group():
-            (self.online.add if meta.state == "online" else self.online.discard)(env.sender)
+            (self.online.add if online else self.online.discard)(env.sender)
+        if online:  # (again): a round that waits for it sends it what it waits for
+            for ej in self.jobs.values():
+                if env.sender in self._awaited(ej):
+                    ej.nudge.add(env.sender)
+                    if ej.nudge_at is None:
+                        ej.nudge_at = max(now + NUDGE_S, ej.nudged + NUDGE_EVERY_S)
         return []
 
     def _task(self, env: Envelope, now: float) -> list[Action]:
@@ -330,7 +415,12 @@ class AggregatorMachine:
             raise Rejected("stale-round", f"task block {env.round} < {ej.block}")
         if ej is not None and env.round == ej.block:
             # The coordinator repeated the task: answer again if done, else keep going.
-            return [ej.partial, Note("partial_resent", {"job": env.job})] if ej.partial else []
+            again = Note("duplicate", {"job": env.job, "block": env.round})
+            if ej.partial is None:
+                return [again]
+            return [self.outbox.track(ej.partial, ej.coordinator, now), again,
+                    Note("partial_resent", {"job": env.job})]
+        self.outbox.forget(env.job, kind=Kind.PARTIAL.value, before=env.round)  # superseded
         ej = EdgeJob(
             job=env.job,
             spec=meta.spec,
@@ -355,18 +445,24 @@ class AggregatorMachine:
     def _update(self, env: Envelope, now: float) -> list[Action]:
         ej = self.jobs.get(env.job)
         if ej is None or not ej.collecting or env.round != ej.round:
+            past = self.past.get(env.job)
+            if past is not None and past[0] == env.round and env.stage in past[1].get(
+                    env.sender, ()):  # sent again after the round ended: it is in
+                return [self._duplicate(env)]
             raise Rejected("stale-round", f"update for {env.job}/{env.round}")
         if env.sender not in ej.selected:
             raise Rejected("not-selected", env.sender)
         if env.stage == "decline":
             return self._decline(ej, env, now)
         if ej.secure is not None:
+            if ej.secure.answered(env.sender, env.stage):  # in the round already
+                return [self._duplicate(env)]
             return ej.secure.handle(env, now) + self._settle(ej, now)
         assert ej.acc is not None
         if env.stage != "update":
             raise Rejected("stale-stage", f"{env.stage} in a plain round")
         if env.sender in ej.senders:
-            return [Note("duplicate", {"job": ej.job, "round": ej.round, "agent": env.sender})]
+            return [self._duplicate(env)]
         if env.sender in ej.declined:
             raise Rejected("stale-stage", f"update from {env.sender}, which declined")
         meta = parse_meta(UpdateMeta, env.meta)
@@ -387,7 +483,7 @@ class AggregatorMachine:
         """A selected agent sits the round out: the round stops waiting for it, it is not
         selected again in this block, and the reason goes up with the partial."""
         if env.sender in ej.declined:
-            return [Note("duplicate", {"job": ej.job, "round": ej.round, "agent": env.sender})]
+            return [self._duplicate(env)]
         if env.sender in ej.senders:
             raise Rejected("stale-stage", f"decline from {env.sender} after its update")
         meta = parse_meta(DeclineMeta, env.meta)
@@ -400,6 +496,24 @@ class AggregatorMachine:
         if ej.secure is not None:
             return out + self._settle(ej, now)
         return out + self._answered_plain(ej, now)
+
+    @staticmethod
+    def _duplicate(env: Envelope) -> Note:
+        return Note("duplicate", {"job": env.job, "round": env.round, "agent": env.sender,
+                                  "stage": env.stage})
+
+    def _remember(self, ej: EdgeJob) -> None:
+        """The round being collected is ending: who answered which of its stages, so that a
+        copy sent again after it ended is taken for the repeat it is."""
+        answers: dict[str, set[str]] = {}
+        if ej.secure is not None:
+            answers = ej.secure.answers()
+        elif ej.acc is not None:
+            answers = {a: {"update"} for a in ej.senders}
+        for a in ej.selected:
+            if a in ej.declined:
+                answers.setdefault(a, set()).add("decline")
+        self.past[ej.job] = (ej.round, answers)
 
     def _answered_plain(self, ej: EdgeJob, now: float) -> list[Action]:
         """Close a plain round once every selected agent sent its update or declined."""
@@ -416,6 +530,7 @@ class AggregatorMachine:
         outcome = ej.secure.outcome if ej.secure else None
         if outcome is not None and ej.secure is not None:
             self._let_down(ej.secure.unanswered(), now)
+            self._remember(ej)
         if isinstance(outcome, Abort):
             ej.secure = None
             return self._retry(ej, now, outcome.reason)
@@ -493,6 +608,7 @@ class AggregatorMachine:
         acc = ej.acc
         assert acc is not None
         self._let_down(self._plain_unanswered(ej), now)
+        self._remember(ej)
         ej.acc = None
         return self._close(ej, acc.mean(), acc.metrics(), acc.count, now,
                            clip_bits=ej.clip_bits)
@@ -537,6 +653,8 @@ class AggregatorMachine:
     def _retry(self, ej: EdgeJob, now: float, why: str) -> list[Action]:
         if ej.acc is not None:
             self._let_down(self._plain_unanswered(ej), now)
+        if ej.collecting:
+            self._remember(ej)
         ej.acc = ej.secure = None
         if ej.attempt >= ej.spec.max_retries:
             return self._fail_block(ej, f"round failed: {why}")
@@ -558,7 +676,8 @@ class AggregatorMachine:
                            declined=dict(list(ej.declined.items())[:1000]))
         ej.partial = self._partial_send(ej, meta.model_dump(mode="json"), partial)
         info = {"job": ej.job, "block": ej.block, "weight": weight, "agents": agents}
-        return [ej.partial, Note("partial_sent", info)]
+        # Kept until the coordinator acknowledges it; its back-off starts at the next tick.
+        return [self.outbox.track(ej.partial, ej.coordinator), Note("partial_sent", info)]
 
     def _partial_send(self, ej: EdgeJob, meta: dict, partial: np.ndarray | None) -> Send:
         tensors = {"sum": partial} if partial is not None else {}

@@ -51,6 +51,7 @@ class SecureRound:
         self.num_params = num_params
         self.params, self.fixed = wire.round_params(job, round, len(selected), num_params, spec)
         self.server = Server(self.params, selected)
+        self.selected = list(selected)
         self.stage = "advert"
         self.expected = set(selected)
         self.got: set[str] = set()
@@ -110,6 +111,20 @@ class SecureRound:
         self.got.add(sender)
         return self._advance(now) if self.got >= self.expected else []
 
+    def answered(self, sender: str, stage: str) -> bool:
+        """Whether `sender`'s answer to `stage` is in the round already (a copy is a repeat)."""
+        return stage in AGENT_STAGES and self.server.answered(AGENT_STAGES.index(stage) + 1,
+                                                              sender)
+
+    def answers(self) -> dict[str, set[str]]:
+        """Who answered which stage, as the round ends."""
+        out: dict[str, set[str]] = {}
+        for a in self.selected:
+            stages = {st for st in AGENT_STAGES if self.answered(a, st)}
+            if stages:
+                out[a] = stages
+        return out
+
     def decline(self, sender: str, now: float) -> list[Action]:
         """`sender` sits the round out instead of advertising: the advert stage stops
         waiting for it (a decline after its advert is a peer's error)."""
@@ -140,17 +155,18 @@ class SecureRound:
                  else self.topics.round_to(self.agg, self.job, to))
         return Send(Kind.ROUND, topic, self.job, self.round, stage, meta, tensors)
 
-    def broadcast(self) -> list[Send]:
+    def broadcast(self, only: set[str] | None = None) -> list[Send]:
         """The messages that opened the stage being collected (none for the adverts, which
         the round announcement asks for): sent on each stage change, and again after a
-        restart, as agents answer a repeat with the answer they gave."""
+        restart or a reconnection (only to the agents `only` where each agent has its own),
+        as agents drop a repeat of a stage they answered."""
         if self.outcome is not None or self.stage == "advert":
             return []
         if self.stage == "shares":
             return [self._send("keys", *wire.key_table_out(self.server.adverts()))]
         if self.stage == "masked":  # each agent its own shares, where only it may read
             return [self._send("routed", *wire.routed_out(to, row), to=to)
-                    for to, row in self.server.routed().items()]
+                    for to, row in self.server.routed().items() if only is None or to in only]
         return [self._send("unmask", {"survivors": self.survivors}, {})]
 
     def _advance(self, now: float) -> list[Action]:

@@ -99,7 +99,7 @@ def one_group(n: int, p: int, store: StateStore) -> tuple[int, int, float]:
     coord = ids["coord"]
     net.add(coord, CoordinatorMachine.of(coord, roster, topics,
                                          lambda s: (s, np.zeros(p, np.float32))),
-            topics.coordinator_filters())
+            topics.coordinator_filters(coord.id))
     net.add(ids["app"], Sink(), topics.app_filters(["m"]))
     agg = Saved(AggregatorMachine(AGG, lambda: roster.group(AGG), topics), store)
     net.add(ids[AGG], agg, topics.aggregator_filters(AGG))

@@ -14,6 +14,12 @@ Checkpoints, as in the aggregator: `changed` names the jobs (`job/{job}`) a mess
 deadline changed, `record` builds each one (the global model, the partials summed so far and
 who sent them, the ledger), the runner saves them before anything goes out, and after a
 restart `restore` and `resume` carry on between partials with the same global model.
+
+End-to-end delivery (`hfl.delivery`): each partial is acknowledged (`Kind.ACK`) once saved,
+a repeat or a late one too; each task waits in an `Outbox` until its aggregator acknowledges
+it (or sends the block's partial), and goes again when the connection comes back
+(`reconnected`, with every running job's status), when the aggregator says it is online, or
+after a back-off; the block's end ends that.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import numpy as np
 from coordinator.budget import Budget
 from hfl.actions import Action, Note, Send
 from hfl.aggregate import WeightedSum
+from hfl.delivery import Outbox, ack, acked
 from hfl.errors import Rejected
 from hfl.messages import (
     JobMeta,
@@ -39,6 +46,7 @@ from hfl.messages import (
     PartialMeta,
     ReplyMeta,
     Role,
+    StatusMeta,
     TaskMeta,
     expect_tensor,
     job_id,
@@ -156,7 +164,9 @@ class CoordinatorMachine:
         sign: Callable[[str, int, np.ndarray], Origin],
         group: Callable[[str], list[str]],
         taken: Callable[[str], bool] = lambda job: False,
+        me: str = "coordinator",
     ) -> None:
+        self.me = me  # our id: the sender level of our acknowledgements' topic
         self.aggregators = aggregators  # the enrolled aggregators (the roster may change)
         self.taken = taken  # a job id the registry has from an earlier job
         self.group = group  # an aggregator's enrolled agents, for privacy accounting
@@ -165,6 +175,7 @@ class CoordinatorMachine:
         self.topics = topics
         self.jobs: dict[str, Job] = {}
         self.changed: set[str] = set()  # records to save before anything goes out
+        self.outbox = Outbox()  # tasks not yet acknowledged by their aggregators
 
     @classmethod
     def of(cls, identity: Identity, roster: Roster, topics: Topics, prepare: Prepare,
@@ -174,7 +185,7 @@ class CoordinatorMachine:
         return cls(lambda: roster.by_role(Role.AGGREGATOR), prepare, topics,
                    lambda job, version, params: Origin.sign(identity.id, identity.key, job,
                                                             version, params),
-                   roster.group, taken)
+                   roster.group, taken, identity.id)
 
     # ------------------------------------------------------------------ events
 
@@ -182,13 +193,38 @@ class CoordinatorMachine:
         if env.type == Kind.REQUEST.value:
             return self._request(env, route, now)
         if env.type == Kind.PARTIAL.value:
-            return self._partial(env, now)
+            try:
+                out = self._partial(env, now)
+            except Rejected as r:  # acknowledged all the same: a copy would be refused too
+                raise Rejected(r.reason, r.detail, answer=[
+                    *r.answer, ack(self.me, self.topics, env, "refused", str(r))]) from None
+            said = {a.event for a in out if isinstance(a, Note)}
+            outcome = "late" if "late" in said else "repeat" if "duplicate" in said else "taken"
+            return [*out, ack(self.me, self.topics, env, outcome)]
         if env.type == Kind.STATUS.value:
+            if route.role == Role.AGGREGATOR.value and parse_meta(
+                    StatusMeta, env.meta).state == "online":  # so subscribed: its tasks again
+                return list(self.outbox.peer_online(env.sender, now))
+            return []
+        if env.type == Kind.ACK.value:
+            key, meta = acked(env)
+            self.outbox.ack(key)
+            if meta.outcome == "refused":
+                return [Note("task_refused", {"job": env.job, "block": env.round,
+                                              "aggregator": env.sender, "reason": meta.reason})]
             return []
         raise Rejected("unexpected-type", f"coordinator does not take {env.type}")
 
+    def reconnected(self, now: float) -> list[Action]:
+        """The connection is back, maybe to a broker that lost every session and retained
+        message: the tasks not yet acknowledged, and each running job's status (retained)."""
+        return [*self.outbox.reconnected(now),
+                *(self._status(j) for j in self.jobs.values() if j.state == "running")]
+
     def tick(self, now: float) -> list[Action]:
-        out: list[Action] = []
+        again, gone = self.outbox.due(now)
+        out: list[Action] = [*again, *(Note("gave_up", {"job": k.job, "block": k.round,
+                                                        "aggregator": k.to}) for k in gone)]
         for job in list(self.jobs.values()):
             if job.state != "running" or now < job.deadline:
                 continue
@@ -299,6 +335,8 @@ class CoordinatorMachine:
                                   "block": env.round})]
         if job is None or env.round != job.version:
             raise Rejected("stale-round", f"partial for {env.job}/{env.round}")
+        # The partial says the task arrived: it need not go again.
+        self.outbox.forget(job.job, kind=Kind.TASK.value, round=env.round, to=env.sender)
         if env.sender in job.reported:
             return [Note("duplicate", {"job": job.job, "aggregator": env.sender})]
         meta = parse_meta(PartialMeta, env.meta)
@@ -380,14 +418,17 @@ class CoordinatorMachine:
         job.reported, job.failures, job.declined = set(), [], {}
         job.agents = job.dropped = 0
         job.deadline = now + block_timeout(job.spec)
+        self.outbox.forget(job.job, kind=Kind.TASK.value)  # an earlier block's: over
         return self._tasks(job, job.spec.aggregators)
 
     def _tasks(self, job: Job, aggregators: list[str]) -> list[Action]:
+        """The block's task to each of `aggregators`, kept until it acknowledges it."""
         origin = self.sign(job.job, job.version, job.params)
         meta = TaskMeta(spec=job.spec, num_params=job.num_params, origin=origin)
         return [
-            Send(Kind.TASK, self.topics.tasks(agg), job.job, job.version, "train",
-                 meta.model_dump(mode="json"), {"params": job.params}, to=(agg,))
+            self.outbox.track(Send(Kind.TASK, self.topics.tasks(agg), job.job, job.version,
+                                   "train", meta.model_dump(mode="json"),
+                                   {"params": job.params}, to=(agg,)), agg)
             for agg in aggregators
         ]
 
@@ -442,6 +483,7 @@ class CoordinatorMachine:
 
     def _end(self, job: Job, state: str, reason: str) -> list[Action]:
         job.state, job.reason, job.acc = state, reason, None
+        self.outbox.forget(job.job)
         level = logging.WARNING if state == "failed" else logging.INFO
         return [self._status(job), Note("job_ended", {"job": job.job, "state": state,
                                                       "reason": reason}, level,

@@ -130,7 +130,7 @@ def coordinator_node(
                            resume=lambda now: pub.unpublished(machine.resume(now)))
     if durable.load():
         log.info("resuming %d job(s) from %s", len(machine.jobs), state_dir)
-    node = Node(identity, roster, settings, topics, topics.coordinator_filters(),
+    node = Node(identity, roster, settings, topics, topics.coordinator_filters(identity.id),
                 max_payload=max_payload, feed=feed, durable=durable)
     pub = Publisher(node, registry, topics, tasks)
     node.handlers[NewVersion] = pub.new_version

@@ -8,6 +8,11 @@ a decline (`DeclineMeta`: a task this board does not allow or has in another ver
 layout, no usable data, a task that failed), so the round goes on without waiting for us
 and the reason reaches the coordinator. Training happens outside, so the machine stays pure.
 
+Its answers must not be lost with a broker that dies (`hfl.delivery`): each one waits in an
+`Outbox` until the aggregator acknowledges it (`Kind.ACK`), and goes again when the
+connection comes back (`reconnected`), when the aggregator says it is online again (its
+status), or after a back-off; a newer round of the job, or this round closed, ends that.
+
 The round model is checked before anything trains on it: the first edge round of a block
 must carry the coordinator's signature on exactly these parameters (`Origin`). In a DP job
 the delta is clipped to L2 norm S and, in `distributed` mode, noised with this agent's
@@ -23,6 +28,7 @@ import numpy as np
 
 from edge_agent.secure import SecureClient
 from hfl.actions import Action, Note, Send
+from hfl.delivery import Outbox, acked
 from hfl.dp import NoiseSource, adaptive_noise, agent_noise_std, clip_l2
 from hfl.errors import Rejected
 from hfl.messages import (
@@ -32,6 +38,7 @@ from hfl.messages import (
     ModelSpec,
     Role,
     RoundMeta,
+    StatusMeta,
     UpdateMeta,
     expect_tensor,
     parse_meta,
@@ -88,10 +95,56 @@ class AgentMachine:
         self.secure: dict[str, SecureClient] = {}  # per job: the secure round under way
         self.noise = NoiseSource()  # DP noise shares, from a secret seed
         self.rounding = np.random.default_rng()  # stochastic rounding of int8 updates
+        self.outbox = Outbox()  # answers sent and not yet acknowledged by the aggregator
 
     def handle(self, env: Envelope, route: Route, now: float) -> list[Action]:
+        if env.type == Kind.ACK.value:
+            return self._acked(env, route)
+        if env.type == Kind.STATUS.value:
+            return self._status(env, route, now)
         if env.type != Kind.ROUND.value:
             raise Rejected("unexpected-type", f"agent does not take {env.type}")
+        return self._track(self._round(env, route), now)
+
+    def tick(self, now: float) -> list[Action]:
+        """An agent keeps no deadlines (the aggregator keeps time): only its answers that
+        wait for an acknowledgement go again when due."""
+        again, gone = self.outbox.due(now)
+        return [*again, *(Note("gave_up", {"job": k.job, "round": k.round, "stage": k.stage})
+                          for k in gone)]
+
+    def reconnected(self, now: float) -> list[Action]:
+        """The connection is back: the broker may have lost what we sent (and every session),
+        so every unacknowledged answer goes again."""
+        return list(self.outbox.reconnected(now))
+
+    def _track(self, actions: list[Action], now: float | None) -> list[Action]:
+        """Keep every answer to the aggregator until it acknowledges it."""
+        for a in actions:
+            if isinstance(a, Send) and a.kind is Kind.UPDATE:
+                self.outbox.track(a, self.aggregator, now)
+        return actions
+
+    def _acked(self, env: Envelope, route: Route) -> list[Action]:
+        if env.sender != self.aggregator or route.to != self.id:
+            raise Rejected("wrong-sender", f"ack from {env.sender} to {route.to}")
+        key, meta = acked(env)
+        self.outbox.ack(key)
+        if meta.outcome == "refused":  # too late, or refused: sending it again cannot help
+            return [Note("answer_refused", {"job": env.job, "round": env.round,
+                                            "stage": env.stage, "reason": meta.reason})]
+        return []
+
+    def _status(self, env: Envelope, route: Route, now: float) -> list[Action]:
+        """Our aggregator is online again, so subscribed: what it has not acknowledged goes
+        again (it may have come back to a broker that lost its session)."""
+        if route.role != Role.AGGREGATOR.value or env.sender != self.aggregator:
+            raise Rejected("unexpected-type", f"status of {route.role} {env.sender}")
+        if parse_meta(StatusMeta, env.meta).state != "online":
+            return []
+        return list(self.outbox.peer_online(self.aggregator, now))
+
+    def _round(self, env: Envelope, route: Route) -> list[Action]:
         if route.agg != self.aggregator:
             raise Rejected("wrong-group", f"round from {route.agg}, my aggregator is "
                            f"{self.aggregator}")
@@ -108,6 +161,7 @@ class AgentMachine:
         if env.round != last:
             return []  # a stage of a round we never joined
         if env.stage == "closed":
+            self.outbox.forget(env.job, round=env.round)  # counted, or too late: over
             self.secure.pop(env.job, None)
             if self.pending == (env.job, env.round):
                 self.pending = None  # closed without us: drop the result when it comes
@@ -119,6 +173,7 @@ class AgentMachine:
 
     def _open(self, env: Envelope) -> list[Action]:
         self.last_round[env.job] = env.round
+        self.outbox.forget(env.job, before=env.round)  # a newer round: the last one is over
         self.secure.pop(env.job, None)
         meta = parse_meta(RoundMeta, env.meta)
         info = {"job": env.job, "round": env.round}
@@ -154,9 +209,6 @@ class AgentMachine:
             raise Rejected("bad-origin", f"{meta.origin.signer} is not a coordinator")
         meta.origin.verify(signer.public_key, job, meta.block, params)
 
-    def tick(self, now: float) -> list[Action]:
-        return []  # an agent has no deadlines of its own: the aggregator keeps time
-
     def _privatize(self, spec: ModelSpec, delta: np.ndarray) -> float | None:
         """Clip `delta` in place and, in distributed mode, add this agent's noise share;
         with adaptive clipping, return the (noised) bit saying whether it fitted the bound."""
@@ -184,6 +236,9 @@ class AgentMachine:
 
     def trained(self, job: str, round: int, result: Update | Declined) -> list[Action]:
         """The runner finished `Train(job, round)`: answer unless the round moved on."""
+        return self._track(self._trained(job, round, result), None)
+
+    def _trained(self, job: str, round: int, result: Update | Declined) -> list[Action]:
         if self.pending != (job, round):
             return [Note("train_discarded", {"job": job, "round": round})]
         self.pending = None

@@ -42,25 +42,29 @@ def permissions(m: Member, t: Topics) -> tuple[list[str], list[str]]:
         own.append(t.telemetry(m.role.value, m.id))
     if m.role is Role.AGENT:
         assert m.group is not None  # the roster refuses an agent without its aggregator
-        # Its group's rounds, and of the per-agent levels only its own (its SecAgg+ shares).
+        # Its group's rounds, and of the per-agent levels only its own (its SecAgg+ shares);
+        # its aggregator's acknowledgements to it, and that aggregator's status.
         rounds = pattern(t.rounds, m.group, ANY)
         return ([rounds, pattern(t.round_to, m.group, ANY, m.id), t.roster(),
-                 t.chunks(rounds), t.chunks(t.roster())],
+                 t.chunks(rounds), t.chunks(t.roster()),
+                 t.ack(m.group, m.id), t.status(Role.AGGREGATOR.value, m.group)],
                 [t.update(m.group, m.id), *own])
     if m.role is Role.AGGREGATOR:
         rounds = pattern(t.rounds, m.id, ANY)
         return ([t.tasks(m.id), pattern(t.update, m.id, ANY),
-                 pattern(t.status, Role.AGENT.value, ANY), t.roster(), t.chunks(t.roster())],
+                 pattern(t.status, Role.AGENT.value, ANY), t.roster(), t.chunks(t.roster()),
+                 pattern(t.ack, ANY, m.id), pattern(t.status, Role.COORDINATOR.value, ANY)],
                 [rounds, pattern(t.round_to, m.id, ANY, ANY), t.chunks(rounds),
-                 t.partials(m.id), *own])
+                 t.partials(m.id), pattern(t.ack, m.id, ANY), *own])
     if m.role is Role.COORDINATOR:
         # It alone writes the retained sets of jobs, models and the roster (their chunk
         # subtopics): what an app assembles from them comes from it or from no one.
         jobs, models = pattern(t.job, ANY), pattern(t.model, ANY)
         return ([pattern(t.app_requests, ANY), pattern(t.partials, ANY),
-                 pattern(t.status, ANY, ANY)],
+                 pattern(t.status, ANY, ANY), pattern(t.ack, ANY, m.id)],
                 [jobs, models, t.roster(), t.chunks(jobs), t.chunks(models),
-                 t.chunks(t.roster()), pattern(t.tasks, ANY), pattern(t.replies, ANY), *own])
+                 t.chunks(t.roster()), pattern(t.tasks, ANY), pattern(t.replies, ANY),
+                 pattern(t.ack, m.id, ANY), *own])
     if m.role is Role.APP:
         jobs, models = pattern(t.job, ANY), pattern(t.model, ANY)
         return ([jobs, models, t.roster(), t.chunks(jobs), t.chunks(models),

@@ -85,6 +85,8 @@ def follow(
             out.status[event.meta.job] = event
         elif isinstance(event, RequestReply):
             for job in jobs:  # `{request_id}-{model}`: the refusal names the model
+                if not job.startswith(f"{event.meta.request_id}-"):
+                    continue  # the answer to another request (of ours, or in our name)
                 model = job.removeprefix(f"{event.meta.request_id}-")
                 why = event.meta.refused.get(model) or event.meta.refused.get("")
                 if why and job not in event.meta.accepted:

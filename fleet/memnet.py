@@ -8,6 +8,11 @@ reach later subscribers. Faults (drop, repeat, reorder) are a function passed in
 
 Time is simulated: deliveries and training take none, and `advance` moves the clock and
 ticks every machine, so deadlines fire when, and only when, someone failed to answer.
+
+`outage` is a broker that dies and comes back with nothing (no persistence): what it held
+is lost and every peer is cut off (what it sends is lost, nothing reaches it) until it
+`reconnect`s, which, as the MQTT runner does, subscribes it again, publishes its online
+status and hands its machine the `reconnected` event.
 The unit tests and the fast simulator (`fleet.memsim`) run on it.
 """
 
@@ -26,6 +31,7 @@ from hfl.actions import Note, Send, log_note
 from hfl.errors import Rejected
 from hfl.gate import Gate
 from hfl.identity import Identity, Roster
+from hfl.messages import NODES, Kind, StatusMeta
 from hfl.node import encode_send
 from hfl.topics import Topics
 
@@ -61,6 +67,8 @@ class MemNet:
     # A role action's handler, called with the peer's id and the action as it happens;
     # actions without one are kept in `others`.
     handlers: dict[type, Callable[[str, object], None]] = field(default_factory=dict)
+    offline: set[str] = field(default_factory=set)  # peers cut off by an `outage`
+    lost: int = 0  # messages lost to outages
     # filter → its subscribers, and topic → its subscribers: a fleet of thousands shares a
     # few dozen filters, so a new topic is matched against those, not against every peer.
     _filters: dict[str, list[Peer]] = field(default_factory=dict, repr=False)
@@ -78,10 +86,21 @@ class MemNet:
 
     def publish(self, sender: str, send: Send) -> bytes:
         data = encode_send(send, self.peers[sender].identity, self.roster, now=self.now)
-        self.inject(send.topic, data, retain=send.retain)
         if self.record:
             self.sent.append((sender, send))
+        if sender in self.offline:
+            self.lost += 1
+            return data
+        self.inject(send.topic, data, retain=send.retain)
         return data
+
+    def outage(self) -> None:
+        """The broker dies and restarts empty: what it queued and retained is gone, and
+        every peer is cut off until it reconnects."""
+        self.lost += len(self.queue)
+        self.queue.clear()
+        self.retained.clear()
+        self.offline = set(self.peers)
 
     def inject(self, topic: str, data: bytes, retain: bool = False) -> None:
         if retain:
@@ -106,6 +125,9 @@ class MemNet:
                 self.queue.rotate(-self.shuffle.randrange(len(self.queue)))
             topic, payload = self.queue.popleft()
             for peer in self.subscribers(topic):
+                if peer.identity.id in self.offline:
+                    self.lost += 1
+                    continue
                 self._deliver(peer, topic, payload)
         raise AssertionError("network never went quiet")
 
@@ -114,6 +136,26 @@ class MemNet:
         self.now += seconds
         for peer in list(self.peers.values()):
             self._act(peer, peer.machine.tick(self.now))  # type: ignore[attr-defined]
+        self.run()
+
+    def reconnect(self, *ids: str) -> None:
+        """These peers' connections came back, one after the other: each is subscribed
+        again, says it is online (retained) and gets its machine's `reconnected` event
+        (what the broker may have lost goes again); then the network runs."""
+        for id_ in ids:
+            peer = self.peers[id_]
+            self.offline.discard(id_)
+            for topic, payload in list(self.retained.items()):  # a subscriber gets retained
+                if any(topic_matches_sub(f, topic) for f in peer.filters):
+                    self._deliver(peer, topic, payload)
+            member = self.roster.get(id_)
+            if member is not None and member.role in NODES:
+                meta = StatusMeta(state="online", group=member.group).model_dump(mode="json")
+                self.publish(id_, Send(Kind.STATUS, self.topics.status(member.role.value, id_),
+                                       "", 0, "online", meta, retain=True))
+            event = getattr(peer.machine, "reconnected", None)
+            if event is not None:
+                self._act(peer, event(self.now))
         self.run()
 
     def _deliver(self, peer: Peer, topic: str, payload: bytes) -> None:

@@ -112,7 +112,7 @@ class MemFleet:
         coord = ids[layout.coordinator]
         self.coordinator = CoordinatorMachine.of(coord, self.roster, self.topics,
                                                  job_preparer(tasks))
-        self.net.add(coord, self.coordinator, self.topics.coordinator_filters())
+        self.net.add(coord, self.coordinator, self.topics.coordinator_filters(coord.id))
         self.app_id = layout.apps[0]
         self.app = _App()
         self.net.add(ids[self.app_id], self.app, self.topics.app_filters([]))

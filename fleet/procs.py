@@ -106,15 +106,16 @@ def tally(log: str, id_: str) -> dict:
 
 class FixedDeltaAgent:
     """An agent that answers every round with `step` in every coordinate and `samples` as its
-    weight. With `hold`, it waits in its first training until `release`. `silent` makes it
+    weight, after `train_s` seconds of "training" (its node busy meanwhile, as a training
+    board's is). With `hold`, it waits in its first training until `release`. `silent` makes it
     drop out of a round: from that stage on (advert, shares, masked, unshares) it sends
     nothing in that round (in every round when `rounds` is None)."""
 
     def __init__(self, identity: Identity, roster: Roster, settings: BrokerSettings,
                  topics: Topics, aggregator: str, step: float, samples: int,
                  hold: bool = False, silent: str | None = None,
-                 rounds: set[int] | None = None) -> None:
-        self.id, self.step, self.samples = identity.id, step, samples
+                 rounds: set[int] | None = None, train_s: float = 0.0) -> None:
+        self.id, self.step, self.samples, self.train_s = identity.id, step, samples, train_s
         self.node = Node(identity, roster, settings, topics,
                          topics.agent_filters(aggregator, identity.id),
                          group=aggregator)
@@ -135,6 +136,7 @@ class FixedDeltaAgent:
     def _train(self, t: Train) -> list:
         self.asked.set()
         self.released.wait()
+        time.sleep(self.train_s)
         self.rounds.append(t.round)
         delta = np.full(t.params.size, self.step, np.float32)
         m = Metrics(samples=self.samples, train_loss=1.0, eval_samples=1, eval_loss=1.0,

@@ -39,8 +39,8 @@ class Activity:
     def after(self, action: Any) -> Activity:
         """The activity once `action` is carried out; self when it says nothing new."""
         if isinstance(action, Send):
-            if not action.job:
-                return self  # status, roster: not about a job
+            if not action.job or action.kind is Kind.ACK:
+                return self  # status, roster: not about a job; an ack: about another's step
             counter = ROUND_OF.get(action.kind)
             counts = {counter: action.round} if counter else {}
             return self._on(action.job, action.stage, **counts)

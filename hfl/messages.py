@@ -52,6 +52,7 @@ class Kind(str, Enum):
     STATUS = "status"
     TELEMETRY = "telemetry"
     ROSTER = "roster"
+    ACK = "ack"
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,12 @@ VOCABULARY: dict[Kind, Link] = {
     Kind.STATUS: Link(frozenset(Role), ("status",), retained=True, own_topic=True),
     Kind.TELEMETRY: Link(NODES, ("telemetry",), retained=True, own_topic=True),
     Kind.ROSTER: Link(_by(Role.COORDINATOR), ("roster",), retained=True),
+    # On `acks/{sender}/{to}`: a receiver's word that a message arrived (hfl.delivery).
+    Kind.ACK: Link(_by(Role.AGGREGATOR, Role.COORDINATOR), ("ack",), retained=False),
 }
+# What a receiver acknowledges, and who acknowledges it: kind → the receiver's role.
+ACKED = {Kind.UPDATE: Role.AGGREGATOR, Kind.PARTIAL: Role.COORDINATOR,
+         Kind.TASK: Role.AGGREGATOR}
 KNOWN_TYPES = frozenset(k.value for k in Kind)
 
 
@@ -104,6 +110,7 @@ def check_route(kind: Kind, route: Route, sender: str, role: Role, group: str | 
         Kind.ROUND: route.agg,
         Kind.UPDATE: route.agent,
         Kind.PARTIAL: route.agg,
+        Kind.ACK: route.id,
     }.get(kind)
     if owner is not None and owner != sender:
         raise Rejected("wrong-sender", f"{kind.value} on {owner}'s topic from {sender}")
@@ -427,6 +434,20 @@ class DeclineMeta(_Strict):
     reason: Literal["no-task", "task-version", "task-layout", "no-data", "bad-data",
                     "task-error", "bad-update"]
     detail: str = Field(default="", max_length=500)
+
+
+class AckMeta(_Strict):
+    """A receiver → the sender of a message it must not lose (on `acks/{receiver}/{sender}`):
+    the message named by this header's job, round and stage, of kind `of`, arrived and what
+    it changed is saved; do not send it again. An agent's answers in a round are acknowledged
+    by its aggregator, a partial by the coordinator, a task by its aggregator
+    (docs/reliability.md, "End-to-end delivery")."""
+
+    of: Literal["update", "partial", "task"] = Field(description="the kind acknowledged")
+    outcome: Literal["taken", "repeat", "late", "refused"] = Field(
+        description="taken: counted now; repeat: it had it already; late: the block it was "
+        "for is over; refused: it was refused (`reason`)")
+    reason: str = Field(default="", max_length=200, description="why it was refused")
 
 
 class Release(_Strict):

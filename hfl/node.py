@@ -11,8 +11,9 @@ A node given a `Checkpointer` (aggregator, coordinator) survives `kill -9`: it a
 an inbound message only once the records it changed are saved, and holds back whatever the
 machine wants to send until then, so nothing it published is ever contradicted by the state
 it restarts from, and the broker delivers again whatever was not saved. Saves are grouped:
-one when something is to go out, when the inbox runs dry, or every `ACK_BATCH` messages
-(well inside the broker's window of unacknowledged messages). The chunks of a message are
+one when something is to go out (but for acknowledgements, which wait for the batch), when
+the inbox runs dry, or every `ACK_BATCH` messages (well inside the broker's window of
+unacknowledged messages). The chunks of a message are
 acknowledged once the whole message is handled. A failing save (a full disk) is logged and
 counted and retried; until it succeeds nothing is acknowledged and nothing goes out but the
 node's telemetry, which says so (hfl.telemetry).
@@ -31,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from hfl import envelope
-from hfl.actions import Action, Note, Send, effects, log_note
+from hfl.actions import Action, Note, Send, log_note
 from hfl.envelope import Envelope
 from hfl.gate import Gate
 from hfl.identity import Identity, Roster
@@ -68,6 +69,14 @@ def encode_send(action: Send, identity: Identity, roster: Roster,
                            seal_to=seal_to)
 
 
+def urgent(actions: list[Action]) -> bool:
+    """Whether any of `actions` should go out now (so be saved now): anything but a `Note` or
+    an acknowledgement. Acknowledgements wait for the batch's save, as the MQTT ones do: one
+    per message would make every message a save of its own."""
+    return any(not isinstance(a, Note) and not (isinstance(a, Send) and a.kind is Kind.ACK)
+               for a in actions)
+
+
 def _unheld(action: Action) -> bool:
     """Telemetry is no consequence of the state the node saves: it goes out at once, and so
     says how the node is even while its saves fail (a full disk holds everything else)."""
@@ -91,6 +100,8 @@ class Stopped(BaseException):
 class Machine(Protocol):
     def handle(self, env: Envelope, route: Route, now: float) -> list[Action]: ...
     def tick(self, now: float) -> list[Action]: ...
+    # Optional: `reconnected(now) -> list[Action]`, called once the connection is back after
+    # a loss (subscriptions sent again): what the broker may have lost, sent again.
 
 
 class Node:
@@ -137,6 +148,7 @@ class Node:
         self.observers: list[Callable[[Action], None]] = []  # see every action (hfl.activity)
         self.heartbeat: Callable[[], object] | None = None  # fed by alive() (the watchdog)
         self.stop_event = threading.Event()
+        self._connects = 0  # the session's connects the machine has been told of
 
     # ------------------------------------------------------------------ outbound
 
@@ -236,9 +248,12 @@ class Node:
         except queue.Empty:
             msg = None
         now = time.time()
+        back = self._reconnected(machine, now)
         if self.durable is not None:
+            self._outbox += back
             self._step_durable(machine, msg, now)
         else:
+            self.dispatch(back)
             if msg is not None:
                 self._receive(machine, msg, now, self.dispatch)
             self.dispatch(machine.tick(now))
@@ -246,11 +261,24 @@ class Node:
                 self.dispatch(self.feed.poll(now))
         self.gate.expire(now)
 
+    def _reconnected(self, machine: Machine, now: float) -> list[Action]:
+        """The machine's `reconnected` event, once per new connection (after the first):
+        the broker may have lost its sessions, queued and retained messages meanwhile."""
+        connects = self.session.counters["connects"]
+        if connects <= max(self._connects, 1) or not self.session.connected:
+            return []  # the first connection, or one already told of
+        self._connects = connects
+        self.counters["reconnects"] += 1
+        event = getattr(machine, "reconnected", None)
+        return list(event(now)) if event is not None else []
+
     def _receive(self, machine: Machine, msg: Inbound, now: float,
                  sink: Callable[[list[Action]], Any]) -> None:
         try:
-            self.gate.deliver(msg.topic, msg.payload, now, self.feed,
-                              lambda env, route: sink(machine.handle(env, route, now)))
+            refusal = self.gate.deliver(msg.topic, msg.payload, now, self.feed,
+                                        lambda env, route: sink(machine.handle(env, route, now)))
+            if refusal:  # what a machine still sends about a message it refused (an ack)
+                sink(refusal)
         except Exception:  # a bug of ours must not take the service down
             self.counters["internal_errors"] += 1
             log.exception("handling a message on %s", msg.topic)
@@ -279,7 +307,7 @@ class Node:
         quiet = now - self._heard_at >= HOLD_IDLE_S
         for key in [k for k in self._held if quiet or not self.gate.holds(*k)]:
             self._unacked += self._held.pop(key)
-        if effects(self._outbox) or len(self._unacked) >= ACK_BATCH or self.inbox.empty():
+        if urgent(self._outbox) or len(self._unacked) >= ACK_BATCH or self.inbox.empty():
             self.commit(now)
 
     def commit(self, now: float, retry: bool = False) -> bool:

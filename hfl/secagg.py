@@ -859,6 +859,11 @@ class Server:
     def u3(self) -> list[str]:
         return list(self._u3) if self._stage >= 4 else sorted(self._masked)
 
+    def answered(self, stage: int, sender: str) -> bool:
+        """Whether `sender`'s message of stage 1-4 (advert, shares, masked input, unmasking
+        shares) is in the round already: a copy of it is a repeat."""
+        return sender in (self._adverts, self._shares, self._masked, self._unmasks)[stage - 1]
+
     @property
     def dropped(self) -> list[str]:
         """U2 \\ U3: clients whose masks were recovered (empty before U3 is frozen)."""

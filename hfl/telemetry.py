@@ -239,6 +239,10 @@ class Instrumented:
     def tick(self, now: float) -> list[Action]:
         return [*self.machine.tick(now), *self.telemetry.tick(now)]
 
+    def reconnected(self, now: float) -> list[Action]:
+        event = getattr(self.machine, "reconnected", None)
+        return event(now) if event is not None else []
+
 
 def instrument(node: Node, machine: Machine, interval: float = DEFAULT_INTERVAL,
                every: float | None = None) -> tuple[Telemetry, Instrumented]:

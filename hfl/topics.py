@@ -45,6 +45,7 @@ class Route:
     agent: str = ""
     role: str = ""
     id: str = ""
+    to: str = ""  # an acknowledgement's receiver (its sender is `id`)
 
 
 @dataclass(frozen=True)
@@ -112,13 +113,18 @@ class Topics:
             return None
         return cut if route.kind in CHUNKED else None
 
+    def ack(self, sender: str, to: str) -> str:
+        """`sender`'s acknowledgements of what `to` sent it (hfl.delivery)."""
+        return f"{self.prefix}/acks/{check_id(sender, 'sender')}/{check_id(to, 'recipient')}"
+
     # Subscription filters, one list per role.
 
-    def coordinator_filters(self) -> list[str]:
+    def coordinator_filters(self, coordinator: str = "coordinator") -> list[str]:
         return [
             f"{self.prefix}/apps/+/requests",
             f"{self.prefix}/coord/partials/+",
             f"{self.prefix}/status/aggregator/+",
+            f"{self.prefix}/acks/+/{check_id(coordinator, 'coordinator')}",
         ]
 
     # A role that reads a retained topic of CHUNKED also reads its chunk subtopics (last,
@@ -131,12 +137,17 @@ class Topics:
             f"{self.prefix}/status/agent/+",
             self.roster(),
             self.chunks(self.roster()),
+            f"{self.prefix}/acks/+/{agg}",  # the coordinator's, of its partials
+            f"{self.prefix}/status/coordinator/+",  # back online: its partials again
         ]
 
     def agent_filters(self, agg: str, agent: str) -> list[str]:
         rounds = f"{self.prefix}/agg/{check_id(agg, 'aggregator')}/rounds/+"
+        # Its aggregator's acknowledgements of its answers, and its status: once the
+        # aggregator is back online, unacknowledged answers go again.
         return [rounds, f"{rounds}/{check_id(agent, 'agent')}", self.roster(),
-                self.chunks(rounds), self.chunks(self.roster())]
+                self.chunks(rounds), self.chunks(self.roster()),
+                self.ack(agg, agent), self.status("aggregator", agg)]
 
     def app_filters(self, models: list[str], jobs: list[str] | None = None,
                     app: str | None = None) -> list[str]:
@@ -199,8 +210,10 @@ def _match(p: list[str]) -> Route | None:
         return Route("status", role=p[1], id=p[2])
     if n == 3 and p[0] == "telemetry":
         return Route("telemetry", role=p[1], id=p[2])
+    if n == 3 and p[0] == "acks":
+        return Route("ack", id=p[1], to=p[2])
     return None
 
 
 def _ids(r: Route) -> list[str]:
-    return [v for v in (r.app, r.job, r.model, r.agg, r.agent, r.role, r.id) if v]
+    return [v for v in (r.app, r.job, r.model, r.agg, r.agent, r.role, r.id, r.to) if v]

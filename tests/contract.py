@@ -21,7 +21,8 @@ from hfl.topics import Topics
 DOCUMENT = Path(__file__).resolve().parents[1] / "docs" / "asyncapi.yaml"
 # One sample id per channel parameter; the parameter names are those of hfl.topics.Topics.
 SAMPLE = {"app": "app-1", "job": "r1-m", "model": "m", "agg": "site-a", "agent": "agent-1",
-          "role": "agent", "id": "agent-1", "index": "0"}
+          "role": "agent", "id": "agent-1", "index": "0", "sender": "site-a",
+          "to": "agent-1"}
 _PARAM = re.compile(r"\{([^}]+)\}")
 DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I8": "i1",
           "U64": "<u8", "U32": "<u4", "U8": "u1"}

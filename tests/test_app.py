@@ -224,3 +224,21 @@ def test_app_request_validates_before_sending(fleet) -> None:
     with pytest.raises(RequestError, match="rounds"):
         app.request(**{**SPEC, "rounds": 0})
     assert app.node.counters["sent"] == 0
+
+
+def test_follow_reads_only_the_answers_to_its_own_request() -> None:
+    from fleet.follow import follow
+    from hfl.app import RequestReply
+    from hfl.messages import ReplyMeta
+
+    class Answers:
+        def events(self, timeout):
+            # A request the coordinator could not read (sent in our name, or by a bug), and
+            # another request's refusal: neither is about our jobs.
+            yield RequestReply(ReplyMeta(request_id="", refused={"": "bad-request: ..."}))
+            yield RequestReply(ReplyMeta(request_id="r2", refused={"m": "unknown task"}))
+            yield RequestReply(ReplyMeta(request_id="r1", accepted=["r1-m"],
+                                         refused={"x": "unknown task"}))
+
+    out = follow(Answers(), ["r1-m", "r1-x"], None, None, timeout=1)  # type: ignore[arg-type]
+    assert out.refused == {"r1-x": "unknown task"}

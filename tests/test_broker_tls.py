@@ -203,6 +203,25 @@ def test_an_agent_reads_only_its_own_shares_and_cannot_forge_them(connect) -> No
     assert a1.receive() == (T.round_to("site-a", "j1", "a1"), b"marker")  # and only this
 
 
+def test_acknowledgements_reach_only_their_addressee_from_their_own_sender(connect) -> None:
+    a1, a2, site_a, coord, obs = (connect(i) for i in ("a1", "a2", "site-a", "coord", "obs"))
+    assert all(c.connected() for c in (a1, a2, site_a, coord, obs))
+    assert obs.subscribe(pattern(T.ack, ANY, ANY)).value == 1
+    # a1 asks for every ack of its aggregator; the ACL lets through those addressed to it.
+    assert a1.subscribe(pattern(T.ack, "site-a", ANY)).value == 1
+    assert site_a.subscribe(pattern(T.ack, ANY, "site-a")).value == 1
+    assert site_a.publish(T.ack("site-a", "a2"), b"a2's ack").value == 0
+    assert obs.receive() == (T.ack("site-a", "a2"), b"a2's ack")  # it was published
+    # Nobody acknowledges in another's name: an agent, another site, the coordinator as a site.
+    assert a2.publish(T.ack("site-a", "a1"), b"forged").value == NOT_AUTHORIZED
+    assert connect("site-b").publish(T.ack("site-a", "a1"), b"forged").value == NOT_AUTHORIZED
+    assert coord.publish(T.ack("site-a", "a1"), b"forged").value == NOT_AUTHORIZED
+    assert coord.publish(T.ack("coord", "site-a"), b"partial acked").value == 0
+    assert site_a.receive() == (T.ack("coord", "site-a"), b"partial acked")
+    assert site_a.publish(T.ack("site-a", "a1"), b"marker").value == 0
+    assert a1.receive() == (T.ack("site-a", "a1"), b"marker")  # and a1 got only this
+
+
 def test_a_device_cannot_take_another_devices_client_id(connect) -> None:
     a2 = connect("a2")
     assert a2.connected()

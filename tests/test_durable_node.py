@@ -12,6 +12,7 @@ import pytest
 
 from fleet.broker import Broker
 from hfl.actions import Action, Note, Send
+from hfl.errors import Rejected
 from hfl.identity import Identity, Roster
 from hfl.messages import Kind, Role
 from hfl.mqtt import BrokerSettings
@@ -192,3 +193,73 @@ def test_an_observer_sees_failing_saves_while_they_fail_and_then_the_restart(
         second.stop()
     finally:
         watch.stop()
+
+
+class Refuser(Counter):
+    """Refuses every update, with an answer to its sender (as an acknowledgement is); hears
+    of each reconnection, and says so on the partials topic."""
+
+    def __init__(self, topics: Topics) -> None:
+        super().__init__(topics)
+        self.reconnects: list[float] = []
+
+    def handle(self, env, route, now) -> list[Action]:
+        if env.type != Kind.UPDATE.value:
+            return []
+        self.changed.add("counts")  # a refusal that changed state: saved before the answer
+        raise Rejected("stale-round", "too late", answer=[Send(
+            Kind.PARTIAL, self.topics.partials("site-a"), "j", env.round, "refused",
+            {"from": env.sender})])
+
+    def reconnected(self, now) -> list[Action]:
+        self.reconnects.append(now)
+        return [Send(Kind.PARTIAL, self.topics.partials("site-a"), "j", 0, "back", {})]
+
+
+def drain(watcher: Node) -> list[tuple[str, int]]:
+    out = []
+    while not watcher.inbox.empty():
+        msg = watcher.inbox.get()
+        acc = watcher.gate.accept(msg.topic, msg.payload, time.time())
+        if acc is not None:
+            out.append((acc[0].stage, acc[0].round))
+    return out
+
+
+@pytest.mark.parametrize("durable", [True, False], ids=["durable", "plain"])
+def test_a_refusals_answer_leaves_and_each_reconnection_is_told_once(
+        world, tmp_path: Path, durable: bool) -> None:
+    topics, roster, ids = world
+    broker = Broker(tmp_path / "broker").start()  # no persistence: it comes back empty
+    try:
+        settings = BrokerSettings(broker.host, broker.port)
+        machine = Refuser(topics)
+        saver = Checkpointer(machine, StateStore(tmp_path / "state")) if durable else None
+        n = Node(ids["site-a"], roster, settings, topics, topics.aggregator_filters("site-a"),
+                 durable=saver)
+        watcher = Node(ids["a2"], roster, settings, topics, [topics.partials("site-a")])
+        n.start(10)
+        watcher.start(10)
+        run_for(n, machine, 0.5)
+        assert machine.reconnects == []  # the first connection is no reconnection
+        publish_updates(world, broker, 2)
+        run_for(n, machine, 1.0)
+        assert n.rejections == {"stale-round": 2}
+        assert sorted(drain(watcher)) == [("refused", 0), ("refused", 1)]
+        for k in (1, 2):
+            broker.kill()
+            broker.start()
+            for node_ in (n, watcher):  # each session comes back and subscribes again
+                deadline = time.monotonic() + 15
+                while node_.session.counters["connects"] < k + 1 or not node_.session.connected:
+                    assert time.monotonic() < deadline, "no reconnection"
+                    run_for(n, machine, 0.1)
+            run_for(n, machine, 0.5)
+            assert len(machine.reconnects) == k
+        assert n.counters["reconnects"] == 2
+        run_for(n, machine, 0.5)
+        assert ("back", 0) in drain(watcher)  # what `reconnected` sends goes out
+        n.stop()
+        watcher.stop()
+    finally:
+        broker.close()

@@ -75,7 +75,7 @@ def build(trainer=None, groups=GROUPS, registry: frozenset[str] = frozenset(),
     net.add(coord, CoordinatorMachine.of(coord, roster, topics,
                                          lambda s: (s, np.zeros(P, np.float32)),
                                          taken=lambda job: job in registry),
-            topics.coordinator_filters())
+            topics.coordinator_filters("coord"))
     for app in ("app", "app2"):
         net.add(ids[app], _Sink(), topics.app_filters(["m"], app=app))
     for agg, agents in groups.items():
@@ -327,14 +327,30 @@ def test_below_quorum_retries_then_the_other_site_carries_the_block() -> None:
     np.testing.assert_allclose(v.params, fedavg(GROUPS["site-b"]), rtol=1e-6)
 
 
-def test_update_for_a_closed_round_is_rejected_as_stale() -> None:
+def acks(net: MemNet, to: str) -> list[tuple[int, str, str]]:
+    """(round, stage, outcome) of every acknowledgement sent to `to`."""
+    return [(s.round, s.stage, s.meta["outcome"]) for _, s in net.sent
+            if s.kind is Kind.ACK and s.topic.endswith(f"/{to}")]
+
+
+def test_update_for_a_closed_round_is_rejected_as_stale_but_a_repeat_is_a_repeat() -> None:
     net = build()
-    request(net, spec(rounds=1))
-    # Replay agent a1's first update: its round is closed now.
-    first = next(s for p, s in net.sent if p == "a1" and s.kind is Kind.UPDATE)
+    request(net, spec(rounds=2))
+    first, second = [s for p, s in net.sent if p == "a1" and s.kind is Kind.UPDATE]
+    # a1's update of the round that ended last, sent again (its ack was lost): it is in
+    # that round, so a repeat, acknowledged as such, not refused and not counted again.
+    net.publish("a1", second)
+    net.run()
+    assert net.rejections("site-a") == {}
+    assert acks(net, "a1")[-1] == (second.round, "update", "repeat")
+    # Its update of the round before: stale, refused, and acknowledged all the same.
     net.publish("a1", first)
     net.run()
     assert net.rejections("site-a") == {"stale-round": 1}
+    assert acks(net, "a1")[-1] == (first.round, "update", "refused")
+    assert len(versions(net)) == 2
+    np.testing.assert_allclose(versions(net)[-1].params, 2 * fedavg(
+        GROUPS["site-a"] + GROUPS["site-b"]), rtol=1e-6)
 
 
 def test_malformed_update_is_rejected_and_the_round_still_completes() -> None:

@@ -28,12 +28,18 @@ def test_every_topic_parses_back_to_what_built_it() -> None:
     assert t.parse(t.model("digits")).model == "digits"
     assert t.parse(t.status("agent", "a1")).role == "agent"
     assert t.parse(t.app_requests("app1")).app == "app1"
+    assert t.parse(t.ack("site-a", "agent-7")) == Route("ack", id="site-a", to="agent-7")
+    # An agent reads its aggregator's acknowledgements to it, no one else's.
+    subs = t.agent_filters("site-a", "agent-7")
+    assert [f for f in subs if topic_matches_sub(f, t.ack("site-a", "agent-7"))]
+    assert not [f for f in subs if topic_matches_sub(f, t.ack("site-a", "agent-8"))]
+    assert not [f for f in subs if topic_matches_sub(f, t.ack("site-b", "agent-7"))]
 
 
 def test_an_agent_subscribes_to_its_groups_rounds_and_its_own_level_of_them() -> None:
     subs = Topics().agent_filters("site-a", "a1")
     mine, theirs = Topics().round_to("site-a", "j", "a1"), Topics().round_to("site-a", "j", "a2")
-    assert [topic_matches_sub(f, mine) for f in subs] == [False, True, False, False, False]
+    assert [topic_matches_sub(f, mine) for f in subs] == [False, True] + [False] * 5
     assert not any(topic_matches_sub(f, theirs) for f in subs)
     assert topic_matches_sub(subs[0], Topics().rounds("site-a", "j"))
     # and the chunk subtopics of the retained round models and roster (retained sets)

@@ -35,7 +35,7 @@ from hfl.pki import Pki
 from hfl.state import Record, StateStore
 from hfl.topics import Topics
 
-P_SHAPE = (1, 2, 3)  # logreg on 6 features, 2 classes: 14 parameters
+P_SHAPE = [1, 2, 3]  # logreg on 6 features, 2 classes: 14 parameters (a list: JSON)
 
 
 class RawPublisher:
@@ -204,9 +204,11 @@ class FaultFleet:
 
     def start_agents(self, agg: str, steps: dict[str, float], samples: dict[str, int],
                      hold: bool = False, silent: dict[str, str] | None = None,
-                     rounds: set[int] | None = None) -> list[FixedDeltaAgent]:
+                     rounds: set[int] | None = None,
+                     train_s: float = 0.0) -> list[FixedDeltaAgent]:
         out = [FixedDeltaAgent(self.identities[a], self.roster, self.settings(a), self.topics,
-                               agg, steps[a], samples[a], hold, (silent or {}).get(a), rounds)
+                               agg, steps[a], samples[a], hold, (silent or {}).get(a), rounds,
+                               train_s)
                for a in self.groups[agg]]
         with ThreadPoolExecutor(min(32, len(out))) as pool:  # connect together, as a fleet does
             list(pool.map(FixedDeltaAgent.start, out))
@@ -238,7 +240,7 @@ class FaultFleet:
 
     @staticmethod
     def follow(app: App, jobs: list[str], timeout: float = 120.0) -> Outcome:
-        out = follow(app, jobs, None, timeout)
+        out = follow(app, jobs, None, None, timeout)
         assert all(out.finished(j) for j in jobs), f"jobs not finished: {out.status}"
         return out
 
@@ -265,7 +267,8 @@ class FaultFleet:
 
 class Proxy:
     """A man in the middle between the agents' broker (edge) and the services' (core): it
-    carries the agents' updates up and the aggregator's rounds down, and on the way up sends
+    carries the agents' updates up and the aggregator's rounds, acknowledgements and status
+    down, and on the way up sends
     every update twice, shuffles them, and replays every earlier one when a new round opens.
     Its copies are byte for byte the agents' messages (signed, same nonce)."""
 
@@ -276,9 +279,12 @@ class Proxy:
         self.down_in: queue.Queue = queue.Queue()
         self.edge = Session("proxy-edge", BrokerSettings(fleet.edge.host, fleet.edge.port),
                             inbox=self.up_in, subscriptions=[f"{t.prefix}/agg/{agg}/updates/+"])
+        # Down: the rounds, and the aggregator's acknowledgements and status (hfl.delivery).
         self.core = Session("proxy-core", fleet.settings("ops"), inbox=self.down_in,
                             subscriptions=[f"{t.prefix}/agg/{agg}/rounds/+",
-                                           f"{t.prefix}/agg/{agg}/rounds/+/+"])
+                                           f"{t.prefix}/agg/{agg}/rounds/+/+",
+                                           f"{t.prefix}/acks/{agg}/+",
+                                           t.status("aggregator", agg)])
         self.rng = np.random.default_rng(seed)
         self.history: list[tuple[str, bytes]] = []
         self.rounds: set[tuple[str, int]] = set()
@@ -313,9 +319,10 @@ class Proxy:
                 if not m.payload:
                     continue
                 header = _header(m.payload)
-                if header["stage"] == "open" and (header["job"], header["round"]) not in (
-                        self.rounds):
-                    self.rounds.add((header["job"], header["round"]))
+                key = (header["job"], header["round"])
+                if header["type"] == "round" and header["stage"] == "open" and (
+                        key not in self.rounds):
+                    self.rounds.add(key)
                     batch += self.history  # late copies of everything sent so far
                     self.extra += len(self.history)
                 self.edge.publish(m.topic, m.payload)

@@ -63,8 +63,9 @@ def test_agents_on_a_throttled_link_count_like_the_others(tmp_path: Path, secure
     slow = [f"s{i}" for i in range(3)]
     steps = {a: float(i % 3 - 1) / 8 for i, a in enumerate(fast + slow)}
     samples = {a: 10 + i for i, a in enumerate(fast + slow)}
-    sp = spec(["site-a"], rounds=2, min_agents=6, deadline_s=120, input_shape=(1, 28, 28),
-              num_classes=10, secagg={"enabled": secure, "stage_timeout_s": 60})
+    sp = spec(["site-a"], rounds=2, min_agents=6, deadline_s=120,
+              options={"input_shape": [1, 28, 28], "num_classes": 10},
+              secagg={"enabled": secure, "stage_timeout_s": 60})
     with slow_link(RATE) as (ns, host):
         fleet = FaultFleet(tmp_path, {"site-a": fast + slow}, tls=False, listen=host)
         try:
