@@ -296,18 +296,24 @@ def test_acl_pins_every_member_to_its_own_topics(pki: Pki, prefix: str) -> None:
     assert users["a1"] == {
         ("read", wild(t.rounds("site-a", "J"), "J")), ("read", t.roster()),
         ("read", wild(t.round_to("site-a", "J", "a1"), "J")),  # its own shares only
+        # its aggregator's acknowledgements to it, and that aggregator's status
+        ("read", t.ack("site-a", "a1")), ("read", t.status("aggregator", "site-a")),
         ("write", t.update("site-a", "a1")), ("write", t.status("agent", "a1")),
         ("write", t.telemetry("agent", "a1"))}
     assert users["site-a"] == {
         ("read", t.tasks("site-a")), ("read", wild(t.update("site-a", "X"), "X")),
         ("read", wild(t.status("agent", "X"), "X")), ("read", t.roster()),
+        ("read", wild(t.ack("X", "site-a"), "X")),  # acknowledgements to it (its partials)
+        ("read", wild(t.status("coordinator", "X"), "X")),
+        ("write", wild(t.ack("site-a", "X"), "X")),  # its own, to its agents and coordinator
         ("write", wild(t.rounds("site-a", "J"), "J")), ("write", t.partials("site-a")),
         ("write", wild(t.round_to("site-a", "J", "A"), "J", "A")),
         ("write", t.status("aggregator", "site-a")),
         ("write", t.telemetry("aggregator", "site-a"))}
     assert users["coord"] == {
         ("read", wild(t.app_requests("X"), "X")), ("read", wild(t.partials("X"), "X")),
-        ("read", wild(t.status("R", "X"), "R", "X")),
+        ("read", wild(t.status("R", "X"), "R", "X")), ("read", wild(t.ack("X", "coord"), "X")),
+        ("write", wild(t.ack("coord", "X"), "X")),
         ("write", wild(t.job("J"), "J")), ("write", wild(t.model("M"), "M")),
         ("write", t.roster()), ("write", wild(t.tasks("X"), "X")),
         ("write", wild(t.replies("X"), "X")), ("write", t.status("coordinator", "coord")),
