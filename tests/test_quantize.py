@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from aggregator.machine import update_delta
 from hfl import chunks, envelope
 from hfl.errors import Rejected
-from hfl.messages import ModelSpec
+from hfl.messages import Kind, ModelSpec
 from hfl.quantize import LEVELS, dequantize_int8, quantize_int8
 from hfl.topics import Topics
 from tests.test_machines import GROUPS, build, fedavg, request, versions
@@ -98,6 +98,6 @@ def test_an_int8_job_through_the_machines_averages_like_float32() -> None:
     vs = versions(net)
     everyone = [a for g in GROUPS.values() for a in g]
     np.testing.assert_allclose(vs[-1].params, 2 * fedavg(everyone), rtol=1e-6)
-    sent = [s for _, s in net.sent if s.stage == "update"]
+    sent = [s for _, s in net.sent if s.kind is Kind.UPDATE and s.stage == "update"]
     assert sent and all(set(s.tensors) == {"delta_q", "scale"} for s in sent)
     assert all(not net.rejections(p) for p in net.peers)
