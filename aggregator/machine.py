@@ -18,11 +18,11 @@ who is in it, or the SecAgg+ server's own state; in a secure round `sum/{job}`, 
 sum, written only when a masked input changes it, and `client/{job}/{round}/{agent}`, what
 an agent sent, written once rather than with every later message, which made a round's
 saves O(n²)) and builds each with `record`; the runner
-saves them (`hfl.state`) before it acknowledges the messages behind them or lets out what
+saves them (`hfl.runtime.state`) before it acknowledges the messages behind them or lets out what
 they produced. `restore` takes them back after a restart and `resume` says what to send
 again: nothing is counted twice, as who contributed is part of the record.
 
-End-to-end delivery (`hfl.delivery`), so that a broker that loses what it held loses nothing
+End-to-end delivery (`hfl.runtime.delivery`), so that a broker that loses what it held loses nothing
 of a job: every agent's answer and every task is acknowledged (`Kind.ACK`: taken, a repeat,
 or refused and why) once what it changed is saved, a repeat too, so a lost acknowledgement
 costs one more copy; a repeat of the round that just ended is recognised as such. The
@@ -46,12 +46,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from aggregator.secure import Abort, Done, SecureRound
-from hfl.actions import Action, Note, Send, effects
-from hfl.aggregate import WeightedSum
-from hfl.delivery import Outbox, ack, acked
-from hfl.dp import AdaptiveClip, NoiseSource, adaptive_noise, edge_noise_std
+from hfl.crypto.secagg import MIN_CLIENTS
 from hfl.errors import Rejected
-from hfl.messages import (
+from hfl.models.aggregate import WeightedSum
+from hfl.privacy.dp import AdaptiveClip, NoiseSource, adaptive_noise, edge_noise_std
+from hfl.runtime.actions import Action, Note, Send, effects
+from hfl.runtime.delivery import Outbox, ack, acked
+from hfl.runtime.state import Record
+from hfl.wire.messages import (
     DeclineMeta,
     Kind,
     Metrics,
@@ -66,13 +68,11 @@ from hfl.messages import (
     expect_tensor,
     parse_meta,
 )
-from hfl.quantize import dequantize_int8
-from hfl.secagg import MIN_CLIENTS
-from hfl.state import Record
-from hfl.topics import Route, Topics
+from hfl.wire.quantize import dequantize_int8
+from hfl.wire.topics import Route, Topics
 
 if TYPE_CHECKING:
-    from hfl.envelope import Envelope
+    from hfl.wire.envelope import Envelope
 
 
 # After a restart, an open round gets at least this long past its old deadline to take in

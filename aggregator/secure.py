@@ -15,15 +15,15 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from hfl import secagg_wire as wire
-from hfl.actions import Action, Send
+from hfl.crypto import secagg_wire as wire
+from hfl.crypto.secagg import Server
 from hfl.errors import Rejected
-from hfl.messages import Kind, Metrics, ModelSpec
-from hfl.secagg import Server
-from hfl.topics import Topics
+from hfl.runtime.actions import Action, Send
+from hfl.wire.messages import Kind, Metrics, ModelSpec
+from hfl.wire.topics import Topics
 
 if TYPE_CHECKING:
-    from hfl.envelope import Envelope
+    from hfl.wire.envelope import Envelope
 
 # The stage an agent's message belongs to → the stage the aggregator must be collecting.
 AGENT_STAGES = ("advert", "shares", "masked", "unshares")

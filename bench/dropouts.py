@@ -3,7 +3,7 @@
     PYTHONPATH=. .venv/bin/python bench/dropouts.py [--trials 10000]
 
 For each n and expected dropout δ, `choose_params` picks (k, t); random drop sets on the
-real neighbour graph of hfl.secagg (combinatorics only, no crypto) then say whether every
+real neighbour graph of hfl.crypto.secagg (combinatorics only, no crypto) then say whether every
 secret the server needs still has t holders among the survivors: each survivor's b (t-1
 surviving neighbours and its own share) and the s_sk of each dropped client that some
 survivor masked with (t surviving neighbours). Two kinds of drop sets: exactly round(δn)

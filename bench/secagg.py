@@ -61,7 +61,7 @@ from timing import best  # noqa: E402 - bench/timing.py, beside this script
 from hfl import chunks, envelope  # noqa: E402
 from hfl import secagg as sa  # noqa: E402
 from hfl import secagg_wire as wire  # noqa: E402
-from hfl.topics import Topics  # noqa: E402
+from hfl.wire.topics import Topics  # noqa: E402
 
 FULL = [(p, n, d) for p in (100_000, 1_663_370) for n in (10, 50, 100) for d in (0.0, 0.1, 0.3)]
 QUICK = [*FULL[:9], (1_663_370, 10, 0.0), (1_663_370, 50, 0.1), (1_663_370, 100, 0.1),

@@ -15,7 +15,7 @@ deadline changed, `record` builds each one (the global model, the partials summe
 who sent them, the ledger), the runner saves them before anything goes out, and after a
 restart `restore` and `resume` carry on between partials with the same global model.
 
-End-to-end delivery (`hfl.delivery`): each partial is acknowledged (`Kind.ACK`) once saved,
+End-to-end delivery (`hfl.runtime.delivery`): each partial is acknowledged (`Kind.ACK`) once saved,
 a repeat or a late one too; each task waits in an `Outbox` until its aggregator acknowledges
 it (or sends the block's partial), and goes again when the connection comes back
 (`reconnected`, with every running job's status), when the aggregator says it is online, or
@@ -32,11 +32,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from coordinator.budget import Budget
-from hfl.actions import Action, Note, Send
-from hfl.aggregate import WeightedSum
-from hfl.delivery import Outbox, ack, acked
 from hfl.errors import Rejected
-from hfl.messages import (
+from hfl.models.aggregate import WeightedSum
+from hfl.runtime.actions import Action, Note, Send
+from hfl.runtime.delivery import Outbox, ack, acked
+from hfl.runtime.state import Record
+from hfl.wire.messages import (
     JobMeta,
     Kind,
     Metrics,
@@ -52,14 +53,13 @@ from hfl.messages import (
     job_id,
     parse_meta,
 )
-from hfl.state import Record
-from hfl.topics import ID_MAX, Route, Topics
+from hfl.wire.topics import ID_MAX, Route, Topics
 
 if TYPE_CHECKING:
-    from hfl.envelope import Envelope
-    from hfl.identity import Identity, Roster
+    from hfl.crypto.identity import Identity, Roster
+    from hfl.wire.envelope import Envelope
 
-# A requested spec → the job's spec, filled in from its installed task (hfl.tasks.TaskSet
+# A requested spec → the job's spec, filled in from its installed task (hfl.models.tasks.TaskSet
 # .resolve), and its initial parameters; ValueError when the task cannot run it.
 Prepare = Callable[[ModelSpec], "tuple[ModelSpec, np.ndarray]"]
 

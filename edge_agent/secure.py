@@ -13,14 +13,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from hfl import secagg_wire as wire
-from hfl.actions import Action, Note, Send
+from hfl.crypto import secagg_wire as wire
+from hfl.crypto.secagg import Client
 from hfl.errors import Rejected
-from hfl.messages import Kind, Metrics, ModelSpec
-from hfl.secagg import Client
+from hfl.runtime.actions import Action, Note, Send
+from hfl.wire.messages import Kind, Metrics, ModelSpec
 
 if TYPE_CHECKING:
-    from hfl.envelope import Envelope
+    from hfl.wire.envelope import Envelope
 
 
 class SecureClient:

@@ -1,4 +1,5 @@
-"""SecAgg+ core (hfl.secagg): real crypto end to end, expected values computed independently."""
+"""SecAgg+ core (hfl.crypto.secagg): real crypto end to end, expected values computed
+independently."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from hfl import secagg as sa
+from hfl.crypto import secagg as sa
 from hfl.errors import Rejected
 
 L = 512  # words per vector in protocol tests: small, so every test is fast
