@@ -47,6 +47,7 @@ import numpy as np
 
 from aggregator.secure import Abort, Done, SecureRound
 from hfl.crypto.secagg import MIN_CLIENTS
+from hfl.crypto.secagg_wire import WireStage
 from hfl.errors import Rejected
 from hfl.models.aggregate import WeightedSum
 from hfl.privacy.dp import AdaptiveClip, NoiseSource, adaptive_noise, edge_noise_std
@@ -211,7 +212,7 @@ class AggregatorMachine:
         also = []
         if kind is Kind.UPDATE and env.stage != "update":  # a SecAgg+ stage: its own record
             also.append(f"client/{env.job}/{env.round}/{env.sender}")
-            if env.stage == "masked":
+            if env.stage == WireStage.MASKED:
                 also.append(f"sum/{env.job}")
         self._touched(env.job, block=kind is Kind.TASK or effects(out), also=also)
         return [*out, ack(self.id, self.topics, env, "repeat" if repeat else "taken")]
@@ -230,7 +231,7 @@ class AggregatorMachine:
         stage has a message for each), sent again: the agents answer each message once and
         drop a repeat, their answers waiting for our acknowledgement do the rest."""
         ej.nudge, ej.nudge_at = set(), None
-        if ej.secure is not None and ej.secure.stage != "advert":
+        if ej.secure is not None and ej.secure.stage is not WireStage.ADVERT:
             return list(ej.secure.broadcast(agents))
         return self._announce(ej) if ej.collecting else []
 

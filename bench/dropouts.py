@@ -28,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hfl import secagg as sa  # noqa: E402
+from hfl.crypto import secagg as sa  # noqa: E402
 
 NS = (10, 50, 100, 500, 1000)
 DROPOUTS = (0.1, 0.3)

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from edge_agent.secure import SecureClient
+from hfl.crypto.secagg_wire import WireStage
 from hfl.errors import Rejected
 from hfl.privacy.dp import NoiseSource, adaptive_noise, agent_noise_std, clip_l2
 from hfl.runtime.actions import Action, Note, Send
@@ -149,7 +150,7 @@ class AgentMachine:
             raise Rejected("wrong-group", f"round from {route.agg}, my aggregator is "
                            f"{self.aggregator}")
         # The routed shares travel on the round topic's level for one agent, nothing else does.
-        if (route.kind == "round_to") != (env.stage == "routed"):
+        if (route.kind == "round_to") != (env.stage == WireStage.ROUTED):
             raise Rejected("wrong-topic", f"{env.stage} on a {route.kind} topic")
         if route.kind == "round_to" and route.agent != self.id:
             raise Rejected("wrong-recipient", f"shares for {route.agent}, I am {self.id}")

@@ -31,6 +31,7 @@ import numpy as np
 from edge_agent.machine import AgentMachine, Train, Update
 from hfl.crypto.identity import Identity, Roster
 from hfl.crypto.pki import Pki
+from hfl.crypto.secagg_wire import WireStage
 from hfl.runtime.actions import Send
 from hfl.runtime.mqtt import BrokerSettings
 from hfl.runtime.node import Node, run_in_thread
@@ -38,7 +39,8 @@ from hfl.wire.messages import Metrics, Role
 from hfl.wire.topics import Topics
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ("advert", "shares", "masked", "unshares")  # what an agent sends in a secure round
+# what an agent sends in a secure round, in order
+STAGES = (WireStage.ADVERT, WireStage.SHARES, WireStage.MASKED, WireStage.UNSHARES)
 
 # `hfl-aggregator run` / `hfl-coordinator run` (a role's own console script, without what the
 # umbrella `hfl` imports): `run` is a subcommand when the role's app has a group of them.

@@ -52,6 +52,7 @@ import struct
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from enum import IntEnum
 
 import numpy as np
 from cryptography.exceptions import InvalidSignature, InvalidTag
@@ -626,6 +627,25 @@ def _check_id(id: str) -> None:
         raise ValueError("a client id is a non-empty str without NUL")
 
 
+class ClientStage(IntEnum):
+    """Where a client is in its round: each call moves it one stage on, once."""
+
+    ADVERTISED = 1  # its advert is ready; share() comes next
+    SHARED = 2  # U1's adverts verified, its shares sealed; receive() next
+    RECEIVED = 3  # its neighbours' shares opened; mask() next
+    MASKED = 4  # its masked input given out; unmask() next
+    UNMASKED = 5  # its unmasking shares given out: done
+
+
+# (stage, call) → the stage the call leaves the client in.
+CLIENT_TRANSITIONS: dict[tuple[ClientStage, str], ClientStage] = {
+    (ClientStage.ADVERTISED, "share"): ClientStage.SHARED,
+    (ClientStage.SHARED, "receive"): ClientStage.RECEIVED,
+    (ClientStage.RECEIVED, "mask"): ClientStage.MASKED,
+    (ClientStage.MASKED, "unmask"): ClientStage.UNMASKED,
+}
+
+
 class Client:
     """One client's side of a round. Each stage answers once: share, receive and unmask
     repeat their answer for the same input (a retransmission) and refuse a different one;
@@ -650,8 +670,19 @@ class Client:
         self._own_b_share = 0
         self._received: dict[str, tuple[int, int]] | None = None  # sender → (b, s) shares
         self._receive_input: dict[str, bytes] = {}
-        self._masked = False  # y is not kept: O(1) memory beyond the keys
+        self._stage = ClientStage.ADVERTISED  # y is not kept: O(1) memory beyond the keys
         self._unmasked: tuple[list[str], dict[str, int]] | None = None
+
+    @property
+    def stage(self) -> ClientStage:
+        return self._stage
+
+    def _step(self, call: str) -> None:
+        """Move on by the one transition `call` makes from the current stage."""
+        nxt = CLIENT_TRANSITIONS.get((self._stage, call))
+        if nxt is None:
+            raise Rejected("secagg-wrong-stage", f"{call}() during stage {self._stage.name}")
+        self._stage = nxt
 
     def advertise(self) -> Advert:
         return self._advert
@@ -664,7 +695,7 @@ class Client:
         signatures are checked: theirs are the only keys I use (to seal my shares and to
         mask), and each advert is checked by its own neighbours. That is O(k) signatures a
         client, not O(n), so O(n·k) a round rather than O(n²)."""
-        if self._adverts is not None:
+        if self._stage >= ClientStage.SHARED:
             if adverts == self._adverts:
                 return dict(self._shared)
             raise Rejected("secagg-replay", "a second, different advert table")
@@ -706,13 +737,14 @@ class Client:
         self._own_b_share = b_shares[-1]  # the self-share never leaves until unmask
         self._adverts, self._xs = dict(adverts), xs
         self._mask_keys, self._open_keys, self._shared = mask_keys, open_, out
+        self._step("share")
         return dict(out)
 
     def receive(self, shares: dict[str, bytes]) -> None:
         """The ciphertexts addressed to me (sender → ct) from the neighbours in U2."""
-        if self._adverts is None:
+        if self._stage < ClientStage.SHARED:
             raise Rejected("secagg-wrong-stage", "receive() before share()")
-        if self._received is not None:
+        if self._stage >= ClientStage.RECEIVED:
             if shares == self._receive_input:
                 return
             raise Rejected("secagg-replay", "a second, different set of shares")
@@ -736,23 +768,25 @@ class Client:
                 raise Rejected("secagg-bad-share", f"{sender}: wrong indices or values")
             got[sender] = (yb, ys)
         self._received, self._receive_input = got, dict(shares)
+        self._step("receive")
 
     def mask(self, x: np.ndarray) -> np.ndarray:
         """y = x + PRG(b) + Σ ±PRG(s_ij) mod 2^32 over the neighbours that shared with me."""
         p = self.params
         if not isinstance(x, np.ndarray) or x.dtype != np.uint32 or x.shape != (p.length,):
             raise ValueError(f"x must be uint32[{p.length}]")
-        if self._received is None:
+        if self._stage < ClientStage.RECEIVED:
             raise Rejected("secagg-wrong-stage", "mask() before receive()")
-        if self._masked:
+        if self._stage >= ClientStage.MASKED:
             # Two inputs under the same masks would reveal their difference; resending y
             # is the caller's business.
             raise Rejected("secagg-replay", "mask() answers once")
+        assert self._received is not None
         y = np.array(x, dtype=np.uint32, order="C", copy=True)
         terms = [(_self_key(self._ctx, self._b), 1)]
         terms += [(self._mask_keys[j], _sign(self.id, j)) for j in sorted(self._received)]
         Keystream(p.length).mix(terms, y)
-        self._masked = True
+        self._step("mask")
         return y
 
     def unmask(self, survivors: Sequence[str]) -> dict[str, int]:
@@ -761,12 +795,14 @@ class Client:
         Plus my own b share (I am a survivor). Never both shares of one neighbour: a second
         call with another survivor list is refused.
         """
-        if not self._masked or self._received is None or self._adverts is None:
+        if self._stage < ClientStage.MASKED:
             raise Rejected("secagg-wrong-stage", "unmask() before mask()")
+        assert self._received is not None and self._adverts is not None
         alive = [] if isinstance(survivors, str) else sorted(survivors, key=str)
         if isinstance(survivors, str) or not all(isinstance(s, str) for s in alive):
             raise Rejected("secagg-bad-survivors", "want a list of ids")
-        if self._unmasked is not None:
+        if self._stage >= ClientStage.UNMASKED:
+            assert self._unmasked is not None
             if alive == self._unmasked[0]:
                 return dict(self._unmasked[1])
             raise Rejected("secagg-replay", "a second, different survivor list")
@@ -780,6 +816,7 @@ class Client:
         out = {j: (yb if j in live else ys) for j, (yb, ys) in self._received.items()}
         out[self.id] = self._own_b_share
         self._unmasked = (alive, out)
+        self._step("unmask")
         return dict(out)
 
 
@@ -817,8 +854,31 @@ def _seen(table: dict, sender: str, value: object, what: str) -> bool:
     raise Rejected("secagg-duplicate", f"{sender}: a second, different {what}")
 
 
+class Stage(IntEnum):
+    """The server's stages: the set each collects, frozen by the event that ends it. The
+    values are what a checkpoint stores ("stage": int)."""
+
+    ADVERTS = 1  # collecting adverts; freeze_adverts() fixes U1
+    SHARES = 2  # collecting sealed shares; freeze_shares() fixes U2
+    MASKED = 3  # summing masked inputs; freeze_survivors() fixes U3
+    UNMASK = 4  # collecting unmasking shares, until result()
+
+
+# (stage, event) → the stage the event moves the server to: the only way it moves.
+TRANSITIONS: dict[tuple[Stage, str], Stage] = {
+    (Stage.ADVERTS, "freeze_adverts"): Stage.SHARES,
+    (Stage.SHARES, "freeze_shares"): Stage.MASKED,
+    (Stage.MASKED, "freeze_survivors"): Stage.UNMASK,
+}
+EVENTS = tuple(sorted({event for _, event in TRANSITIONS}))
+
+
 class Server:
     """The server's side of a round: four stages, each frozen once, then the exact sum.
+
+    The stage moves only by `TRANSITIONS`, through the commands freeze_adverts(),
+    freeze_shares() and freeze_survivors(); key_table(), routed() and survivors() only read
+    what a freeze fixed.
 
     Every add_* validates fully before it changes anything, so a rejected message leaves
     the state as it was. Stage 3 is a streaming sum: O(length) memory for any n, and no
@@ -833,7 +893,7 @@ class Server:
         self.params = params
         self._ctx = params.context()
         self._selected = set(selected)
-        self._stage = 1
+        self._stage = Stage.ADVERTS
         self._probe = X25519PrivateKey.generate()  # to test advertised keys for low order
         self._adverts: dict[str, Advert] = {}
         self._graph: dict[str, list[str]] = {}
@@ -848,6 +908,10 @@ class Server:
     # -- read-only views
 
     @property
+    def stage(self) -> Stage:
+        return self._stage
+
+    @property
     def u1(self) -> list[str]:
         return sorted(self._adverts)
 
@@ -857,17 +921,37 @@ class Server:
 
     @property
     def u3(self) -> list[str]:
-        return list(self._u3) if self._stage >= 4 else sorted(self._masked)
+        return list(self._u3) if self._stage >= Stage.UNMASK else sorted(self._masked)
 
-    def answered(self, stage: int, sender: str) -> bool:
-        """Whether `sender`'s message of stage 1-4 (advert, shares, masked input, unmasking
+    def answered(self, stage: Stage, sender: str) -> bool:
+        """Whether `sender`'s message of `stage` (advert, shares, masked input, unmasking
         shares) is in the round already: a copy of it is a repeat."""
         return sender in (self._adverts, self._shares, self._masked, self._unmasks)[stage - 1]
+
+    def key_table(self) -> dict[str, Advert]:
+        """U1's adverts, for every client (once freeze_adverts() fixed U1)."""
+        if self._stage < Stage.SHARES:
+            raise Rejected("secagg-wrong-stage", "key_table() before freeze_adverts()")
+        return dict(sorted(self._adverts.items()))
+
+    def routed(self) -> dict[str, dict[str, bytes]]:
+        """recipient → {sender: ct}, for every recipient in U2 (once freeze_shares() fixed
+        U2)."""
+        if self._stage < Stage.MASKED:
+            raise Rejected("secagg-wrong-stage", "routed() before freeze_shares()")
+        return {r: dict(row) for r, row in self._routed.items()}
+
+    def survivors(self) -> list[str]:
+        """U3: the clients whose masked input is in the sum (once freeze_survivors() fixed
+        it)."""
+        if self._stage < Stage.UNMASK:
+            raise Rejected("secagg-wrong-stage", "survivors() before freeze_survivors()")
+        return list(self._u3)
 
     @property
     def dropped(self) -> list[str]:
         """U2 \\ U3: clients whose masks were recovered (empty before U3 is frozen)."""
-        return sorted(set(self._shares) - set(self._u3)) if self._stage >= 4 else []
+        return sorted(set(self._shares) - set(self._u3)) if self._stage >= Stage.UNMASK else []
 
     # -- checkpoints: the server holds nothing secret (public keys, ciphertexts it only
     # routes, masked inputs summed, shares revealed to it), so its state may go to disk.
@@ -877,7 +961,7 @@ class Server:
     def export(self) -> dict:
         """The round's own state: its stage and who is in the sum (the sum itself, which
         changes only in stage 3, is `acc`)."""
-        return {"stage": self._stage, "masked": sorted(self._masked), "u3": list(self._u3)}
+        return {"stage": int(self._stage), "masked": sorted(self._masked), "u3": list(self._u3)}
 
     @property
     def acc(self) -> np.ndarray:
@@ -922,12 +1006,12 @@ class Server:
                                           for k, r in enumerate(cdoc["shares"])}
             if "unmask" in cdoc:
                 server._unmasks[sender] = {j: int(y, 16) for j, y in cdoc["unmask"].items()}
-        server._stage = int(doc["stage"])
-        if server._stage >= 2:  # derived from U1, as adverts() derived them
+        server._stage = Stage(int(doc["stage"]))
+        if server._stage >= Stage.SHARES:  # derived from U1, as freeze_adverts() derived them
             server._graph = neighbours(list(server._adverts), params.degree,
                                        _graph_seed(server._ctx))
             server._xs = _x_index(server._adverts)
-        if server._stage >= 3:
+        if server._stage >= Stage.MASKED:
             server._route()
         if acc is not None:
             if acc.shape != server._acc.shape or acc.dtype != np.uint32:
@@ -939,19 +1023,29 @@ class Server:
 
     # -- checks shared by the stages
 
-    def _expect(self, stage: int, sender: str, members: Sequence[str] | set[str] | dict) -> None:
+    def _expect(self, stage: Stage, sender: str,
+                members: Sequence[str] | set[str] | dict) -> None:
         if sender not in self._selected:
             raise Rejected("secagg-not-selected", f"{sender!r}")
         if self._stage != stage:
-            raise Rejected("secagg-wrong-stage", f"stage {stage} message during stage "
-                           f"{self._stage}")
+            raise Rejected("secagg-wrong-stage", f"stage {int(stage)} message during stage "
+                           f"{int(self._stage)}")
         if sender not in members:
             raise Rejected("secagg-unexpected-sender", f"{sender} left the round earlier")
+
+    def _next(self, event: str) -> Stage:
+        """The stage `event` moves to from the current one; an event the table does not
+        allow here is refused, and nothing changes."""
+        nxt = TRANSITIONS.get((self._stage, event))
+        if nxt is None:
+            raise Rejected("secagg-wrong-stage",
+                           f"{event}() during stage {int(self._stage)} ({self._stage.name})")
+        return nxt
 
     # -- stage 1
 
     def add_advert(self, sender: str, advert: Advert) -> None:
-        self._expect(1, sender, self._selected)
+        self._expect(Stage.ADVERTS, sender, self._selected)
         if not isinstance(advert, Advert) or not advert.well_formed():
             raise Rejected("secagg-bad-advert", f"{sender}: malformed")
         if _seen(self._adverts, sender, advert, "advert"):
@@ -960,22 +1054,21 @@ class Server:
         _exchange(self._probe, advert.s_pk, sender)
         self._adverts[sender] = advert
 
-    def adverts(self) -> dict[str, Advert]:
-        """Freeze U1; its adverts go to every client."""
-        if self._stage == 1:
-            t = self.params.threshold
-            if len(self._adverts) < t + 1:
-                raise Rejected("secagg-too-few", f"{len(self._adverts)} adverts < t+1 = {t + 1}")
-            self._graph = neighbours(list(self._adverts), self.params.degree,
-                                     _graph_seed(self._ctx))
-            self._xs = _x_index(self._adverts)
-            self._stage = 2
-        return dict(sorted(self._adverts.items()))
+    def freeze_adverts(self) -> None:
+        """Freeze U1 (its adverts, `key_table()`, go to every client)."""
+        nxt = self._next("freeze_adverts")
+        t = self.params.threshold
+        if len(self._adverts) < t + 1:
+            raise Rejected("secagg-too-few", f"{len(self._adverts)} adverts < t+1 = {t + 1}")
+        self._graph = neighbours(list(self._adverts), self.params.degree,
+                                 _graph_seed(self._ctx))
+        self._xs = _x_index(self._adverts)
+        self._stage = nxt
 
     # -- stage 2
 
     def add_shares(self, sender: str, cts: dict[str, bytes]) -> None:
-        self._expect(2, sender, self._adverts)
+        self._expect(Stage.SHARES, sender, self._adverts)
         if not isinstance(cts, dict) or sorted(cts) != self._graph[sender]:
             raise Rejected("secagg-bad-share", f"{sender}: recipients are not its neighbours")
         if not all(isinstance(c, bytes) and len(c) == CT_BYTES for c in cts.values()):
@@ -983,17 +1076,14 @@ class Server:
         if not _seen(self._shares, sender, cts, "set of shares"):
             self._shares[sender] = dict(cts)
 
-    def routed(self) -> dict[str, dict[str, bytes]]:
-        """Freeze U2: recipient → {sender: ct}, for every recipient in U2."""
-        if self._stage < 2:
-            raise Rejected("secagg-wrong-stage", "routed() before adverts()")
-        if self._stage == 2:
-            t = self.params.threshold
-            if len(self._shares) < t:
-                raise Rejected("secagg-too-few", f"{len(self._shares)} shared < t = {t}")
-            self._route()
-            self._stage = 3
-        return {r: dict(row) for r, row in self._routed.items()}
+    def freeze_shares(self) -> None:
+        """Freeze U2 and route its shares (`routed()`: each recipient's row)."""
+        nxt = self._next("freeze_shares")
+        t = self.params.threshold
+        if len(self._shares) < t:
+            raise Rejected("secagg-too-few", f"{len(self._shares)} shared < t = {t}")
+        self._route()
+        self._stage = nxt
 
     def _route(self) -> None:
         self._routed = {r: {} for r in sorted(self._shares)}
@@ -1005,7 +1095,7 @@ class Server:
     # -- stage 3
 
     def add_masked(self, sender: str, y: np.ndarray) -> None:
-        self._expect(3, sender, self._shares)
+        self._expect(Stage.MASKED, sender, self._shares)
         if not isinstance(y, np.ndarray) or y.dtype != np.uint32 or y.shape != self._acc.shape:
             raise Rejected("secagg-bad-masked", f"{sender}: want uint32[{self.params.length}]")
         if sender in self._masked:
@@ -1013,17 +1103,14 @@ class Server:
         np.add(self._acc, y, out=self._acc)
         self._masked.add(sender)
 
-    def survivors(self) -> list[str]:
-        """Freeze U3: the clients whose masked input is in the sum."""
-        if self._stage < 3:
-            raise Rejected("secagg-wrong-stage", "survivors() before routed()")
-        if self._stage == 3:
-            if len(self._masked) < self.params.threshold:
-                raise Rejected("secagg-too-few",
-                               f"{len(self._masked)} survivors < t = {self.params.threshold}")
-            self._u3 = sorted(self._masked)
-            self._stage = 4
-        return list(self._u3)
+    def freeze_survivors(self) -> None:
+        """Freeze U3: the clients whose masked input is in the sum (`survivors()`)."""
+        nxt = self._next("freeze_survivors")
+        if len(self._masked) < self.params.threshold:
+            raise Rejected("secagg-too-few",
+                           f"{len(self._masked)} survivors < t = {self.params.threshold}")
+        self._u3 = sorted(self._masked)
+        self._stage = nxt
 
     # -- stage 4
 
@@ -1031,7 +1118,7 @@ class Server:
         return sorted({j for j in self._graph[sender] if j in self._shares} | {sender})
 
     def add_unmask(self, sender: str, shares: dict[str, int]) -> None:
-        self._expect(4, sender, set(self._u3))
+        self._expect(Stage.UNMASK, sender, set(self._u3))
         if not isinstance(shares, dict) or sorted(shares) != self._expected_unmask(sender):
             raise Rejected("secagg-bad-share", f"{sender}: not one share per neighbour in U2")
         if not all(type(v) is int and 0 <= v < PRIME for v in shares.values()):
@@ -1052,7 +1139,7 @@ class Server:
 
     def ready(self) -> bool:
         """Whether every secret needed has at least t shares."""
-        if self._stage != 4:
+        if self._stage != Stage.UNMASK:
             return False
         return all(len(s.points) >= self.params.threshold for s in self._secrets())
 
@@ -1079,7 +1166,7 @@ class Server:
     def result(self) -> np.ndarray:
         """The uint32 sum of U3's inputs, bit-exact. Leaves the server unchanged: a call
         after more shares arrive (say, after a bad one) simply tries again."""
-        if self._stage != 4 or not self.ready():
+        if self._stage != Stage.UNMASK or not self.ready():
             raise Rejected("secagg-too-few", "not enough shares to unmask")
         terms: list[tuple[bytes, int]] = []
         u3 = set(self._u3)

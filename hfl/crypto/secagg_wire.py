@@ -25,6 +25,7 @@ fixed-point range widens to hold an agent's noise share without clipping it.
 
 from __future__ import annotations
 
+from enum import Enum
 from typing import Any
 
 import numpy as np
@@ -37,6 +38,25 @@ from hfl.wire.messages import Metrics, MetricSpec, ModelSpec, expect_tensor
 from hfl.wire.topics import check_id
 
 SHARE_BYTES = (PRIME.bit_length() + 7) // 8
+
+
+class WireStage(str, Enum):
+    """The `stage` of a SecAgg+ round message, as it goes on the wire (and into checkpoints):
+    a str, so a member is its own wire string ("advert" == WireStage.ADVERT)."""
+
+    # aggregator → agents (the round's own `open` is a plain round's too)
+    KEYS = "keys"  # U1's adverts
+    ROUTED = "routed"  # the shares addressed to one agent, on its own topic
+    UNMASK = "unmask"  # U3, the survivors
+    # agent → aggregator
+    ADVERT = "advert"
+    SHARES = "shares"
+    MASKED = "masked"
+    UNSHARES = "unshares"
+
+    __str__ = str.__str__
+    __format__ = str.__format__
+
 _ADVERT = {"c_pk": 32, "s_pk": 32, "b_commit": 32, "signature": 64}
 
 
