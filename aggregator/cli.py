@@ -8,9 +8,9 @@ import typer
 
 from aggregator.runner import aggregator_node
 from hfl.cli import ConfigOption, VerboseOption, fail, open_config, setup_logging
-from hfl.messages import Role
-from hfl.service import serve
-from hfl.state import StateError
+from hfl.runtime.service import serve
+from hfl.runtime.state import StateError
+from hfl.wire.messages import Role
 
 app = typer.Typer(help="The aggregation layer: run edge rounds for a site's agents.",
                   no_args_is_help=True)

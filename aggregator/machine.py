@@ -18,11 +18,11 @@ who is in it, or the SecAgg+ server's own state; in a secure round `sum/{job}`, 
 sum, written only when a masked input changes it, and `client/{job}/{round}/{agent}`, what
 an agent sent, written once rather than with every later message, which made a round's
 saves O(n²)) and builds each with `record`; the runner
-saves them (`hfl.state`) before it acknowledges the messages behind them or lets out what
+saves them (`hfl.runtime.state`) before it acknowledges the messages behind them or lets out what
 they produced. `restore` takes them back after a restart and `resume` says what to send
 again: nothing is counted twice, as who contributed is part of the record.
 
-End-to-end delivery (`hfl.delivery`), so that a broker that loses what it held loses nothing
+End-to-end delivery (`hfl.runtime.delivery`), so that a broker that loses what it held loses nothing
 of a job: every agent's answer and every task is acknowledged (`Kind.ACK`: taken, a repeat,
 or refused and why) once what it changed is saved, a repeat too, so a lost acknowledgement
 costs one more copy; a repeat of the round that just ended is recognised as such. The
@@ -39,19 +39,24 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from aggregator.secure import Abort, Done, SecureRound
-from hfl.actions import Action, Note, Send, effects
-from hfl.aggregate import WeightedSum
-from hfl.delivery import Outbox, ack, acked
-from hfl.dp import AdaptiveClip, NoiseSource, adaptive_noise, edge_noise_std
+from hfl.crypto.secagg import MIN_CLIENTS
+from hfl.crypto.secagg_wire import WireStage
 from hfl.errors import Rejected
-from hfl.messages import (
+from hfl.models.aggregate import WeightedSum
+from hfl.privacy.dp import AdaptiveClip, NoiseSource, adaptive_noise, edge_noise_std
+from hfl.runtime import record as codec
+from hfl.runtime.actions import Action, Note, Send, effects
+from hfl.runtime.delivery import Outbox, ack, acked
+from hfl.runtime.record import stored, transient
+from hfl.runtime.state import Record
+from hfl.wire.messages import (
     DeclineMeta,
     Kind,
     Metrics,
@@ -66,13 +71,11 @@ from hfl.messages import (
     expect_tensor,
     parse_meta,
 )
-from hfl.quantize import dequantize_int8
-from hfl.secagg import MIN_CLIENTS
-from hfl.state import Record
-from hfl.topics import Route, Topics
+from hfl.wire.quantize import dequantize_int8
+from hfl.wire.topics import Route, Topics
 
 if TYPE_CHECKING:
-    from hfl.envelope import Envelope
+    from hfl.wire.envelope import Envelope
 
 
 # After a restart, an open round gets at least this long past its old deadline to take in
@@ -113,53 +116,55 @@ def select(candidates: list[str], spec: ModelSpec, rnd: int) -> list[str]:
     return sorted(candidates[i] for i in picked)
 
 
+def _dump_partial(partial: Send | None) -> tuple[dict | None, np.ndarray | None]:
+    return (partial.meta, partial.tensors.get("sum")) if partial is not None else (None, None)
+
+
+def _load_partial(meta: dict | None, total: np.ndarray | None, ej: EdgeJob,
+                  ctx: Mapping[str, Any]) -> Send | None:
+    return None if meta is None else partial_send(ctx["topics"], ctx["agg_id"], ej, meta, total)
+
+
 @dataclass
 class EdgeJob:
-    job: str
+    """The block: its record (`job/{job}`) is this, declared (`hfl.runtime.record`); the
+    round being collected has its own record (`round/{job}`), built by the machine."""
+
+    job: str = field(metadata=transient)  # the record's key
     spec: ModelSpec
     num_params: int
     block: int
-    global_params: np.ndarray
+    global_params: np.ndarray = field(metadata=stored("global"))
     params: np.ndarray
     coordinator: str
     origin: Origin
     edge_round: int = 0
     attempt: int = 0
     selected: list[str] = field(default_factory=list)
-    acc: WeightedSum | None = None  # plain rounds
-    secure: SecureRound | None = None  # secure rounds
-    senders: set[str] = field(default_factory=set)
+    # The round being collected: in `round/{job}`.
+    acc: WeightedSum | None = field(default=None, metadata=transient)  # plain rounds
+    secure: SecureRound | None = field(default=None, metadata=transient)  # secure rounds
+    senders: set[str] = field(default_factory=set, metadata=transient)
     deadline: float = 0.0
     dropped: int = 0  # agents whose masks were recovered in this block
     candidates: list[str] = field(default_factory=list)  # this edge round's sampling pool
-    clip_bits: float = 0.0  # adaptive clipping, plain rounds: Σ of the agents' bits
+    # adaptive clipping, plain rounds: Σ of the agents' bits (in `round/{job}`)
+    clip_bits: float = field(default=0.0, metadata=transient)
     releases: list[Release] = field(default_factory=list)  # this block's, for DP accounting
     declined: dict[str, str] = field(default_factory=dict)  # this block's: agent → why
-    partial: Send | None = None  # the block's result, kept to answer a repeated task
+    # The block's result, kept to answer a repeated task: its meta, and its sum as an array.
+    partial: Send | None = field(default=None, metadata=stored(dump=_dump_partial,
+                                                               load=_load_partial))
     # Soft state: agents the round waits for that came online, and when to send them its
     # messages again (one copy for all that come within NUDGE_S).
-    nudge: set[str] = field(default_factory=set)
-    nudge_at: float | None = None
-    nudged: float = float("-inf")  # when they were last sent again for agents back online
+    nudge: set[str] = field(default_factory=set, metadata=transient)
+    nudge_at: float | None = field(default=None, metadata=transient)
+    # when they were last sent again for agents back online
+    nudged: float = field(default=float("-inf"), metadata=transient)
 
     @property
     def round(self) -> int:
         return round_id(self.spec, self.block, self.edge_round, self.attempt)
-
-    def export(self) -> Record:
-        """The block: everything but the round being collected."""
-        doc = {"spec": self.spec.model_dump(mode="json"), "num_params": self.num_params,
-               "block": self.block, "coordinator": self.coordinator,
-               "origin": self.origin.model_dump(mode="json"), "edge_round": self.edge_round,
-               "attempt": self.attempt, "selected": self.selected, "deadline": self.deadline,
-               "dropped": self.dropped, "candidates": self.candidates,
-               "releases": [r.model_dump(mode="json") for r in self.releases],
-               "declined": self.declined,
-               "partial": self.partial.meta if self.partial else None}
-        arrays = {"global": self.global_params, "params": self.params}
-        if self.partial is not None and "sum" in self.partial.tensors:
-            arrays["partial"] = self.partial.tensors["sum"]
-        return doc, arrays
 
     @property
     def collecting(self) -> bool:
@@ -211,7 +216,7 @@ class AggregatorMachine:
         also = []
         if kind is Kind.UPDATE and env.stage != "update":  # a SecAgg+ stage: its own record
             also.append(f"client/{env.job}/{env.round}/{env.sender}")
-            if env.stage == "masked":
+            if env.stage == WireStage.MASKED:
                 also.append(f"sum/{env.job}")
         self._touched(env.job, block=kind is Kind.TASK or effects(out), also=also)
         return [*out, ack(self.id, self.topics, env, "repeat" if repeat else "taken")]
@@ -230,7 +235,7 @@ class AggregatorMachine:
         stage has a message for each), sent again: the agents answer each message once and
         drop a repeat, their answers waiting for our acknowledgement do the rest."""
         ej.nudge, ej.nudge_at = set(), None
-        if ej.secure is not None and ej.secure.stage != "advert":
+        if ej.secure is not None and ej.secure.stage is not WireStage.ADVERT:
             return list(ej.secure.broadcast(agents))
         return self._announce(ej) if ej.collecting else []
 
@@ -299,7 +304,7 @@ class AggregatorMachine:
         if kind == "sum":
             return ej.secure.export_sum() if ej.secure is not None else None
         if kind == "job":
-            doc, arrays = ej.export()
+            doc, arrays = codec.dump(ej)
             clip = self.clips.get(job)
             return {**doc, "clip": clip.bound if clip else None}, arrays
         if ej.secure is not None:
@@ -337,19 +342,9 @@ class AggregatorMachine:
             kind, _, job = key.partition("/")
             if kind != "job":
                 continue
-            spec = ModelSpec.model_validate(doc["spec"])
-            ej = EdgeJob(job=job, spec=spec, num_params=doc["num_params"], block=doc["block"],
-                         global_params=arrays["global"], params=arrays["params"],
-                         coordinator=doc["coordinator"],
-                         origin=Origin.model_validate(doc["origin"]),
-                         edge_round=doc["edge_round"], attempt=doc["attempt"],
-                         selected=doc["selected"], deadline=doc["deadline"],
-                         dropped=doc["dropped"], candidates=doc["candidates"],
-                         releases=[Release.model_validate(r) for r in doc["releases"]],
-                         declined=dict(doc.get("declined", {})))
-            if doc["partial"] is not None:
-                ej.partial = self._partial_send(ej, doc["partial"], arrays.get("partial"))
-            p = spec.privacy
+            ej = codec.load(EdgeJob, (doc, arrays), job=job, topics=self.topics,
+                             agg_id=self.id)
+            spec, p = ej.spec, ej.spec.privacy
             if doc["clip"] is not None and p is not None and p.noise_multiplier is not None:
                 self.clips[job] = AdaptiveClip(doc["clip"], p.target_quantile, p.clip_lr,
                                                bit_noise_std=adaptive_noise(
@@ -674,12 +669,15 @@ class AggregatorMachine:
         meta = PartialMeta(weight=weight, agents=agents, dropped=ej.dropped, metrics=m,
                            failure=failure[:500], releases=ej.releases,
                            declined=dict(list(ej.declined.items())[:1000]))
-        ej.partial = self._partial_send(ej, meta.model_dump(mode="json"), partial)
+        ej.partial = partial_send(self.topics, self.id, ej, meta.model_dump(mode="json"), partial)
         info = {"job": ej.job, "block": ej.block, "weight": weight, "agents": agents}
         # Kept until the coordinator acknowledges it; its back-off starts at the next tick.
         return [self.outbox.track(ej.partial, ej.coordinator), Note("partial_sent", info)]
 
-    def _partial_send(self, ej: EdgeJob, meta: dict, partial: np.ndarray | None) -> Send:
-        tensors = {"sum": partial} if partial is not None else {}
-        return Send(Kind.PARTIAL, self.topics.partials(self.id), ej.job, ej.block, "partial",
-                    meta, tensors, to=(ej.coordinator,))
+
+def partial_send(topics: Topics, agg_id: str, ej: EdgeJob, meta: dict,
+                 partial: np.ndarray | None) -> Send:
+    """The block's partial, as sent to the coordinator (and kept until it acknowledges it)."""
+    tensors = {"sum": partial} if partial is not None else {}
+    return Send(Kind.PARTIAL, topics.partials(agg_id), ej.job, ej.block, "partial", meta,
+                tensors, to=(ej.coordinator,))

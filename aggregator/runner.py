@@ -7,12 +7,12 @@ import logging
 from pathlib import Path
 
 from aggregator.machine import AggregatorMachine
-from hfl.identity import Identity, Roster
-from hfl.mqtt import BrokerSettings
-from hfl.node import Node
-from hfl.roster_feed import RosterFeed
-from hfl.state import Checkpointer, StateStore
-from hfl.topics import Topics
+from hfl.crypto.identity import Identity, Roster
+from hfl.runtime.mqtt import BrokerSettings
+from hfl.runtime.node import Node
+from hfl.runtime.roster_feed import RosterFeed
+from hfl.runtime.state import Checkpointer, StateStore
+from hfl.wire.topics import Topics
 
 log = logging.getLogger("hfl.aggregator")
 

@@ -15,18 +15,25 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from hfl import secagg_wire as wire
-from hfl.actions import Action, Send
+from hfl.crypto import secagg_wire as wire
+from hfl.crypto.secagg import Server, Stage
+from hfl.crypto.secagg_wire import WireStage
 from hfl.errors import Rejected
-from hfl.messages import Kind, Metrics, ModelSpec
-from hfl.secagg import Server
-from hfl.topics import Topics
+from hfl.runtime.actions import Action, Send
+from hfl.wire.messages import Kind, Metrics, ModelSpec
+from hfl.wire.topics import Topics
 
 if TYPE_CHECKING:
-    from hfl.envelope import Envelope
+    from hfl.wire.envelope import Envelope
 
-# The stage an agent's message belongs to → the stage the aggregator must be collecting.
-AGENT_STAGES = ("advert", "shares", "masked", "unshares")
+# The stage being collected (what the agents send, in order) → the server's stage that
+# collects it.
+SERVER_STAGE: dict[str, Stage] = {WireStage.ADVERT: Stage.ADVERTS, WireStage.SHARES: Stage.SHARES,
+                WireStage.MASKED: Stage.MASKED, WireStage.UNSHARES: Stage.UNMASK}
+# The stage being collected → the stage collected next, once it closes (the unshares close
+# the round).
+NEXT = {WireStage.ADVERT: WireStage.SHARES, WireStage.SHARES: WireStage.MASKED,
+        WireStage.MASKED: WireStage.UNSHARES}
 
 
 @dataclass(frozen=True)
@@ -52,7 +59,7 @@ class SecureRound:
         self.params, self.fixed = wire.round_params(job, round, len(selected), num_params, spec)
         self.server = Server(self.params, selected)
         self.selected = list(selected)
-        self.stage = "advert"
+        self.stage = WireStage.ADVERT
         self.expected = set(selected)
         self.got: set[str] = set()
         self.deadline = now + spec.deadline_s
@@ -86,7 +93,8 @@ class SecureRound:
         sr = cls(job, round, selected, num_params, spec, topics, agg, 0.0)
         acc = summed[1]["acc"] if summed is not None and summed[0]["round"] == round else None
         sr.server = Server.restore(sr.params, selected, doc["server"], acc, clients)
-        sr.stage, sr.survivors, sr.deadline = doc["stage"], list(doc["survivors"]), doc["deadline"]
+        sr.stage = WireStage(doc["stage"])
+        sr.survivors, sr.deadline = list(doc["survivors"]), doc["deadline"]
         sr.expected, sr.got = set(doc["expected"]), set(doc["got"])
         sr.lost = set(doc.get("lost", ()))
         return sr
@@ -97,11 +105,11 @@ class SecureRound:
         if env.sender in self.got:
             return []
         sender, server = env.sender, self.server
-        if env.stage == "advert":
+        if self.stage is WireStage.ADVERT:
             server.add_advert(sender, wire.advert_in(env.tensors))
-        elif env.stage == "shares":
+        elif self.stage is WireStage.SHARES:
             server.add_shares(sender, wire.shares_in(env.meta, env.tensors))
-        elif env.stage == "masked":
+        elif self.stage is WireStage.MASKED:
             y = env.tensors.get("y")
             if y is None or y.dtype != np.uint32 or y.shape != (self.params.length,):
                 raise Rejected("bad-shape", f"masked input: want uint32[{self.params.length}]")
@@ -113,14 +121,14 @@ class SecureRound:
 
     def answered(self, sender: str, stage: str) -> bool:
         """Whether `sender`'s answer to `stage` is in the round already (a copy is a repeat)."""
-        return stage in AGENT_STAGES and self.server.answered(AGENT_STAGES.index(stage) + 1,
-                                                              sender)
+        collects = SERVER_STAGE.get(stage)
+        return collects is not None and self.server.answered(collects, sender)
 
     def answers(self) -> dict[str, set[str]]:
         """Who answered which stage, as the round ends."""
         out: dict[str, set[str]] = {}
         for a in self.selected:
-            stages = {st for st in AGENT_STAGES if self.answered(a, st)}
+            stages = {st.value for st in SERVER_STAGE if self.answered(a, st)}
             if stages:
                 out[a] = stages
         return out
@@ -128,7 +136,7 @@ class SecureRound:
     def decline(self, sender: str, now: float) -> list[Action]:
         """`sender` sits the round out instead of advertising: the advert stage stops
         waiting for it (a decline after its advert is a peer's error)."""
-        if self.outcome is not None or self.stage != "advert" or sender in self.got:
+        if self.outcome is not None or self.stage is not WireStage.ADVERT or sender in self.got:
             raise Rejected("stale-stage", f"decline from {sender} during {self.stage}")
         self.expected.discard(sender)
         return self._advance(now) if self.got >= self.expected else []
@@ -140,7 +148,7 @@ class SecureRound:
 
     # ------------------------------------------------------------------ stages
 
-    def _next(self, stage: str, expected: set[str], deadline: float) -> None:
+    def _next(self, stage: WireStage, expected: set[str], deadline: float) -> None:
         self.lost |= self.expected - self.got
         self.stage, self.expected, self.got, self.deadline = stage, expected, set(), deadline
 
@@ -160,32 +168,35 @@ class SecureRound:
         the round announcement asks for): sent on each stage change, and again after a
         restart or a reconnection (only to the agents `only` where each agent has its own),
         as agents drop a repeat of a stage they answered."""
-        if self.outcome is not None or self.stage == "advert":
+        if self.outcome is not None or self.stage is WireStage.ADVERT:
             return []
-        if self.stage == "shares":
-            return [self._send("keys", *wire.key_table_out(self.server.adverts()))]
-        if self.stage == "masked":  # each agent its own shares, where only it may read
-            return [self._send("routed", *wire.routed_out(to, row), to=to)
+        if self.stage is WireStage.SHARES:
+            return [self._send(WireStage.KEYS, *wire.key_table_out(self.server.key_table()))]
+        if self.stage is WireStage.MASKED:  # each agent its own shares, where only it may read
+            return [self._send(WireStage.ROUTED, *wire.routed_out(to, row), to=to)
                     for to, row in self.server.routed().items() if only is None or to in only]
-        return [self._send("unmask", {"survivors": self.survivors}, {})]
+        return [self._send(WireStage.UNMASK, {"survivors": self.survivors}, {})]
 
     def _advance(self, now: float) -> list[Action]:
         """Close the stage being collected and open the next."""
         timeout = self.spec.secagg.stage_timeout_s
+        server = self.server
         try:
-            if self.stage == "advert":
-                self._next("shares", set(self.server.adverts()), now + timeout)
-                return list(self.broadcast())
-            if self.stage == "shares":
-                self._next("masked", set(self.server.routed()), now + timeout)
-                return list(self.broadcast())
-            if self.stage == "masked":
-                survivors = self.server.survivors()
+            if self.stage is WireStage.ADVERT:
+                server.freeze_adverts()
+                expected = set(server.key_table())
+            elif self.stage is WireStage.SHARES:
+                server.freeze_shares()
+                expected = set(server.routed())
+            elif self.stage is WireStage.MASKED:
+                server.freeze_survivors()
+                survivors = server.survivors()
                 if len(survivors) < self.spec.min_agents:
                     raise Rejected("secagg-too-few",
                                    f"{len(survivors)} < quorum {self.spec.min_agents}")
-                self.survivors = survivors
-                self._next("unshares", set(survivors), now + timeout)
+                self.survivors, expected = survivors, set(survivors)
+            if self.stage in NEXT:
+                self._next(NEXT[self.stage], expected, now + timeout)
                 return list(self.broadcast())
             if not self.server.ready():
                 raise Rejected("secagg-too-few", "not enough shares to unmask")

@@ -29,12 +29,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from aggregator.machine import AggregatorMachine  # noqa: E402
 from coordinator.machine import CoordinatorMachine, NewVersion  # noqa: E402
 from edge_agent.machine import AgentMachine, Train, Update  # noqa: E402
-from fleet.memnet import MemNet  # noqa: E402
-from hfl.actions import Send  # noqa: E402
-from hfl.identity import Identity, Roster  # noqa: E402
-from hfl.messages import Kind, Metrics, ModelRequest, ModelSpec, Role  # noqa: E402
-from hfl.state import Checkpointer, StateStore  # noqa: E402
-from hfl.topics import Topics  # noqa: E402
+from fleet.sim.memnet import MemNet  # noqa: E402
+from hfl.crypto.identity import Identity, Roster  # noqa: E402
+from hfl.runtime.actions import Send  # noqa: E402
+from hfl.runtime.state import Checkpointer, StateStore  # noqa: E402
+from hfl.wire.messages import Kind, Metrics, ModelRequest, ModelSpec, Role  # noqa: E402
+from hfl.wire.topics import Topics  # noqa: E402
 
 AGG = "site-a"
 

@@ -3,7 +3,7 @@
     PYTHONPATH=. .venv/bin/python bench/dropouts.py [--trials 10000]
 
 For each n and expected dropout δ, `choose_params` picks (k, t); random drop sets on the
-real neighbour graph of hfl.secagg (combinatorics only, no crypto) then say whether every
+real neighbour graph of hfl.crypto.secagg (combinatorics only, no crypto) then say whether every
 secret the server needs still has t holders among the survivors: each survivor's b (t-1
 surviving neighbours and its own share) and the s_sk of each dropped client that some
 survivor masked with (t surviving neighbours). Two kinds of drop sets: exactly round(δn)
@@ -28,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hfl import secagg as sa  # noqa: E402
+from hfl.crypto import secagg as sa  # noqa: E402
 
 NS = (10, 50, 100, 500, 1000)
 DROPOUTS = (0.1, 0.3)

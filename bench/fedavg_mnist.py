@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 
-from fleet.follow import RoundRow
-from fleet.report import plot_curves, write_json
-from fleet.simulate import load_sim_config, run
+from fleet.sim.follow import RoundRow
+from fleet.sim.report import plot_curves, write_json
+from fleet.sim.simulate import load_sim_config, run
 
 HERE = Path(__file__).resolve().parent
 SETTING = HERE.parent / "examples" / "simulate-mnist.toml"

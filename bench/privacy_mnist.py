@@ -12,7 +12,7 @@ groups' real sampling rate; agents clip to S and add their share of the noise
 (`distributed`), then quantize and mask (SecAgg+). The final model is scored on the
 10,000 MNIST test images.
 
-The fleet is `fleet.memsim`: the real machines, envelopes, sealing, SecAgg+, DP and
+The fleet is `fleet.sim.memsim`: the real machines, envelopes, sealing, SecAgg+, DP and
 torch training, on an in-memory network instead of a broker. Writes `privacy_mnist.json`
 and `privacy_mnist.png` (test accuracy per round, one line per job) into `--out`.
 """
@@ -31,10 +31,10 @@ from pathlib import Path
 import torch
 
 from coordinator.budget import sampling_rate
-from fleet.inproc import FleetLayout
-from fleet.memsim import MemFleet, MemRun
-from fleet.report import plot_curves, write_json
-from fleet.simulate import (
+from fleet.sim.inproc import FleetLayout
+from fleet.sim.memsim import MemFleet, MemRun
+from fleet.sim.report import plot_curves, write_json
+from fleet.sim.simulate import (
     APP,
     DataSection,
     FleetSection,
@@ -42,9 +42,9 @@ from fleet.simulate import (
     TestSection,
     fleet_data,
 )
-from hfl.dp import adaptive_noise
-from hfl.messages import ModelSpec
-from hfl.privacy import epsilon
+from hfl.privacy.accounting import epsilon
+from hfl.privacy.dp import adaptive_noise
+from hfl.wire.messages import ModelSpec
 
 HERE = Path(__file__).resolve().parent
 DELTA = 1e-5

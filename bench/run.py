@@ -30,9 +30,9 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from safetensors.numpy import load as st_load
 from timing import best  # bench/timing.py (the script's folder is on the path)
 
-from hfl import envelope, tensors
-from hfl.aggregate import WeightedSum
-from hfl.messages import Metrics
+from hfl.models.aggregate import WeightedSum
+from hfl.wire import envelope, tensors
+from hfl.wire.messages import Metrics
 
 SIZES = [100_000, 1_663_370, 10_000_000]
 M = Metrics(samples=10)

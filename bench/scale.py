@@ -5,7 +5,7 @@ target 6).
     .venv/bin/python bench/scale.py --quick          # 100 agents, 2 aggregators, 2 rounds
     .venv/bin/python bench/scale.py --agents 2000 --aggregators 20 --out /tmp/scale.json
 
-What runs, each part the real one (fleet.procs):
+What runs, each part the real one (fleet.sim.procs):
 - a Mosquitto with TLS client certificates and the roster's ACL, as in a fleet: every device
   has its own certificate (`--no-tls`: plain and anonymous; envelopes are signed and sealed
   either way);
@@ -50,19 +50,19 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from application import App  # noqa: E402
 from fleet import procs  # noqa: E402
-from fleet.acl import ANY, pattern  # noqa: E402
-from fleet.broker import Broker, BrokerTls  # noqa: E402
-from fleet.follow import RoundRow, follow  # noqa: E402
-from fleet.report import write_json  # noqa: E402
-from hfl.app import App  # noqa: E402
-from hfl.chunks import FRAME_OVERHEAD  # noqa: E402
-from hfl.chunks import MAGIC as CHUNK  # noqa: E402
-from hfl.identity import Identity  # noqa: E402
-from hfl.messages import ModelRequest, ModelSpec, Role  # noqa: E402
-from hfl.mqtt import BrokerSettings, Inbound, Session  # noqa: E402
-from hfl.pki import Pki  # noqa: E402
-from hfl.topics import Topics  # noqa: E402
+from fleet.ops.acl import ANY, pattern  # noqa: E402
+from fleet.ops.broker import Broker, BrokerTls  # noqa: E402
+from fleet.sim.follow import RoundRow, follow  # noqa: E402
+from fleet.sim.report import write_json  # noqa: E402
+from hfl.crypto.identity import Identity  # noqa: E402
+from hfl.crypto.pki import Pki  # noqa: E402
+from hfl.runtime.mqtt import BrokerSettings, Inbound, Session  # noqa: E402
+from hfl.wire.chunks import FRAME_OVERHEAD  # noqa: E402
+from hfl.wire.chunks import MAGIC as CHUNK  # noqa: E402
+from hfl.wire.messages import ModelRequest, ModelSpec, Role  # noqa: E402
+from hfl.wire.topics import Topics  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
 STEP, SAMPLES = 1e-3, 10  # every agent's fixed delta (L2 norm 0.09 < S: never clipped)

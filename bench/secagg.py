@@ -58,10 +58,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dropouts  # noqa: E402 - bench/dropouts.py, beside this script
 from timing import best  # noqa: E402 - bench/timing.py, beside this script
 
-from hfl import chunks, envelope  # noqa: E402
-from hfl import secagg as sa  # noqa: E402
-from hfl import secagg_wire as wire  # noqa: E402
-from hfl.topics import Topics  # noqa: E402
+from hfl.crypto import secagg as sa  # noqa: E402
+from hfl.crypto import secagg_wire as wire  # noqa: E402
+from hfl.crypto.secagg_wire import WireStage  # noqa: E402
+from hfl.wire import chunks, envelope  # noqa: E402
+from hfl.wire.topics import Topics  # noqa: E402
 
 FULL = [(p, n, d) for p in (100_000, 1_663_370) for n in (10, 50, 100) for d in (0.0, 0.1, 0.3)]
 QUICK = [*FULL[:9], (1_663_370, 10, 0.0), (1_663_370, 50, 0.1), (1_663_370, 100, 0.1),
@@ -99,7 +100,8 @@ def run(P: int, n: int, dropout: float, rng: random.Random, expect: float = sa.D
 
     for i in ids:
         server.add_advert(i, clients[i].advertise())
-    table = server.adverts()
+    server.freeze_adverts()
+    table = server.key_table()
     sent, share_times = {}, []
     for i in ids:
         t = time.perf_counter()
@@ -107,6 +109,7 @@ def run(P: int, n: int, dropout: float, rng: random.Random, expect: float = sa.D
         share_times.append(time.perf_counter() - t)
     for i in ids:
         server.add_shares(i, sent[i])
+    server.freeze_shares()
     for i, row in server.routed().items():
         clients[i].receive(row)
 
@@ -129,6 +132,7 @@ def run(P: int, n: int, dropout: float, rng: random.Random, expect: float = sa.D
             mask_times.append(time.perf_counter() - t)
             server.add_masked(i, y)
             del y
+    server.freeze_survivors()
     survivors = server.survivors()
     unshares = {}
     for i in survivors:
@@ -150,10 +154,10 @@ def run(P: int, n: int, dropout: float, rng: random.Random, expect: float = sa.D
 
     me = survivors[0]
     # The masked vector went to the server already; one of the same size and type stands in.
-    stages = [("advert", {}, wire.advert_out(table[me])),
-              ("shares", *wire.shares_out(sent[me])),
-              ("masked", {}, {"y": inputs[0]}),
-              ("unshares", *wire.unshares_out(unshares[me]))]
+    stages = [(WireStage.ADVERT, {}, wire.advert_out(table[me])),
+              (WireStage.SHARES, *wire.shares_out(sent[me])),
+              (WireStage.MASKED, {}, {"y": inputs[0]}),
+              (WireStage.UNSHARES, *wire.unshares_out(unshares[me]))]
     sent_bytes = sum(on_the_wire(me, stage, meta, tensors) for stage, meta, tensors in stages)
     return {"k": k, "t": params.threshold, "mask": t_mask, "mask_bare": t_mask_bare,
             "share": min(share_times[:5]), "server": t_server, "server_bare": t_server_bare,

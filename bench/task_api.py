@@ -5,7 +5,7 @@
 The same job runs on both code bases in separate processes, alternated (baseline first,
 then the task API, then the baseline again, ...): 10 agents of 600 MNIST images (IID)
 under 2 aggregators, the FedAvg paper's CNN, one local epoch of batches of 10, SecAgg+, on
-the in-memory network (fleet.memsim: the same machines, envelopes, sealing and torch
+the in-memory network (fleet.sim.memsim: the same machines, envelopes, sealing and torch
 training as over MQTT, without the broker's noise). The baseline is the commit before the
 task API (`--baseline-rev`), checked out with `git worktree` beside this one. Prints, per
 code base, the median seconds per round over the runs and the spread, the agents' share of
@@ -37,14 +37,14 @@ def worker(data: str, agents: int, rounds: int) -> dict:
     """One job on whichever hfl is on the path; returns seconds per round and the agents'."""
     import torch
 
-    from fleet.inproc import FleetLayout
-    from fleet.memsim import MemFleet
-    from fleet.simulate import APP, DataSection, FleetSection, SimConfig, fleet_data
+    from fleet.sim.inproc import FleetLayout
+    from fleet.sim.memsim import MemFleet
+    from fleet.sim.simulate import APP, DataSection, FleetSection, SimConfig, fleet_data
 
     torch.set_num_threads(1)
     settings = {**SETTINGS, "rounds": rounds}
     try:
-        from fleet.simulate import TestSection
+        from fleet.sim.simulate import TestSection
 
         api = "task"
         cfg = SimConfig(fleet=FleetSection(aggregators=2, agents=agents),

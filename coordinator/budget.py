@@ -2,15 +2,15 @@
 
 Each edge round of each group is one release of a noised sum; every agent that could have
 been sampled in it (a candidate) takes a Poisson-subsampled Gaussian event at that round's
-sampling rate (`hfl.privacy.Ledger`). The ε reported is the worst case over agents.
+sampling rate (`hfl.privacy.accounting.Ledger`). The ε reported is the worst case over agents.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from hfl.messages import ModelSpec, PrivacySpec, Release
-from hfl.privacy import Ledger, calibrate, epsilon
+from hfl.privacy.accounting import Ledger, calibrate, epsilon
+from hfl.wire.messages import ModelSpec, PrivacySpec, Release
 
 
 def sampling_rate(spec: ModelSpec, group_size: int) -> float:

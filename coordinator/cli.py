@@ -19,9 +19,9 @@ from hfl.cli import (
     table_console,
 )
 from hfl.errors import TaskError
-from hfl.messages import Role, evaluation_text
-from hfl.service import serve
-from hfl.state import StateError
+from hfl.runtime.service import serve
+from hfl.runtime.state import StateError
+from hfl.wire.messages import Role, evaluation_text
 
 app = typer.Typer(help="The coordinator: turn app requests into jobs, average partials, "
                   "publish model versions.", no_args_is_help=True)

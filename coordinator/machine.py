@@ -15,7 +15,7 @@ deadline changed, `record` builds each one (the global model, the partials summe
 who sent them, the ledger), the runner saves them before anything goes out, and after a
 restart `restore` and `resume` carry on between partials with the same global model.
 
-End-to-end delivery (`hfl.delivery`): each partial is acknowledged (`Kind.ACK`) once saved,
+End-to-end delivery (`hfl.runtime.delivery`): each partial is acknowledged (`Kind.ACK`) once saved,
 a repeat or a late one too; each task waits in an `Outbox` until its aggregator acknowledges
 it (or sends the block's partial), and goes again when the connection comes back
 (`reconnected`, with every running job's status), when the aggregator says it is online, or
@@ -25,18 +25,21 @@ after a back-off; the block's end ends that.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from coordinator.budget import Budget
-from hfl.actions import Action, Note, Send
-from hfl.aggregate import WeightedSum
-from hfl.delivery import Outbox, ack, acked
 from hfl.errors import Rejected
-from hfl.messages import (
+from hfl.models.aggregate import WeightedSum
+from hfl.runtime import record as codec
+from hfl.runtime.actions import Action, Note, Send
+from hfl.runtime.delivery import Outbox, ack, acked
+from hfl.runtime.record import stored, transient
+from hfl.runtime.state import Record
+from hfl.wire.messages import (
     JobMeta,
     Kind,
     Metrics,
@@ -52,14 +55,13 @@ from hfl.messages import (
     job_id,
     parse_meta,
 )
-from hfl.state import Record
-from hfl.topics import ID_MAX, Route, Topics
+from hfl.wire.topics import ID_MAX, Route, Topics
 
 if TYPE_CHECKING:
-    from hfl.envelope import Envelope
-    from hfl.identity import Identity, Roster
+    from hfl.crypto.identity import Identity, Roster
+    from hfl.wire.envelope import Envelope
 
-# A requested spec → the job's spec, filled in from its installed task (hfl.tasks.TaskSet
+# A requested spec → the job's spec, filled in from its installed task (hfl.models.tasks.TaskSet
 # .resolve), and its initial parameters; ValueError when the task cannot run it.
 Prepare = Callable[[ModelSpec], "tuple[ModelSpec, np.ndarray]"]
 
@@ -85,15 +87,36 @@ class NewVersion:
     declines: int = 0
 
 
+def _dump_acc(acc: WeightedSum | None) -> tuple[dict | None, np.ndarray | None]:
+    return acc.state() if acc is not None else (None, None)
+
+
+def _load_acc(doc: dict | None, total: np.ndarray | None, job: Job,
+              ctx: Mapping[str, Any]) -> WeightedSum | None:
+    return None if doc is None else WeightedSum.restore(doc, total, job.spec.metrics)
+
+
+def _dump_budget(budget: Budget | None) -> tuple[dict | None, None]:
+    return (budget.ledger.to_doc() if budget is not None else None), None
+
+
+def _load_budget(ledger: dict | None, _: None, job: Job, ctx: Mapping[str, Any]) -> Budget | None:
+    return None if ledger is None else Budget.restore(job.spec, ctx["group"], ledger)
+
+
 @dataclass
 class Job:
-    job: str
+    """A job: its record (`job/{job}`) is this, declared (`hfl.runtime.record`)."""
+
+    job: str = field(metadata=transient)  # the record's key
     app: str
     spec: ModelSpec
     params: np.ndarray
     version: int = 0
     attempt: int = 0
-    acc: WeightedSum | None = None
+    # The partials summed so far in this block.
+    acc: WeightedSum | None = field(default=None, metadata=stored(dump=_dump_acc,
+                                                                  load=_load_acc))
     reported: set[str] = field(default_factory=set)
     failures: list[str] = field(default_factory=list)  # this block's, from the aggregators
     declined: dict[str, str] = field(default_factory=dict)  # this block's: agent → why
@@ -105,29 +128,15 @@ class Job:
     best_loss: float = float("inf")
     since_best: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
-    budget: Budget | None = None  # DP jobs
+    # DP jobs: the privacy ledger.
+    budget: Budget | None = field(default=None, metadata=stored("ledger", dump=_dump_budget,
+                                                                load=_load_budget))
     velocity: np.ndarray | None = None  # server momentum
     requested: dict[str, Any] = field(default_factory=dict)  # the spec as the app asked
 
     @property
     def num_params(self) -> int:
         return int(self.params.size)
-
-    def export(self) -> Record:
-        doc = {"app": self.app, "spec": self.spec.model_dump(mode="json"),
-               "version": self.version, "attempt": self.attempt, "reported": sorted(self.reported),
-               "failures": self.failures, "declined": self.declined, "agents": self.agents,
-               "dropped": self.dropped,
-               "deadline": self.deadline, "state": self.state, "reason": self.reason,
-               "best_loss": self.best_loss, "requested": self.requested,
-               "since_best": self.since_best, "history": self.history,
-               "ledger": self.budget.ledger.to_doc() if self.budget else None, "acc": None}
-        arrays = {"params": self.params}
-        if self.acc is not None:
-            doc["acc"], arrays["acc"] = self.acc.state()
-        if self.velocity is not None:
-            arrays["velocity"] = self.velocity
-        return doc, arrays
 
     def latest(self) -> NewVersion:
         """The newest version again, from the job's history (its last row)."""
@@ -366,27 +375,13 @@ class CoordinatorMachine:
 
     def record(self, key: str) -> Record | None:
         job = self.jobs.get(key.partition("/")[2])
-        return job.export() if job is not None else None
+        return codec.dump(job) if job is not None else None
 
     def restore(self, records: dict[str, Record]) -> None:
         """Take back what `record` saved (before the node starts)."""
-        for key, (doc, arrays) in records.items():
+        for key, rec in records.items():
             jid = key.partition("/")[2]
-            spec = ModelSpec.model_validate(doc["spec"])
-            job = Job(jid, doc["app"], spec, arrays["params"], version=doc["version"],
-                      attempt=doc["attempt"], reported=set(doc["reported"]),
-                      failures=doc["failures"], declined=dict(doc.get("declined", {})),
-                      agents=doc["agents"], dropped=doc["dropped"],
-                      deadline=doc["deadline"], state=doc["state"], reason=doc["reason"],
-                      best_loss=doc["best_loss"],
-                      since_best=doc["since_best"], history=doc["history"],
-                      requested=doc.get("requested", {}),
-                      velocity=arrays.get("velocity"))
-            if doc["acc"] is not None:
-                job.acc = WeightedSum.restore(doc["acc"], arrays["acc"], spec.metrics)
-            if doc["ledger"] is not None:
-                job.budget = Budget.restore(spec, self.group, doc["ledger"])
-            self.jobs[jid] = job
+            self.jobs[jid] = codec.load(Job, rec, job=jid, group=self.group)
 
     def resume(self, now: float) -> list[Action]:
         """After `restore`: every job's newest version and status, and for a running job the

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from hfl.state import unusable, write_atomic
-from hfl.tensors import dump
+from hfl.runtime.state import unusable, write_atomic
+from hfl.wire.tensors import dump
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (

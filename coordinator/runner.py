@@ -12,15 +12,15 @@ import numpy as np
 from coordinator.export import export_onnx
 from coordinator.machine import CoordinatorMachine, NewVersion, Prepare
 from coordinator.registry import Registry
-from hfl.actions import Action, Send
-from hfl.identity import Identity, Roster
-from hfl.messages import JobMeta, Kind, ModelMeta, ModelSpec
-from hfl.mqtt import BrokerSettings
-from hfl.node import Node
-from hfl.roster_feed import RosterFeed
-from hfl.state import Checkpointer, StateError, StateStore
-from hfl.tasks import TaskSet, state_arrays, unflatten_into
-from hfl.topics import Topics
+from hfl.crypto.identity import Identity, Roster
+from hfl.models.tasks import TaskSet, state_arrays, unflatten_into
+from hfl.runtime.actions import Action, Send
+from hfl.runtime.mqtt import BrokerSettings
+from hfl.runtime.node import Node
+from hfl.runtime.roster_feed import RosterFeed
+from hfl.runtime.state import Checkpointer, StateError, StateStore
+from hfl.wire.messages import JobMeta, Kind, ModelMeta, ModelSpec
+from hfl.wire.topics import Topics
 
 log = logging.getLogger("hfl.coordinator")
 

@@ -4,7 +4,7 @@ The checks run in order and a later one is skipped when what it needs failed ear
 (no identity, no broker probe). The broker probe connects as the device itself (the
 broker takes the client id from the certificate), so:
 
-- it does not run while the agent's service holds the device folder (`hfl.service.claim`):
+- it does not run while the agent's service holds the device folder (`hfl.runtime.service.claim`):
   it would take over the service's connection;
 - it resumes the device's persistent session and acks nothing: what the broker queued for
   the agent stays queued for it, and the probe leaves no Last Will behind.
@@ -39,12 +39,12 @@ import hfl
 from edge_agent.device import pick_device
 from edge_agent.runner import board_data
 from hfl.config import Config, load_config
-from hfl.gate import Gate
-from hfl.identity import Identity, Roster
-from hfl.messages import Role
-from hfl.mqtt import Inbound, Session
-from hfl.pki import load_ca_cert, load_roster
-from hfl.service import AlreadyServed, claim
+from hfl.crypto.identity import Identity, Roster
+from hfl.crypto.pki import load_ca_cert, load_roster
+from hfl.runtime.mqtt import Inbound, Session
+from hfl.runtime.service import AlreadyServed, claim
+from hfl.wire.gate import Gate
+from hfl.wire.messages import Role
 
 Verdict = Literal["pass", "warn", "fail", "skip"]
 CERT_WARN_DAYS = 30  # renew before this
@@ -372,7 +372,7 @@ def fleet_check(b: Board) -> list[Check]:
 
 def tasks_check(b: Board) -> list[Check]:
     """Each allowed task imports and is a valid task."""
-    from hfl.tasks import load
+    from hfl.models.tasks import load
 
     assert b.cfg is not None and b.cfg.agent is not None
     out = []

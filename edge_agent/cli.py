@@ -10,8 +10,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from hfl.cli import ConfigOption, VerboseOption, fail, open_config, setup_logging
-from hfl.messages import Role
-from hfl.service import serve
+from hfl.runtime.service import serve
+from hfl.wire.messages import Role
 
 if TYPE_CHECKING:
     from edge_agent.check import Check

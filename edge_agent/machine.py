@@ -8,7 +8,7 @@ a decline (`DeclineMeta`: a task this board does not allow or has in another ver
 layout, no usable data, a task that failed), so the round goes on without waiting for us
 and the reason reaches the coordinator. Training happens outside, so the machine stays pure.
 
-Its answers must not be lost with a broker that dies (`hfl.delivery`): each one waits in an
+Its answers must not be lost with a broker that dies (`hfl.runtime.delivery`): each one waits in an
 `Outbox` until the aggregator acknowledges it (`Kind.ACK`), and goes again when the
 connection comes back (`reconnected`), when the aggregator says it is online again (its
 status), or after a back-off; a newer round of the job, or this round closed, ends that.
@@ -27,11 +27,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from edge_agent.secure import SecureClient
-from hfl.actions import Action, Note, Send
-from hfl.delivery import Outbox, acked
-from hfl.dp import NoiseSource, adaptive_noise, agent_noise_std, clip_l2
+from hfl.crypto.secagg_wire import WireStage
 from hfl.errors import Rejected
-from hfl.messages import (
+from hfl.privacy.dp import NoiseSource, adaptive_noise, agent_noise_std, clip_l2
+from hfl.runtime.actions import Action, Note, Send
+from hfl.runtime.delivery import Outbox, acked
+from hfl.wire.messages import (
     DeclineMeta,
     Kind,
     Metrics,
@@ -43,12 +44,12 @@ from hfl.messages import (
     expect_tensor,
     parse_meta,
 )
-from hfl.quantize import quantize_int8
-from hfl.topics import Route, Topics
+from hfl.wire.quantize import quantize_int8
+from hfl.wire.topics import Route, Topics
 
 if TYPE_CHECKING:
-    from hfl.envelope import Envelope
-    from hfl.identity import Identity, Roster
+    from hfl.crypto.identity import Identity, Roster
+    from hfl.wire.envelope import Envelope
 
 
 @dataclass(frozen=True)
@@ -149,7 +150,7 @@ class AgentMachine:
             raise Rejected("wrong-group", f"round from {route.agg}, my aggregator is "
                            f"{self.aggregator}")
         # The routed shares travel on the round topic's level for one agent, nothing else does.
-        if (route.kind == "round_to") != (env.stage == "routed"):
+        if (route.kind == "round_to") != (env.stage == WireStage.ROUTED):
             raise Rejected("wrong-topic", f"{env.stage} on a {route.kind} topic")
         if route.kind == "round_to" and route.agent != self.id:
             raise Rejected("wrong-recipient", f"shares for {route.agent}, I am {self.id}")

@@ -24,11 +24,11 @@ from edge_agent.device import pick_device
 from edge_agent.machine import AgentMachine, Declined, Train, Update
 from edge_agent.partition import partition
 from hfl.config import DatasetSection
-from hfl.identity import Identity, Roster
-from hfl.messages import Metrics
-from hfl.mqtt import BrokerSettings
-from hfl.node import Node
-from hfl.roster_feed import RosterFeed
+from hfl.crypto.identity import Identity, Roster
+from hfl.models.tasks import Prepared, TaskSet, flatten, unflatten_into
+from hfl.runtime.mqtt import BrokerSettings
+from hfl.runtime.node import Node
+from hfl.runtime.roster_feed import RosterFeed
 from hfl.task import (
     DataError,
     Evaluation,
@@ -40,8 +40,8 @@ from hfl.task import (
     TaskError,
     check_metrics,
 )
-from hfl.tasks import Prepared, TaskSet, flatten, unflatten_into
-from hfl.topics import Topics
+from hfl.wire.messages import Metrics
+from hfl.wire.topics import Topics
 
 
 @dataclass(frozen=True)

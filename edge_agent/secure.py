@@ -13,14 +13,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from hfl import secagg_wire as wire
-from hfl.actions import Action, Note, Send
+from hfl.crypto import secagg_wire as wire
+from hfl.crypto.secagg import Client
+from hfl.crypto.secagg_wire import WireStage
 from hfl.errors import Rejected
-from hfl.messages import Kind, Metrics, ModelSpec
-from hfl.secagg import Client
+from hfl.runtime.actions import Action, Note, Send
+from hfl.wire.messages import Kind, Metrics, ModelSpec
 
 if TYPE_CHECKING:
-    from hfl.envelope import Envelope
+    from hfl.wire.envelope import Envelope
 
 
 class SecureClient:
@@ -45,29 +46,30 @@ class SecureClient:
             return []
         if self.input is None:
             return []  # not trained yet, so not advertised: this round goes on without us
-        if env.stage == "keys":
+        if env.stage == WireStage.KEYS:
             cts = self.client.share(wire.key_table_in(env.meta, env.tensors), self.verify_key)
             self.done.add(env.stage)
-            return [self._send("shares", *wire.shares_out(cts))]
-        if env.stage == "routed":
+            return [self._send(WireStage.SHARES, *wire.shares_out(cts))]
+        if env.stage == WireStage.ROUTED:
             self.client.receive(wire.routed_in(env.meta, env.tensors, self.me))
             self.done.add(env.stage)
             y = self.client.mask(self.input)
-            return [self._send("masked", {}, {"y": y}),
+            return [self._send(WireStage.MASKED, {}, {"y": y}),
                     Note("update_sent", {"job": self.job, "round": self.round})]
-        if env.stage == "unmask":
+        if env.stage == WireStage.UNMASK:
             survivors = env.meta.get("survivors")
             if not isinstance(survivors, list) or not all(isinstance(s, str) for s in survivors):
                 raise Rejected("bad-meta", "unmask: survivors must be a list of ids")
             shares = self.client.unmask(survivors)
             self.done.add(env.stage)
-            return [self._send("unshares", *wire.unshares_out(shares))]
+            return [self._send(WireStage.UNSHARES, *wire.unshares_out(shares))]
         raise Rejected("unknown-stage", env.stage)
 
     def trained(self, delta: np.ndarray, metrics: Metrics, clip_bit: float = 0.0) -> list[Action]:
         """Encode the input and advertise the round's keys."""
         self.input, clipped = wire.pack(delta, metrics, self.spec, self.fixed, clip_bit)
-        out: list[Action] = [self._send("advert", {}, wire.advert_out(self.client.advertise()))]
+        out: list[Action] = [self._send(WireStage.ADVERT, {},
+                                        wire.advert_out(self.client.advertise()))]
         if clipped:
             out.append(Note("clipped", {"job": self.job, "round": self.round,
                                         "coordinates": clipped}))

@@ -22,8 +22,8 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from sklearn.datasets import load_digits
 
-from hfl.app import AppWire, JobStatus, ModelVersion
-from hfl.mqtt import tls_context
+from application import AppWire, JobStatus, ModelVersion
+from hfl.runtime.mqtt import tls_context
 
 if sys.version_info >= (3, 11):
     import tomllib

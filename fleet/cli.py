@@ -19,11 +19,11 @@ import hfl
 from aggregator.cli import app as aggregator_app
 from coordinator import cli as coordinator_cli
 from edge_agent.cli import app as agent_app
-from fleet import ops_cli, pki_cli
+from fleet.ops import ops_cli, pki_cli
 from hfl.cli import VerboseOption, fail, setup_logging, table_console
 
 if TYPE_CHECKING:  # torch comes with it: only the commands that train load it
-    from fleet.follow import RoundRow
+    from fleet.sim.follow import RoundRow
 
 app = typer.Typer(
     help="hfl: hierarchical federated learning for edge fleets over MQTT.\n\n"
@@ -134,8 +134,8 @@ def headline(r: RoundRow) -> str:
 
 def run_and_report(cfg, out: Path, report: Path | None, title: str, verbose: bool) -> None:
     """Run a simulated fleet with a progress bar, then print the table, plot and paths."""
-    from fleet.report import plot_rounds, write_json
-    from fleet.simulate import run, summary
+    from fleet.sim.report import plot_rounds, write_json
+    from fleet.sim.simulate import run, summary
 
     setup_logging(verbose, quiet=not verbose)
     rounds = cfg.rounds
@@ -201,7 +201,7 @@ def demo(
     """Run the whole stack here: a fleet CA, a Mosquitto broker with TLS and ACLs, a
     coordinator, 2 aggregators with their agents on shares of digits (secure aggregation,
     and client-level DP unless --no-dp), and an app that scores every model version."""
-    from fleet.simulate import demo_config
+    from fleet.sim.simulate import demo_config
 
     run_and_report(demo_config(rounds, seed, private=dp), out, report, "hfl demo on digits",
                    verbose)
@@ -216,7 +216,7 @@ def simulate(
 ) -> None:
     """Run a fleet described by a TOML config (agents, aggregators, data, partitioning,
     model request) over a real broker on this machine; see examples/simulate-*.toml."""
-    from fleet.simulate import load_sim_config
+    from fleet.sim.simulate import load_sim_config
 
     try:
         cfg = load_sim_config(config)
@@ -237,9 +237,9 @@ def privacy(
     Uses the same calibration and accounting as the coordinator (dp-accounting, worst case
     over agents, each group's real sampling rate)."""
     from coordinator.budget import Budget, sampling_rate
-    from fleet.report import plot_epsilon
-    from fleet.simulate import group_members, load_sim_config
-    from hfl.privacy import epsilon_curve
+    from fleet.sim.report import plot_epsilon
+    from fleet.sim.simulate import group_members, load_sim_config
+    from hfl.privacy.accounting import epsilon_curve
 
     try:
         cfg = load_sim_config(config)
@@ -273,8 +273,8 @@ def tasks(
 ) -> None:
     """List the tasks installed here (the entry points of group hfl.tasks) and any named:
     version, where the code is, the metrics it reports and the options it takes."""
+    from hfl.models.tasks import installed, load
     from hfl.task import TaskError
-    from hfl.tasks import installed, load
 
     table = Table("task", "version", "code", "metrics", "options",
                   title="tasks (docs/tasks.md: how to write one)")

@@ -12,12 +12,12 @@ from typing import Annotated, NoReturn
 import typer
 from rich.console import Console
 
-from hfl import activity
 from hfl.config import Config, load_config
-from hfl.identity import Identity, Roster
-from hfl.messages import Role
-from hfl.pki import load_ca_cert, load_roster
-from hfl.roster_feed import RosterFeed
+from hfl.crypto.identity import Identity, Roster
+from hfl.crypto.pki import load_ca_cert, load_roster
+from hfl.runtime import activity
+from hfl.runtime.roster_feed import RosterFeed
+from hfl.wire.messages import Role
 
 ConfigOption = Annotated[
     Path, typer.Option("--config", "-c", help="The service's TOML config file.", show_default=True)
@@ -69,7 +69,7 @@ class _PriorityPrefix(logging.Formatter):
 
 def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
     """Rich on a terminal; under systemd, journal entries with the fields of the job and
-    round the service is on (hfl.activity) when systemd-python is installed, else plain
+    round the service is on (hfl.runtime.activity) when systemd-python is installed, else plain
     lines with a priority prefix; plain lines anywhere else. `quiet`: hfl logs errors only
     (a command with its own progress display)."""
     level = logging.DEBUG if verbose else logging.INFO
@@ -93,7 +93,8 @@ def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
     logging.basicConfig(level=level, handlers=[handler], force=True)
     logging.getLogger("hfl").setLevel(logging.ERROR if quiet else logging.NOTSET)
     # paho logs every broker disconnect at ERROR; reconnecting is routine for us.
-    logging.getLogger("hfl.mqtt.paho").setLevel(logging.DEBUG if verbose else logging.CRITICAL)
+    paho = logging.getLogger("hfl.runtime.mqtt.paho")
+    paho.setLevel(logging.DEBUG if verbose else logging.CRITICAL)
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
     logging.getLogger("absl").setLevel(logging.ERROR)  # dp-accounting's numerical notes
 

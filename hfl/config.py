@@ -33,18 +33,18 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from hfl.messages import short_error
+from hfl.wire.messages import short_error
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # Jetson images still ship Python 3.10
     import tomli as tomllib
-from hfl.mqtt import DEFAULT_MAX_PAYLOAD, BrokerSettings
-from hfl.pki import DeviceFiles
-from hfl.topics import DEFAULT_PREFIX, Topics, check_id
+from hfl.crypto.pki import DeviceFiles
+from hfl.runtime.mqtt import DEFAULT_MAX_PAYLOAD, BrokerSettings
+from hfl.wire.topics import DEFAULT_PREFIX, Topics, check_id
 
 if TYPE_CHECKING:
-    from hfl.tasks import TaskSet
+    from hfl.models.tasks import TaskSet
 
 
 class _Section(BaseModel):
@@ -93,7 +93,7 @@ class DatasetSection(BaseModel):
         return dict(self.model_extra or {})
 
 
-BUILTIN_TASKS = ("mnist-cnn", "mnist-2nn", "mlp", "logreg")  # hfl.zoo
+BUILTIN_TASKS = ("mnist-cnn", "mnist-2nn", "mlp", "logreg")  # hfl.models.zoo
 
 
 class AgentSection(_Section):
@@ -106,7 +106,7 @@ class AgentSection(_Section):
                             "restarts (a live window)")
 
     def task_set(self) -> TaskSet:
-        from hfl.tasks import TaskSet
+        from hfl.models.tasks import TaskSet
 
         return TaskSet(self.tasks)
 
@@ -117,7 +117,7 @@ class CoordinatorSection(_Section):
                                     "(empty: every task installed)")
 
     def task_set(self) -> TaskSet:
-        from hfl.tasks import TaskSet  # torch: only the roles that train or export load it
+        from hfl.models.tasks import TaskSet  # torch: only the roles that train or export load it
 
         return TaskSet(self.tasks) if self.tasks is not None else TaskSet.everything_installed()
 

@@ -27,7 +27,7 @@ import numpy as np
 from hfl.task import DataError, NoData, Samples, Source
 
 if TYPE_CHECKING:
-    from hfl.live import LiveWindow
+    from hfl.models.live import LiveWindow
 
 Columns = str | Sequence[str]
 
@@ -178,7 +178,7 @@ _windows: dict[Path, LiveWindow] = {}  # file → its started window, one per pr
 def live(source: Source, length: int, stride: int | None = None, *,
          int_labels: bool = False) -> Samples:
     """Readings arriving on a local MQTT topic, cut into windows of `length` consecutive
-    readings, one every `stride` (`hfl.live.windows`): x is [M, width, length] (channels
+    readings, one every `stride` (`hfl.models.live.windows`): x is [M, width, length] (channels
     first, for a Conv1d), y the label of each window's last reading (windows without one
     are left out). The source's settings say where to listen and how much to keep:
 
@@ -192,7 +192,7 @@ def live(source: Source, length: int, stride: int | None = None, *,
     The window is started on the first call and kept for the process: readings go on
     arriving between rounds. A bus that is down is retried in the background (the agent
     trains on what the file holds meanwhile); an empty window is `NoData`."""
-    from hfl.live import windows
+    from hfl.models.live import windows
 
     x, y, _ = live_window(source).snapshot()
     xs = windows(x, length, stride)
@@ -206,7 +206,7 @@ def live(source: Source, length: int, stride: int | None = None, *,
 
 def live_window(source: Source) -> LiveWindow:
     """The source's window, started on first use and kept for the process."""
-    from hfl.live import LiveWindow  # paho and sqlite: only on boards that use it
+    from hfl.models.live import LiveWindow  # paho and sqlite: only on boards that use it
 
     topic = source.get("topic")
     if not isinstance(topic, str) or not topic:

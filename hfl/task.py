@@ -32,7 +32,7 @@ class LinearRegression(Task):
 `fit` and `evaluate` default to mini-batch training and batched evaluation of `loss` over
 `Samples` (x, y); a task overrides them for anything else (several inputs, a custom
 optimizer, unsupervised objectives). Tasks are found by the entry-point group `hfl.tasks`
-or by a `package.module:Attribute` reference (`hfl.tasks.load`); docs/tasks.md walks
+or by a `package.module:Attribute` reference (`hfl.models.tasks.load`); docs/tasks.md walks
 through writing one.
 """
 

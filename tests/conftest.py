@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fleet.broker import Broker, find_mosquitto
+from fleet.ops.broker import Broker, find_mosquitto
 
 
 @pytest.fixture(scope="session")

@@ -15,11 +15,11 @@ import jsonschema
 import numpy as np
 import yaml
 
-from hfl.chunks import Reassembler
-from hfl.topics import Topics
+from hfl.wire.chunks import Reassembler
+from hfl.wire.topics import Topics
 
 DOCUMENT = Path(__file__).resolve().parents[1] / "docs" / "asyncapi.yaml"
-# One sample id per channel parameter; the parameter names are those of hfl.topics.Topics.
+# One sample id per channel parameter; the parameter names are those of hfl.wire.topics.Topics.
 SAMPLE = {"app": "app-1", "job": "r1-m", "model": "m", "agg": "site-a", "agent": "agent-1",
           "role": "agent", "id": "agent-1", "index": "0", "sender": "site-a",
           "to": "agent-1"}
@@ -42,7 +42,7 @@ def sample_topic(address: str, values: dict[str, str] = SAMPLE) -> str:
 
 
 def route_kind(topic: str) -> str:
-    """The route kind (hfl.topics) of a topic; for a chunk subtopic of a retained set, its
+    """The route kind (hfl.wire.topics) of a topic; for a chunk subtopic of a retained set, its
     topic's kind + "/chunk"."""
     t = Topics()
     cut = t.chunk_of(topic)

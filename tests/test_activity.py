@@ -7,11 +7,11 @@ import logging
 
 import pytest
 
-from fleet.memnet import MemNet
-from hfl.actions import Note, Send
-from hfl.activity import Activity, JournalContext, journal_fields
-from hfl.messages import Kind
-from hfl.topics import Topics
+from fleet.sim.memnet import MemNet
+from hfl.runtime.actions import Note, Send
+from hfl.runtime.activity import Activity, JournalContext, journal_fields
+from hfl.wire.messages import Kind
+from hfl.wire.topics import Topics
 from tests.test_machines import build, request, spec
 
 T = Topics()

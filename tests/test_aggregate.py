@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from hfl.aggregate import _CHUNK, WeightedSum
-from hfl.messages import Metrics
+from hfl.models.aggregate import _CHUNK, WeightedSum
+from hfl.wire.messages import Metrics
 
 P = 2 * _CHUNK + 123  # crosses chunk boundaries, last chunk partial
 

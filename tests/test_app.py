@@ -10,19 +10,19 @@ import numpy as np
 import pytest
 import torch
 
+from application import App, AppWire, JobStatus, ModelVersion, RequestError, request
 from coordinator.export import export_onnx
 from coordinator.machine import NewVersion
 from coordinator.runner import model_message
-from hfl import envelope
-from hfl.app import App, AppWire, JobStatus, ModelVersion, RequestError, request
-from hfl.chunks import split
-from hfl.identity import Identity, Roster
-from hfl.messages import KNOWN_TYPES, Metrics, ModelRequest, ModelSpec, Role
-from hfl.mqtt import BrokerSettings
-from hfl.node import encode_send
-from hfl.pki import Pki
-from hfl.tasks import TaskSet, state_arrays, unflatten_into
-from hfl.topics import Topics
+from hfl.crypto.identity import Identity, Roster
+from hfl.crypto.pki import Pki
+from hfl.models.tasks import TaskSet, state_arrays, unflatten_into
+from hfl.runtime.mqtt import BrokerSettings
+from hfl.runtime.node import encode_send
+from hfl.wire import envelope
+from hfl.wire.chunks import split
+from hfl.wire.messages import KNOWN_TYPES, Metrics, ModelRequest, ModelSpec, Role
+from hfl.wire.topics import Topics
 
 SPEC = dict(name="digits", task="logreg", options={"input_shape": [1, 8, 8], "num_classes": 10},
             dataset="digits", aggregators=["site-a"])
@@ -227,9 +227,9 @@ def test_app_request_validates_before_sending(fleet) -> None:
 
 
 def test_follow_reads_only_the_answers_to_its_own_request() -> None:
-    from fleet.follow import follow
-    from hfl.app import RequestReply
-    from hfl.messages import ReplyMeta
+    from application import RequestReply
+    from fleet.sim.follow import follow
+    from hfl.wire.messages import ReplyMeta
 
     class Answers:
         def events(self, timeout):

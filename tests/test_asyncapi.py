@@ -1,5 +1,5 @@
 """docs/asyncapi.yaml against the AsyncAPI 3.0 schema and against the code: the topics of
-hfl.topics, the vocabulary of hfl.messages (kinds, senders, retained flags), each role's
+hfl.wire.topics, the vocabulary of hfl.wire.messages (kinds, senders, retained flags), each role's
 subscriptions, and the schemas generated from the pydantic models.
 
 The official schema and parser come from the npm packages @asyncapi/specs and
@@ -20,11 +20,11 @@ import jsonschema
 import pytest
 from paho.mqtt.client import topic_matches_sub
 
-from hfl import asyncapi, envelope
-from hfl.chunks import MANIFEST_SIZE, chunk_topic
-from hfl.identity import Identity
-from hfl.messages import VOCABULARY, Kind, ModelMeta, Role
-from hfl.topics import CHUNKED, Topics
+from hfl.crypto.identity import Identity
+from hfl.wire import asyncapi, envelope
+from hfl.wire.chunks import MANIFEST_SIZE, chunk_topic
+from hfl.wire.messages import VOCABULARY, Kind, ModelMeta, Role
+from hfl.wire.topics import CHUNKED, Topics
 from tests.contract import (
     DOCUMENT,
     SAMPLE,
@@ -124,7 +124,7 @@ def test_every_reference_resolves_and_operations_use_their_channels_messages(doc
 
 def test_the_generated_schemas_are_current(doc) -> None:
     text = DOCUMENT.read_text(encoding="utf-8")
-    assert asyncapi.render(text) == text, "run: python -m hfl.asyncapi"
+    assert asyncapi.render(text) == text, "run: python -m hfl.wire.asyncapi"
     assert doc["components"]["schemas"] == json.loads(json.dumps(asyncapi.schemas()))
 
 
@@ -213,7 +213,7 @@ def test_retained_sets_are_sent_retained_by_their_topics_senders(doc) -> None:
         assert op["bindings"]["mqtt"]["retain"] is True, channel
         assert roles == {r.value for link in VOCABULARY.values() if base in link.routes
                          for r in link.senders}, channel
-    # The manifest is documented as hfl.chunks builds it.
+    # The manifest is documented as hfl.wire.chunks builds it.
     text = DOCUMENT.read_text(encoding="utf-8")
     layout = '"HFM1" | message id (16) | u32 LE count | u64 LE total | SHA-256 of the message (32)'
     assert layout in text and MANIFEST_SIZE == 4 + 16 + 4 + 8 + 32 == 64

@@ -1,4 +1,4 @@
-"""fleet.broker: the Mosquitto launcher."""
+"""fleet.ops.broker: the Mosquitto launcher."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from fleet import broker as broker_mod
-from fleet.acl import acl
-from fleet.broker import Broker, BrokerTls, find_mosquitto, free_port, mosquitto_config
-from hfl.pki import Pki
-from hfl.topics import Topics
+from fleet.ops import broker as broker_mod
+from fleet.ops.acl import acl
+from fleet.ops.broker import Broker, BrokerTls, find_mosquitto, free_port, mosquitto_config
+from hfl.crypto.pki import Pki
+from hfl.wire.topics import Topics
 
 
 def test_config_raises_queue_limits_and_optional_settings(tmp_path: Path) -> None:

@@ -21,12 +21,12 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
-from fleet.acl import ANY, pattern
-from fleet.broker import Broker, BrokerTls
-from fleet.procs import memory_mib
-from hfl.mqtt import DEFAULT_MAX_PAYLOAD, packet_bound
-from hfl.pki import DeviceFiles, Pki
-from hfl.topics import Topics
+from fleet.ops.acl import ANY, pattern
+from fleet.ops.broker import Broker, BrokerTls
+from fleet.sim.procs import memory_mib
+from hfl.crypto.pki import DeviceFiles, Pki
+from hfl.runtime.mqtt import DEFAULT_MAX_PAYLOAD, packet_bound
+from hfl.wire.topics import Topics
 
 pytestmark = pytest.mark.broker
 
@@ -248,13 +248,13 @@ def test_a_revoked_device_is_cut_off_after_reload(fleet, connect) -> None:
     assert connect("a1").connected()  # others are unaffected
 
 
-# An aggregator's MQTT session (hfl.mqtt) in a process of its own, so that its memory is its
+# An aggregator's MQTT session (hfl.runtime.mqtt) in a process of its own, so that its memory is its
 # own: it says what it received, one line per message.
 NODE = textwrap.dedent("""
     import queue, sys
     from pathlib import Path
-    from hfl.mqtt import Session
-    from hfl.pki import DeviceFiles
+    from hfl.runtime.mqtt import Session
+    from hfl.crypto.pki import DeviceFiles
     folder, host, port, topic = sys.argv[1:]
     inbox = queue.Queue()
     s = Session("site-a", DeviceFiles(Path(folder), "site-a").broker_settings(host, int(port)),

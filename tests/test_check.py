@@ -26,16 +26,16 @@ from edge_agent.check import (
     passed,
     run_checks,
 )
-from fleet.broker import Broker, BrokerTls, free_port
 from fleet.cli import app
-from hfl.identity import Identity
-from hfl.messages import Role
-from hfl.mqtt import Inbound, Session
-from hfl.node import encode_send
-from hfl.pki import Pki
-from hfl.roster_feed import RosterFeed
-from hfl.service import claim
-from hfl.topics import Topics
+from fleet.ops.broker import Broker, BrokerTls, free_port
+from hfl.crypto.identity import Identity
+from hfl.crypto.pki import Pki
+from hfl.runtime.mqtt import Inbound, Session
+from hfl.runtime.node import encode_send
+from hfl.runtime.roster_feed import RosterFeed
+from hfl.runtime.service import claim
+from hfl.wire.messages import Role
+from hfl.wire.topics import Topics
 
 T = Topics()
 runner = CliRunner()

@@ -14,10 +14,10 @@ import pytest
 
 from aggregator.machine import AggregatorMachine
 from coordinator.machine import CoordinatorMachine
-from fleet.memnet import MemNet
-from hfl.gate import Gate
-from hfl.messages import Kind
-from hfl.state import Checkpointer, StateStore
+from fleet.sim.memnet import MemNet
+from hfl.runtime.state import Checkpointer, StateStore
+from hfl.wire.gate import Gate
+from hfl.wire.messages import Kind
 from tests import test_secure_rounds as secure
 from tests.test_machines import GROUPS, build, fedavg, request, spec, versions
 

@@ -1,4 +1,4 @@
-"""hfl.chunks: round trips, strict validation, bounded memory."""
+"""hfl.wire.chunks: round trips, strict validation, bounded memory."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hfl.chunks import FRAME_OVERHEAD, MAGIC, Reassembler, reserved, split
 from hfl.errors import Rejected
+from hfl.wire.chunks import FRAME_OVERHEAD, MAGIC, Reassembler, reserved, split
 
 MID = bytes(range(16))
 

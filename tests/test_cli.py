@@ -16,7 +16,7 @@ from aggregator.cli import app as aggregator_app
 from coordinator.cli import app as coordinator_app
 from edge_agent.cli import app as agent_app
 from fleet.cli import app
-from hfl.pki import Pki
+from hfl.crypto.pki import Pki
 
 runner = CliRunner()
 
@@ -210,7 +210,8 @@ def test_the_operators_commands_load_no_torch() -> None:
     import subprocess
     import sys
 
-    code = ("import sys, fleet.cli, fleet.ops_cli, fleet.view, fleet.watch, fleet.dashboard;"
+    code = ("import sys, fleet.cli, fleet.ops.ops_cli, fleet.ops.view, fleet.ops.watch, "
+            "fleet.ops.dashboard;"
             "print(sorted(m for m in ('torch', 'onnx', 'onnxruntime', 'dp_accounting', "
             "'sklearn', 'matplotlib') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -223,7 +224,7 @@ def test_tasks_lists_the_installed_and_the_named() -> None:
     assert res.exit_code == 0, res.output
     rows = {line.split("│")[1].strip(): line for line in res.output.splitlines()
             if line.startswith("│")}
-    assert "hfl.zoo:Mlp" in rows["mlp"] and "input_shape, num_classes" in rows["mlp"]
+    assert "hfl.models.zoo:Mlp" in rows["mlp"] and "input_shape, num_classes" in rows["mlp"]
     assert "rmse (lower is better)" in rows["line"] and "slope" in rows["line"]
     assert "not installed" in rows["nope"]
 

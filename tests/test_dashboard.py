@@ -20,13 +20,13 @@ import numpy as np
 import pytest
 
 from coordinator.registry import Registry
-from fleet.charts import line_chart, ticks
-from fleet.dashboard import Dashboard, finite, job_rows, model_charts, serve_dashboard
-from fleet.inproc import FleetLayout, InProcessFleet
-from fleet.simulate import demo_config, fleet_data
-from fleet.view import FleetView
-from hfl.identity import Roster
-from hfl.messages import ModelRequest, ModelSpec
+from fleet.ops.charts import line_chart, ticks
+from fleet.ops.dashboard import Dashboard, finite, job_rows, model_charts, serve_dashboard
+from fleet.ops.view import FleetView
+from fleet.sim.inproc import FleetLayout, InProcessFleet
+from fleet.sim.simulate import demo_config, fleet_data
+from hfl.crypto.identity import Roster
+from hfl.wire.messages import ModelRequest, ModelSpec
 from tests.test_status import observer_config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from hfl import data
+from hfl.models.zoo import Mlp
 from hfl.task import DataError, Source
-from hfl.zoo import Mlp
 
 
 def _idx(magic: int, arr: np.ndarray) -> bytes:

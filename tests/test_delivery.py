@@ -1,4 +1,4 @@
-"""End-to-end delivery (hfl.delivery): the resend bookkeeping alone, then the three machines
+"""End-to-end delivery (hfl.runtime.delivery): the resend bookkeeping alone, then the three machines
 on the in-memory network losing what a dying broker loses: an agent's update or SecAgg+
 answer, an acknowledgement, a partial, a task, and whole outages in which the broker comes
 back empty and the peers reconnect one by one in the worst order. Each job must end with
@@ -13,12 +13,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from fleet.memnet import MemNet
-from hfl.actions import Send
-from hfl.delivery import GIVE_UP_S, JITTER, RESEND_FIRST_S, Key, Outbox, ack, acked
+from fleet.sim.memnet import MemNet
 from hfl.errors import Rejected
-from hfl.messages import Kind
-from hfl.topics import Topics
+from hfl.runtime.actions import Send
+from hfl.runtime.delivery import GIVE_UP_S, JITTER, RESEND_FIRST_S, Key, Outbox, ack, acked
+from hfl.wire.messages import Kind
+from hfl.wire.topics import Topics
 from tests import test_secure_rounds as secure
 from tests.test_machines import GROUPS, build, constant_trainer, fedavg, request, spec, versions
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from hfl.dp import (
+from hfl.privacy.dp import (
     AdaptiveClip,
     NoiseSource,
     agent_noise_std,

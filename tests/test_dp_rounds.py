@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from edge_agent.machine import Update
-from hfl.messages import Kind, Metrics, ModelSpec
-from hfl.privacy import epsilon
+from hfl.privacy.accounting import epsilon
+from hfl.wire.messages import Kind, Metrics, ModelSpec
 from tests.test_machines import build, request, versions
 
 P = 6

@@ -10,15 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fleet.broker import Broker
-from hfl.actions import Action, Note, Send
+from fleet.ops.broker import Broker
+from hfl.crypto.identity import Identity, Roster
 from hfl.errors import Rejected
-from hfl.identity import Identity, Roster
-from hfl.messages import Kind, Role
-from hfl.mqtt import BrokerSettings
-from hfl.node import Node, encode_send
-from hfl.state import Checkpointer, StateError, StateStore
-from hfl.topics import Topics
+from hfl.runtime.actions import Action, Note, Send
+from hfl.runtime.mqtt import BrokerSettings
+from hfl.runtime.node import Node, encode_send
+from hfl.runtime.state import Checkpointer, StateError, StateStore
+from hfl.wire.messages import Kind, Role
+from hfl.wire.topics import Topics
 
 
 class Counter:
@@ -140,9 +140,9 @@ def test_an_observer_sees_failing_saves_while_they_fail_and_then_the_restart(
         world, broker: Broker, tmp_path: Path) -> None:
     """Through the real path: telemetry of a service whose disk is full reaches `hfl status`'s
     view while nothing else may leave; the service started again says it restarted."""
-    from fleet.view import stale_after
-    from fleet.watch import Watch
-    from hfl.telemetry import instrument
+    from fleet.ops.view import stale_after
+    from fleet.ops.watch import Watch
+    from hfl.runtime.telemetry import instrument
 
     topics, roster, ids = world
     ops = Identity.generate("ops", Role.OBSERVER)

@@ -1,4 +1,4 @@
-"""hfl.envelope: signed envelopes with real Ed25519 keys; every rejection reason reached."""
+"""hfl.wire.envelope: signed envelopes with real Ed25519 keys; every rejection reason reached."""
 
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from hfl import tensors as T
-from hfl.envelope import (
+from hfl.errors import Rejected
+from hfl.wire import tensors as T
+from hfl.wire.envelope import (
     DEFAULT_MAX_MESSAGE,
     MAGIC,
     MAX_HEADER,
@@ -27,7 +28,6 @@ from hfl.envelope import (
     decode,
     encode,
 )
-from hfl.errors import Rejected
 
 ALICE = Ed25519PrivateKey.generate()
 MALLORY = Ed25519PrivateKey.generate()

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from coordinator.export import export_onnx, onnx_predict
-from hfl.tasks import TaskSet, unflatten_into
-from hfl.zoo import BUILTIN
+from hfl.models.tasks import TaskSet, unflatten_into
+from hfl.models.zoo import BUILTIN
 
 TASKS = TaskSet([*BUILTIN.values(), "tests.task_examples:Line", "tests.task_examples:Normed"])
 OPTIONS = {"mnist-cnn": {"input_shape": [1, 28, 28], "num_classes": 10},

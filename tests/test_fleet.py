@@ -13,13 +13,13 @@ import numpy as np
 import onnxruntime as ort
 
 from edge_agent.runner import LocalTrainer
-from fleet.follow import follow
-from fleet.inproc import FleetLayout, InProcessFleet
-from fleet.simulate import demo_config, fleet_data
-from hfl import envelope
-from hfl.identity import Identity
-from hfl.messages import KNOWN_TYPES, ModelRequest, ModelSpec, Role
-from hfl.mqtt import Session
+from fleet.sim.follow import follow
+from fleet.sim.inproc import FleetLayout, InProcessFleet
+from fleet.sim.simulate import demo_config, fleet_data
+from hfl.crypto.identity import Identity
+from hfl.runtime.mqtt import Session
+from hfl.wire import envelope
+from hfl.wire.messages import KNOWN_TYPES, ModelRequest, ModelSpec, Role
 from tests.contract import WireReassembler
 
 

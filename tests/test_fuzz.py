@@ -10,7 +10,7 @@ from collections import Counter
 
 import numpy as np
 
-from fleet.memnet import MemNet
+from fleet.sim.memnet import MemNet
 from tests.faults.fuzz import Target, accounted, cases, draw_cases
 from tests.test_machines import GROUPS, build, fedavg, request, spec, versions
 

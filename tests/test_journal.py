@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from hfl import activity
 from hfl.cli import setup_logging, stderr_is_journal
+from hfl.runtime import activity
 
 try:
     from systemd.journal import JournalHandler  # type: ignore[import-not-found]

@@ -2,7 +2,7 @@
 
 A broker keeps one retained message per topic: a model version sent as chunk frames on its
 topic left an app that subscribed afterwards the last frame only. A retained message too
-large for one packet is now a retained set (hfl.chunks): each frame retained on
+large for one packet is now a retained set (hfl.wire.chunks): each frame retained on
 `{topic}/chunk/{i}`, then a manifest on the topic. Here, over a real Mosquitto with TLS, the
 roster's ACL and `max_packet_size 300000`: the SDK's App and the Node.js example arriving
 after the publish; a newer version replacing an older one; and, without a broker, what the
@@ -28,10 +28,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fleet.broker import Broker, BrokerTls
-from hfl.actions import Send
-from hfl.app import App, AppWire, ModelVersion
-from hfl.chunks import (
+from application import App, AppWire, ModelVersion
+from fleet.ops.broker import Broker, BrokerTls
+from hfl.crypto.identity import Identity, Roster
+from hfl.crypto.pki import Pki
+from hfl.errors import Rejected
+from hfl.runtime.actions import Send
+from hfl.runtime.mqtt import Inbound, Session
+from hfl.runtime.node import Node, encode_send
+from hfl.wire.chunks import (
     MANIFEST_MAGIC,
     MANIFEST_SIZE,
     Manifest,
@@ -42,13 +47,8 @@ from hfl.chunks import (
     retained_set,
     split_chunk_topic,
 )
-from hfl.errors import Rejected
-from hfl.identity import Identity, Roster
-from hfl.messages import Kind, ModelMeta, Role
-from hfl.mqtt import Inbound, Session
-from hfl.node import Node, encode_send
-from hfl.pki import Pki
-from hfl.topics import Topics
+from hfl.wire.messages import Kind, ModelMeta, Role
+from hfl.wire.topics import Topics
 
 ROOT = Path(__file__).resolve().parents[1]
 NODE_EXAMPLE = ROOT / "examples" / "node" / "app_subscriber.mjs"

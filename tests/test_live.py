@@ -1,4 +1,4 @@
-"""hfl.live: readings parsed and refused by reason, cut into windows, and a LiveWindow over a
+"""hfl.models.live: readings parsed and refused by reason, cut into windows, and a LiveWindow over a
 real Mosquitto (started on a free port) that keeps its bounds on disk and in memory, and
 survives a restart and a kill -9."""
 
@@ -23,10 +23,10 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from fleet.broker import Broker, free_port
-from hfl import live
+from fleet.ops.broker import Broker, free_port
 from hfl.errors import Rejected
-from hfl.live import LiveSourceError, LiveWindow, parse, windows
+from hfl.models import live
+from hfl.models.live import LiveSourceError, LiveWindow, parse, windows
 
 ROOT = Path(__file__).resolve().parents[1]
 SENSOR = ROOT / "examples" / "sensors" / "accelerometer.py"
@@ -309,7 +309,7 @@ def test_the_window_survives_a_restart_and_the_session_queues(broker: Broker,
 
 CHILD = """
 import sys, time
-from hfl.live import LiveWindow
+from hfl.models.live import LiveWindow
 w = LiveWindow(sys.argv[1], "sensors/accel", port=int(sys.argv[2]), flush_every_s=0.05)
 w.start()
 print("ready", flush=True)

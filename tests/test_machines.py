@@ -13,13 +13,13 @@ import pytest
 from aggregator.machine import AggregatorMachine, round_id
 from coordinator.machine import CoordinatorMachine, NewVersion
 from edge_agent.machine import AgentMachine, Declined, Train, Update
-from fleet.memnet import MemNet
-from hfl import envelope
-from hfl.actions import Send
+from fleet.sim.memnet import MemNet
+from hfl.crypto.identity import Identity, Roster
 from hfl.errors import Rejected
-from hfl.identity import Identity, Roster
-from hfl.messages import Kind, Metrics, ModelRequest, ModelSpec, Role
-from hfl.topics import Route, Topics
+from hfl.runtime.actions import Send
+from hfl.wire import envelope
+from hfl.wire.messages import Kind, Metrics, ModelRequest, ModelSpec, Role
+from hfl.wire.topics import Route, Topics
 
 P = 6
 GROUPS = {"site-a": ["a1", "a2", "a3"], "site-b": ["b1", "b2", "b3"]}

@@ -1,4 +1,4 @@
-"""The fast simulator (`fleet.memsim`): real torch training on digits, SecAgg+ and DP-FedAvg
+"""The fast simulator (`fleet.sim.memsim`): real torch training on digits, SecAgg+ and DP-FedAvg
 on the in-memory network. It learns, it spends exactly what the accountant says, and its
 clock makes a round wait for its deadline only when an agent does not answer."""
 
@@ -13,10 +13,10 @@ import torch
 from typer.testing import CliRunner
 
 from fleet.cli import app
-from fleet.inproc import FleetLayout
-from fleet.memsim import MemFleet
-from fleet.simulate import APP, DataSection, FleetSection, SimConfig, fleet_data
-from hfl.privacy import epsilon
+from fleet.sim.inproc import FleetLayout
+from fleet.sim.memsim import MemFleet
+from fleet.sim.simulate import APP, DataSection, FleetSection, SimConfig, fleet_data
+from hfl.privacy.accounting import epsilon
 
 logging.getLogger("absl").setLevel(logging.ERROR)
 

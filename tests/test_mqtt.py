@@ -1,4 +1,4 @@
-"""hfl.mqtt.Session against a real Mosquitto started on a free port."""
+"""hfl.runtime.mqtt.Session against a real Mosquitto started on a free port."""
 
 from __future__ import annotations
 
@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from fleet.broker import Broker
-from hfl import mqtt
-from hfl.chunks import Reassembler, split_chunk_topic
-from hfl.mqtt import BrokerSettings, Inbound, Session
+from fleet.ops.broker import Broker
+from hfl.runtime import mqtt
+from hfl.runtime.mqtt import BrokerSettings, Inbound, Session
+from hfl.wire.chunks import Reassembler, split_chunk_topic
 
 pytestmark = pytest.mark.broker
 
@@ -104,7 +104,7 @@ def test_large_retained_message_reaches_a_late_subscriber_as_a_retained_set(
 def test_chunk_limit_follows_the_broker_packet_limit(mosquitto: str, tmp_path: Path,
                                                      caplog: pytest.LogCaptureFixture) -> None:
     payload = os.urandom(1024 * 1024)
-    with caplog.at_level(logging.WARNING, logger="hfl.mqtt"), \
+    with caplog.at_level(logging.WARNING, logger="hfl.runtime.mqtt"), \
             Broker(tmp_path, max_packet_size=65536) as b, \
             session(b, "sub", ["t/big"]) as (_, inbox), session(b, "pub") as (pub, _):
         assert pub.chunk_limit < 65536
@@ -121,7 +121,7 @@ def test_chunk_limit_follows_the_broker_packet_limit(mosquitto: str, tmp_path: P
 
 
 def test_the_packet_bound_covers_a_whole_chunk_on_hfls_longest_topic() -> None:
-    from hfl.topics import Topics
+    from hfl.wire.topics import Topics
 
     longest = Topics().round_to("a" * 64, "j" * 64, "b" * 64)
     packet = mqtt.DEFAULT_MAX_PAYLOAD + mqtt._PUBLISH_FIXED + len(longest.encode())
@@ -131,7 +131,8 @@ def test_the_packet_bound_covers_a_whole_chunk_on_hfls_longest_topic() -> None:
 def test_a_broker_with_the_generated_limit_draws_no_warning(
         broker: Broker, caplog: pytest.LogCaptureFixture) -> None:
     assert f"max_packet_size {mqtt.packet_bound()}" in broker.conf_path.read_text()
-    with caplog.at_level(logging.WARNING, logger="hfl.mqtt"), session(broker, "pub") as (pub, _):
+    with caplog.at_level(logging.WARNING, logger="hfl.runtime.mqtt"), \
+            session(broker, "pub") as (pub, _):
         assert pub.chunk_limit == mqtt.DEFAULT_MAX_PAYLOAD
     assert not [r for r in caplog.records if "takes packets" in r.getMessage()]
 
@@ -199,7 +200,7 @@ def test_persistent_session_gets_what_was_published_while_away(broker: Broker) -
 
 DOOMED = """
 import queue, sys, time
-from hfl.mqtt import BrokerSettings, Session
+from hfl.runtime.mqtt import BrokerSettings, Session
 s = Session("doomed", BrokerSettings(port=int(sys.argv[1])), inbox=queue.Queue(),
             will=("status/doomed", b"offline", True))
 s.start()

@@ -1,4 +1,5 @@
-"""hfl.pki and fleet.acl without a broker: certificates, the signed roster, revocation, ACL."""
+"""hfl.crypto.pki and fleet.ops.acl without a broker: certificates, the signed roster,
+revocation, the ACL."""
 
 from __future__ import annotations
 
@@ -16,11 +17,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from fleet.acl import ANY, acl, listener_tls, pattern
-from hfl.identity import Identity, Roster
-from hfl.messages import Role
-from hfl.pki import Pki, load_ca_cert, load_roster, sign_roster, verify_roster
-from hfl.topics import Topics
+from fleet.ops.acl import ANY, acl, listener_tls, pattern
+from hfl.crypto.identity import Identity, Roster
+from hfl.crypto.pki import Pki, load_ca_cert, load_roster, sign_roster, verify_roster
+from hfl.wire.messages import Role
+from hfl.wire.topics import Topics
 
 
 @pytest.fixture(scope="module")

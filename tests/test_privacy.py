@@ -9,7 +9,7 @@ import time
 import dp_accounting
 import pytest
 
-from hfl.privacy import (
+from hfl.privacy.accounting import (
     PLD_INTERVAL,
     PLD_RDP_LIMIT,
     Ledger,

@@ -10,11 +10,11 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from pydantic import ValidationError
 
 from aggregator.machine import update_delta
-from hfl import chunks, envelope
 from hfl.errors import Rejected
-from hfl.messages import Kind, ModelSpec
-from hfl.quantize import LEVELS, dequantize_int8, quantize_int8
-from hfl.topics import Topics
+from hfl.wire import chunks, envelope
+from hfl.wire.messages import Kind, ModelSpec
+from hfl.wire.quantize import LEVELS, dequantize_int8, quantize_int8
+from hfl.wire.topics import Topics
 from tests.test_machines import GROUPS, build, fedavg, request, versions
 
 BASE = dict(name="m", task="logreg", metrics=[{"name": "accuracy", "bound": 1.0}], dataset="d",

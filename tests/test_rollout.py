@@ -30,11 +30,11 @@ from pathlib import Path
 
 import pytest
 
-from hfl.app import App
+from application import App
 from hfl.config import load_config
-from hfl.messages import Role
-from hfl.pki import Pki
-from hfl.state import StateStore
+from hfl.crypto.pki import Pki
+from hfl.runtime.state import StateStore
+from hfl.wire.messages import Role
 from tests import systemd_units as su
 
 REPO = Path(__file__).resolve().parent.parent
@@ -391,7 +391,8 @@ def test_site_yml_rolls_out_a_fleet_that_trains(tools: None, mosquitto: str, roo
                 cfg.broker.port) == ("site-a", 1, broker_port)
         assert cfg.agent.tasks == ["logreg", "linear-regression"]
         # The task wheel is installed in the venv the services run from, found by its name.
-        found = subprocess.run([f"{root}/venv/bin/python", "-c", "from hfl.tasks import load; "
+        found = subprocess.run([f"{root}/venv/bin/python", "-c",
+                                "from hfl.models.tasks import load; "
                                 "print(load('linear-regression').version)"],
                                capture_output=True, text=True)
         assert found.stdout.strip() == "1.0.0", found.stderr

@@ -7,15 +7,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hfl import envelope
+from hfl.crypto.identity import Identity
+from hfl.crypto.pki import Pki
 from hfl.errors import Rejected
-from hfl.gate import Gate
-from hfl.identity import Identity
-from hfl.messages import KNOWN_TYPES, Role
-from hfl.node import encode_send
-from hfl.pki import Pki
-from hfl.roster_feed import RosterFeed
-from hfl.topics import Topics
+from hfl.runtime.node import encode_send
+from hfl.runtime.roster_feed import RosterFeed
+from hfl.wire import envelope
+from hfl.wire.gate import Gate
+from hfl.wire.messages import KNOWN_TYPES, Role
+from hfl.wire.topics import Topics
 
 TOPICS = Topics()
 

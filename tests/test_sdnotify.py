@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from hfl.sdnotify import Notifier
+from hfl.runtime.sdnotify import Notifier
 
 
 def receive(sock: socket.socket, timeout: float = 2.0) -> str:
@@ -106,7 +106,7 @@ def test_a_send_failure_does_not_raise_and_is_logged_once(
     gone = tmp_path / "gone"  # nobody listens: every send fails
     sd = Notifier.from_env({"NOTIFY_SOCKET": str(gone), "WATCHDOG_USEC": "1000000",
                             "WATCHDOG_PID": str(os.getpid())})
-    with caplog.at_level(logging.WARNING, logger="hfl.sdnotify"):
+    with caplog.at_level(logging.WARNING, logger="hfl.runtime.sdnotify"):
         assert not sd.ready()
         assert not sd.ping()
         assert not sd.status("still fine")

@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from hfl import envelope, seal
+from hfl.crypto import seal
+from hfl.crypto.identity import Identity, Roster
 from hfl.errors import Rejected
-from hfl.gate import Gate
-from hfl.identity import Identity, Roster
-from hfl.messages import Role
-from hfl.topics import Topics
+from hfl.wire import envelope
+from hfl.wire.gate import Gate
+from hfl.wire.messages import Role
+from hfl.wire.topics import Topics
 
 AAD = b"routing fields"
 

@@ -1,4 +1,5 @@
-"""SecAgg+ core (hfl.secagg): real crypto end to end, expected values computed independently."""
+"""SecAgg+ core (hfl.crypto.secagg): real crypto end to end, expected values computed
+independently."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from hfl import secagg as sa
+from hfl.crypto import secagg as sa
 from hfl.errors import Rejected
 
 L = 512  # words per vector in protocol tests: small, so every test is fast
@@ -45,9 +46,11 @@ class Round:
     def keys_and_shares(self) -> dict[str, dict[str, bytes]]:
         for i in self.ids:
             self.server.add_advert(i, self.clients[i].advertise())
-        table = self.server.adverts()
+        self.server.freeze_adverts()
+        table = self.server.key_table()
         for i in self.ids:
             self.server.add_shares(i, self.clients[i].share(table, self.verify))
+        self.server.freeze_shares()
         routed = self.server.routed()
         for i, row in routed.items():
             self.clients[i].receive(row)
@@ -57,6 +60,7 @@ class Round:
         for i in self.ids:
             if i not in drop:
                 self.server.add_masked(i, self.clients[i].mask(self.inputs[i]))
+        self.server.freeze_survivors()
         return self.server.survivors()
 
     def unmask(self, survivors: list[str], silent: set[str] = frozenset()) -> None:
@@ -153,6 +157,7 @@ def test_five_dropped_is_too_few_and_leaves_stage_open() -> None:
     assert r.server.u3 == r.ids[5:]
     # Nothing was frozen: a late masked input still counts and the round completes.
     r.server.add_masked(r.ids[0], r.clients[r.ids[0]].mask(r.inputs[r.ids[0]]))
+    r.server.freeze_survivors()
     survivors = r.server.survivors()
     assert len(survivors) == 6
     r.unmask(survivors)
@@ -328,7 +333,8 @@ def test_forged_or_foreign_adverts_are_refused() -> None:
     r = Round(5)
     for i in r.ids:
         r.server.add_advert(i, r.clients[i].advertise())
-    table = r.server.adverts()
+    r.server.freeze_adverts()
+    table = r.server.key_table()
     forged = dict(table)
     forged["c01"] = sa.Advert(table["c03"].c_pk, table["c03"].s_pk, table["c01"].b_commit,
                               table["c01"].signature)  # keys swapped by the server
@@ -401,7 +407,8 @@ def test_shares_must_follow_the_graph() -> None:
     r = Round(30, degree=16)
     for i in r.ids:
         r.server.add_advert(i, r.clients[i].advertise())
-    table = r.server.adverts()
+    r.server.freeze_adverts()
+    table = r.server.key_table()
     cts = r.clients["c00"].share(table, r.verify)
     outsider = next(j for j in r.ids if j != "c00" and j not in cts)
     bad = dict(cts)
@@ -436,9 +443,11 @@ def test_tampered_share_ciphertext_is_refused() -> None:
     r = Round(6)
     for i in r.ids:
         r.server.add_advert(i, r.clients[i].advertise())
-    table = r.server.adverts()
+    r.server.freeze_adverts()
+    table = r.server.key_table()
     for i in r.ids:
         r.server.add_shares(i, r.clients[i].share(table, r.verify))
+    r.server.freeze_shares()
     row = r.server.routed()["c00"]
     sender = "c02"
     ct = bytearray(row[sender])
@@ -521,7 +530,8 @@ def test_a_client_checks_the_signatures_of_its_neighbours_only() -> None:
     r = Round(20, degree=16)
     for i in r.ids:
         r.server.add_advert(i, r.clients[i].advertise())
-    table = r.server.adverts()
+    r.server.freeze_adverts()
+    table = r.server.key_table()
     graph = sa.neighbours(r.ids, r.params.degree, sa._graph_seed(r.params.context()))
     victim = "c05"
     assert 0 < len(graph[victim]) < len(r.ids) - 1

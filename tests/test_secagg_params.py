@@ -1,4 +1,4 @@
-"""SecAgg+ parameters (hfl.secagg.choose_params): the bounds against exact sums and
+"""SecAgg+ parameters (hfl.crypto.secagg.choose_params): the bounds against exact sums and
 simulation on the real neighbour graph, the choices made, overrides, and rounds that
 recover at the dropout they were chosen for (bench/dropouts.py's simulation, itself checked
 against the real server)."""
@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hfl import secagg as sa
-from hfl import secagg_wire as wire
-from hfl.messages import ModelSpec, SecureSpec
+from hfl.crypto import secagg as sa
+from hfl.crypto import secagg_wire as wire
+from hfl.wire.messages import ModelSpec, SecureSpec
 from tests.test_secagg import Round
 
 HALF, ETA = 2.0 ** -(sa.SECURITY_BITS + 1), 2.0**-sa.CORRECTNESS_BITS

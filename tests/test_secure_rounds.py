@@ -11,11 +11,11 @@ import pytest
 
 from aggregator.machine import round_id
 from edge_agent.machine import Declined, Update
-from fleet.memnet import MemNet
-from hfl import secagg_wire as wire
-from hfl.actions import Send
+from fleet.sim.memnet import MemNet
+from hfl.crypto import secagg_wire as wire
 from hfl.errors import Rejected
-from hfl.messages import Kind, ModelSpec, RoundMeta
+from hfl.runtime.actions import Send
+from hfl.wire.messages import Kind, ModelSpec, RoundMeta
 from tests.test_machines import P, build, request, versions
 
 GROUPS = {"site-a": [f"a{i}" for i in range(10)], "site-b": ["b0", "b1", "b2"]}
@@ -25,7 +25,7 @@ TOL = 1e-5  # fixed point: 2^-26 per coordinate for 10 agents and a clip of 2
 
 
 def trainer(agent, t):
-    from hfl.messages import Metrics
+    from hfl.wire.messages import Metrics
 
     return Update(np.full(P, STEP[agent], np.float32),
                   Metrics(samples=SAMPLES[agent], train_loss=1.0, eval_samples=4, eval_loss=2.0,

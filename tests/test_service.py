@@ -17,20 +17,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fleet.broker import Broker, BrokerTls, free_port
-from hfl import envelope
-from hfl.actions import Note
+from fleet.ops.broker import Broker, BrokerTls, free_port
+from hfl.crypto.identity import Identity, Roster
+from hfl.crypto.pki import Pki
 from hfl.data import digits
-from hfl.identity import Identity, Roster
-from hfl.messages import KNOWN_TYPES, Role
-from hfl.mqtt import BrokerSettings, Inbound, Session
-from hfl.node import Node
-from hfl.pki import Pki
-from hfl.sdnotify import Notifier
-from hfl.service import serve
+from hfl.models.zoo import Mlp
+from hfl.runtime.actions import Note
+from hfl.runtime.mqtt import BrokerSettings, Inbound, Session
+from hfl.runtime.node import Node
+from hfl.runtime.sdnotify import Notifier
+from hfl.runtime.service import serve
 from hfl.task import Round
-from hfl.topics import Topics
-from hfl.zoo import Mlp
+from hfl.wire import envelope
+from hfl.wire.messages import KNOWN_TYPES, Role
+from hfl.wire.topics import Topics
 from tests.notify import HoldingBroker, NotifySocket
 
 T = Topics()

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hfl.state import StateError, StateStore, write_atomic
+from hfl.runtime.state import StateError, StateStore, write_atomic
 
 
 def test_records_round_trip_and_delete(tmp_path: Path) -> None:
@@ -50,7 +50,7 @@ def test_an_unusable_folder_is_a_clear_error(tmp_path: Path) -> None:
 FULL_DISK = textwrap.dedent("""
     import resource, signal, sys
     import numpy as np
-    from hfl.state import StateError, StateStore
+    from hfl.runtime.state import StateError, StateStore
     store = StateStore(sys.argv[1])
     store.write({"k": ({"v": 1}, {"a": np.ones(100, np.float32)})})
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -88,7 +88,7 @@ def run_service(tmp_path: Path, role: str, state_dir: Path):
     from typer.testing import CliRunner
 
     from fleet.cli import app
-    from hfl.pki import Pki
+    from hfl.crypto.pki import Pki
 
     name = "site-a" if role == "aggregator" else "coordinator"
     if (tmp_path / "pki").exists():
@@ -116,7 +116,7 @@ def test_a_service_whose_state_dir_is_unusable_stops_with_a_clear_error(
 # A service's process holding its state folder until it is killed.
 HOLDER = textwrap.dedent("""
     import sys, time
-    from hfl.state import StateStore
+    from hfl.runtime.state import StateStore
     store = StateStore(sys.argv[1], owner=sys.argv[2])
     store.write({"job/j": ({"v": 1}, {})})
     print("holding", flush=True)

@@ -20,24 +20,24 @@ from typer.testing import CliRunner
 
 from aggregator.runner import aggregator_node
 from fleet.cli import app as hfl
-from fleet.follow import follow
-from fleet.inproc import FleetLayout, InProcessFleet
-from fleet.simulate import demo_config, fleet_data
-from hfl import envelope
+from fleet.sim.follow import follow
+from fleet.sim.inproc import FleetLayout, InProcessFleet
+from fleet.sim.simulate import demo_config, fleet_data
 from hfl.config import MetricsSection
-from hfl.identity import Identity, Roster
-from hfl.messages import ModelRequest, ModelSpec, Role
-from hfl.metrics import serve_metrics
-from hfl.mqtt import BrokerSettings, Session
-from hfl.service import serve
-from hfl.topics import Topics
+from hfl.crypto.identity import Identity, Roster
+from hfl.runtime.metrics import serve_metrics
+from hfl.runtime.mqtt import BrokerSettings, Session
+from hfl.runtime.service import serve
+from hfl.wire import envelope
+from hfl.wire.messages import ModelRequest, ModelSpec, Role
+from hfl.wire.topics import Topics
 
 ROUNDS = 3
 
 
 def observer_config(fleet: InProcessFleet, path: Path, id_: str = "ops") -> Path:
     path.write_text(f'[identity]\nid = "{id_}"\ndir = "{fleet.pki.device(id_).dir}"\n'
-                    f'[broker]\nhost = "{fleet.broker.host}"\nport = {fleet.broker.port}\n')
+                    f'[broker]\nhost = "{fleet.ops.broker.host}"\nport = {fleet.ops.broker.port}\n')
     return path
 
 
@@ -186,7 +186,7 @@ def test_status_names_what_is_wrong(tmp_path: Path) -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             free = s.getsockname()[1]
-        config.write_text(config.read_text().replace(f"port = {fleet.broker.port}",
+        config.write_text(config.read_text().replace(f"port = {fleet.ops.broker.port}",
                                                      f"port = {free}"))
         run = CliRunner().invoke(hfl, ["status", "--once", "--wait", "1", "-c", str(config)])
         assert run.exit_code == 1 and f"broker 127.0.0.1:{free} not ready" in run.output

@@ -9,9 +9,9 @@ import torch
 
 from edge_agent.machine import Declined, Train, Update
 from edge_agent.runner import LocalData, LocalTrainer
-from hfl.messages import ModelSpec
+from hfl.models.tasks import Layout, TaskSet, flatten, load
 from hfl.task import DataError, Round, Samples, Source, TaskError, check_metrics
-from hfl.tasks import Layout, TaskSet, flatten, load
+from hfl.wire.messages import ModelSpec
 from tests import task_examples
 
 LINE = "tests.task_examples:Line"

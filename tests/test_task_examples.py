@@ -14,7 +14,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from hfl.tasks import installed
+from hfl.models.tasks import installed
 
 ROOT = Path(__file__).resolve().parents[1]
 HFL = Path(sys.executable).with_name("hfl")

@@ -11,17 +11,17 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import CollectorRegistry
 
-from fleet.memnet import MemNet
-from hfl.actions import Note, Send
+from fleet.sim.memnet import MemNet
 from hfl.config import Config, load_config
-from hfl.gate import Gate
-from hfl.identity import Identity, Roster
-from hfl.messages import Kind, Role, TelemetryMeta
-from hfl.metrics import TelemetryCollector
-from hfl.mqtt import BrokerSettings
-from hfl.node import Node, encode_send
-from hfl.telemetry import ROUND_BUCKETS, Instrumented, Stats, Telemetry
-from hfl.topics import Topics
+from hfl.crypto.identity import Identity, Roster
+from hfl.runtime.actions import Note, Send
+from hfl.runtime.metrics import TelemetryCollector
+from hfl.runtime.mqtt import BrokerSettings
+from hfl.runtime.node import Node, encode_send
+from hfl.runtime.telemetry import ROUND_BUCKETS, Instrumented, Stats, Telemetry
+from hfl.wire.gate import Gate
+from hfl.wire.messages import Kind, Role, TelemetryMeta
+from hfl.wire.topics import Topics
 from tests.test_machines import STEP, build, constant_trainer, request, spec
 
 T = Topics()

@@ -1,4 +1,4 @@
-"""hfl.tensors: safetensors bodies written by our one-copy writer and read by our strict
+"""hfl.wire.tensors: safetensors bodies written by our one-copy writer and read by our strict
 zero-copy parser, both checked against the safetensors library."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
 from hfl.errors import Rejected
-from hfl.tensors import ALLOWED_DTYPES, all_finite, dump, load
+from hfl.wire.tensors import ALLOWED_DTYPES, all_finite, dump, load
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 FUZZ = settings(FAST, max_examples=300)

@@ -15,7 +15,7 @@ UNITS = Path(__file__).resolve().parent.parent / "deploy" / "systemd"
 ROLES = ("agent", "aggregator", "coordinator")
 JETSON = UNITS / "hfl-agent.service.d" / "jetson-gpu.conf"
 
-# The contract the Ansible roles and the services share (see hfl/sdnotify.py).
+# The contract the Ansible roles and the services share (see hfl/runtime/sdnotify.py).
 EXPECTED = {
     "Type": "notify",
     "NotifyAccess": "main",

@@ -6,12 +6,13 @@ from __future__ import annotations
 import pytest
 from rich.console import Console
 
-from fleet.view import FleetView, human_bytes, render, summary
-from hfl.actions import Send
+from fleet.ops.view import FleetView, human_bytes, render, summary
+from hfl.crypto.identity import Identity, Roster
 from hfl.errors import Rejected
-from hfl.gate import Gate
-from hfl.identity import Identity, Roster
-from hfl.messages import (
+from hfl.runtime.actions import Send
+from hfl.runtime.node import encode_send
+from hfl.wire.gate import Gate
+from hfl.wire.messages import (
     ActivityMeta,
     Counts,
     JobMeta,
@@ -21,8 +22,7 @@ from hfl.messages import (
     StatusMeta,
     TelemetryMeta,
 )
-from hfl.node import encode_send
-from hfl.topics import Topics
+from hfl.wire.topics import Topics
 
 T = Topics()
 MEMBERS = (("coord", Role.COORDINATOR, None), ("site-a", Role.AGGREGATOR, None),

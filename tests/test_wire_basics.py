@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 from paho.mqtt.client import topic_matches_sub
 
-from hfl.chunks import chunk_topic
 from hfl.config import load_config
+from hfl.crypto.identity import Identity, Roster
 from hfl.errors import Rejected
-from hfl.identity import Identity, Roster
-from hfl.messages import Role
-from hfl.topics import Route, Topics
+from hfl.wire.chunks import chunk_topic
+from hfl.wire.messages import Role
+from hfl.wire.topics import Route, Topics
 
 
 def test_every_topic_parses_back_to_what_built_it() -> None:

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from hfl.models.tasks import Layout, TaskSet, flatten, state_arrays, unflatten_into
+from hfl.models.zoo import BUILTIN
 from hfl.task import TaskError
-from hfl.tasks import Layout, TaskSet, flatten, state_arrays, unflatten_into
-from hfl.zoo import BUILTIN
 
 MNIST = {"input_shape": [1, 28, 28], "num_classes": 10}
 DIGITS = {"input_shape": [1, 8, 8], "num_classes": 10}

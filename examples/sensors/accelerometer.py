@@ -1,5 +1,5 @@
 """A stand-in for a 3-axis accelerometer: publishes readings on an MQTT topic, the
-activity's label as `y`, in the JSON format `hfl.live.LiveWindow` reads.
+activity's label as `y`, in the JSON format `hfl.models.live.LiveWindow` reads.
 
     python examples/sensors/accelerometer.py --topic sensors/accel --rate 50 \\
         --pattern idle:5,walk:10,run:5

@@ -23,10 +23,10 @@ import numpy as np
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from hfl import envelope
-from hfl.chunks import MAGIC
-from hfl.identity import Identity, Roster
-from hfl.messages import Kind
+from hfl.crypto.identity import Identity, Roster
+from hfl.wire import envelope
+from hfl.wire.chunks import MAGIC
+from hfl.wire.messages import Kind
 
 Case = tuple[str, bytes]
 _FRAME = struct.Struct("<4s16sIIQ")

@@ -1,5 +1,5 @@
 """A fleet for fault injection: the coordinator and the aggregators run as real processes
-(fleet.procs: `hfl-coordinator run`, `hfl-aggregator run`, each with its state directory) that
+(fleet.sim.procs: `hfl-coordinator run`, `hfl-aggregator run`, each with its state directory) that
 a test can `kill -9` and start again; lightweight agents (`FixedDeltaAgent`: a real
 `AgentMachine` answering each round with a fixed delta instead of training) and the app run
 in the test, or the agents in processes of their own. All over a real Mosquitto: TLS with
@@ -22,18 +22,18 @@ from pathlib import Path
 
 import numpy as np
 
-from fleet import procs
-from fleet.broker import Broker, BrokerTls, free_port
-from fleet.follow import Outcome, follow
-from fleet.procs import FixedDeltaAgent
-from hfl import envelope
-from hfl.app import App
-from hfl.identity import Identity
-from hfl.messages import KNOWN_TYPES, ModelRequest, ModelSpec, Role
-from hfl.mqtt import BrokerSettings, Session
-from hfl.pki import Pki
-from hfl.state import Record, StateStore
-from hfl.topics import Topics
+from application import App
+from fleet.ops.broker import Broker, BrokerTls, free_port
+from fleet.sim import procs
+from fleet.sim.follow import Outcome, follow
+from fleet.sim.procs import FixedDeltaAgent
+from hfl.crypto.identity import Identity
+from hfl.crypto.pki import Pki
+from hfl.runtime.mqtt import BrokerSettings, Session
+from hfl.runtime.state import Record, StateStore
+from hfl.wire import envelope
+from hfl.wire.messages import KNOWN_TYPES, ModelRequest, ModelSpec, Role
+from hfl.wire.topics import Topics
 
 P_SHAPE = [1, 2, 3]  # logreg on 6 features, 2 classes: 14 parameters (a list: JSON)
 
@@ -279,7 +279,7 @@ class Proxy:
         self.down_in: queue.Queue = queue.Queue()
         self.edge = Session("proxy-edge", BrokerSettings(fleet.edge.host, fleet.edge.port),
                             inbox=self.up_in, subscriptions=[f"{t.prefix}/agg/{agg}/updates/+"])
-        # Down: the rounds, and the aggregator's acknowledgements and status (hfl.delivery).
+        # Down: the rounds, and the aggregator's acknowledgements and status (hfl.runtime.delivery).
         self.core = Session("proxy-core", fleet.settings("ops"), inbox=self.down_in,
                             subscriptions=[f"{t.prefix}/agg/{agg}/rounds/+",
                                            f"{t.prefix}/agg/{agg}/rounds/+/+",
@@ -339,7 +339,7 @@ def _header(data: bytes) -> dict:
 
 def expected_state(sp: ModelSpec, mean_steps: list[float]) -> dict[str, np.ndarray]:
     """The global model after versions that each moved every coordinate by a mean step."""
-    from hfl.tasks import TaskSet, state_arrays, unflatten_into
+    from hfl.models.tasks import TaskSet, state_arrays, unflatten_into
 
     sp, p = TaskSet.everything_installed().resolve(sp)
     params = p.init_params(sp.seed)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from hfl.state import StateStore
+from hfl.runtime.state import StateStore
 from tests.faults.harness import FaultFleet, assert_state, expected_state, spec, wait_for
 from tests.faults.test_restarts import SAMPLES, SITE_A, STEPS, fedavg, no_crash
 
@@ -95,12 +95,12 @@ def test_a_full_disk_mid_round_stalls_cleanly_and_recovers(tmp_path: Path) -> No
             wait_for("the failed save logged", lambda: "cannot write the state in"
                      in fleet.log("site-a"), timeout=30)
             time.sleep(2)  # it keeps failing (retries) and keeps running
-            assert fleet.procs["site-a"].poll() is None
+            assert fleet.sim.procs["site-a"].poll() is None
             saved = checkpoint_copy(disk / "site-a", tmp_path / "copy")
             assert saved["round/r1-m"][0]["senders"] == []  # the round as last saved
             assert "partial_sent" not in fleet.log("site-a")  # nothing left unsaved
             filler.unlink()
-            out = fleet.follow(app, jobs)
+            out = fleet.sim.follow(app, jobs)
         finally:
             fleet.close()
     (job,) = jobs
@@ -125,7 +125,7 @@ def test_a_read_only_state_directory_stops_the_service_with_a_clear_error(
             proc = fleet.spawn(role, wait=False)
             code = proc.wait(60)
         finally:
-            fleet.procs.clear()
+            fleet.sim.procs.clear()
             fleet.close()
     assert code == 1
     log = fleet.log(role)

@@ -25,15 +25,15 @@ from pathlib import Path
 
 import numpy as np
 
+from application import ModelVersion
 from edge_agent.runner import BoardData
-from fleet.broker import Broker
-from fleet.inproc import FleetLayout, InProcessFleet
-from hfl.app import ModelVersion
+from fleet.ops.broker import Broker
+from fleet.sim.inproc import FleetLayout, InProcessFleet
 from hfl.config import DatasetSection
 from hfl.data import live_window, stop_live
-from hfl.live import windows
+from hfl.models.live import windows
+from hfl.models.tasks import TaskSet
 from hfl.task import Source
-from hfl.tasks import TaskSet
 
 SENSOR = Path(__file__).resolve().parents[2] / "sensors" / "accelerometer.py"
 # Which activities each board sees: two of three, so no board could learn all alone.
