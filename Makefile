@@ -90,6 +90,7 @@ faults: install mosquitto
 
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 bench: install mosquitto
 	$(BIN)/python bench/run.py

@@ -349,9 +349,9 @@ class AggregatorMachine:
                 self.clips[job] = AdaptiveClip(doc["clip"], p.target_quantile, p.clip_lr,
                                                bit_noise_std=adaptive_noise(
                                                    p.noise_multiplier, spec.min_agents)[0])
-            rnd = records.get(f"round/{job}")
-            if rnd is not None:
-                self._restore_round(ej, *rnd, records.get(f"sum/{job}"),
+            round_rec = records.get(f"round/{job}")
+            if round_rec is not None:
+                self._restore_round(ej, *round_rec, records.get(f"sum/{job}"),
                                     clients.get((job, str(ej.round)), {}))
             self.jobs[job] = ej
 

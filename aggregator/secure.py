@@ -128,7 +128,7 @@ class SecureRound:
         """Who answered which stage, as the round ends."""
         out: dict[str, set[str]] = {}
         for a in self.selected:
-            stages = {st.value for st in SERVER_STAGE if self.answered(a, st)}
+            stages = {str(st) for st in SERVER_STAGE if self.answered(a, st)}
             if stages:
                 out[a] = stages
         return out

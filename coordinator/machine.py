@@ -93,14 +93,19 @@ def _dump_acc(acc: WeightedSum | None) -> tuple[dict | None, np.ndarray | None]:
 
 def _load_acc(doc: dict | None, total: np.ndarray | None, job: Job,
               ctx: Mapping[str, Any]) -> WeightedSum | None:
-    return None if doc is None else WeightedSum.restore(doc, total, job.spec.metrics)
+    if doc is None:
+        return None
+    if total is None:
+        raise ValueError("a running sum without its array")
+    return WeightedSum.restore(doc, total, job.spec.metrics)
 
 
 def _dump_budget(budget: Budget | None) -> tuple[dict | None, None]:
     return (budget.ledger.to_doc() if budget is not None else None), None
 
 
-def _load_budget(ledger: dict | None, _: None, job: Job, ctx: Mapping[str, Any]) -> Budget | None:
+def _load_budget(ledger: dict | None, _: np.ndarray | None, job: Job,
+                 ctx: Mapping[str, Any]) -> Budget | None:
     return None if ledger is None else Budget.restore(job.spec, ctx["group"], ledger)
 
 

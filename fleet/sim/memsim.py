@@ -20,6 +20,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -118,8 +119,8 @@ class MemFleet:
         self.net.add(ids[self.app_id], self.app, self.topics.app_filters([]))
         self.aggregators: dict[str, AggregatorMachine] = {}
         for agg, agents in layout.groups.items():
-            self.aggregators[agg] = AggregatorMachine(
-                agg, lambda agg=agg: self.roster.group(agg), self.topics)
+            self.aggregators[agg] = AggregatorMachine(agg, partial(self.roster.group, agg),
+                                                      self.topics)
             self.net.add(ids[agg], self.aggregators[agg], self.topics.aggregator_filters(agg))
             for agent in agents:
                 self.net.add(ids[agent], AgentMachine(ids[agent], agg, set(tasks.names()),

@@ -50,7 +50,7 @@ import os
 import secrets
 import struct
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 
@@ -218,7 +218,7 @@ class Keystream:
         self._zeros = memoryview(bytes(nbytes))
         # update_into wants len(buf) >= len(data) + 15: 16 bytes of slack.
         self._scratch = np.empty(nbytes + 16, dtype=np.uint8)
-        self._buf = memoryview(self._scratch)
+        self._buf = self._scratch.data
         self._words = self._scratch[:nbytes].view("<u4")
         self._spans = [(a, min(a + chunk, length)) for a in range(0, length, chunk)]
 
@@ -232,7 +232,7 @@ class Keystream:
         """out ← PRG(key); returns out."""
         self._check(out)
         enc = _ctr(key)
-        raw = memoryview(out.view(np.uint8))
+        raw = out.view(np.uint8).data
         for a, b in self._spans:
             nbytes = 4 * (b - a)
             if len(raw) - 4 * a >= nbytes + 15:  # room for update_into: straight into out
@@ -577,7 +577,7 @@ def _commit(ctx: bytes, b: bytes) -> bytes:
     return hashlib.sha256(ctx + b).digest()
 
 
-def _x_index(members: Sequence[str]) -> dict[str, int]:
+def _x_index(members: Iterable[str]) -> dict[str, int]:
     """Each client's Shamir x: its 1-based place in sorted(U1)."""
     return {i: k + 1 for k, i in enumerate(sorted(members))}
 

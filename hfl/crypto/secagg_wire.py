@@ -54,8 +54,11 @@ class WireStage(str, Enum):
     MASKED = "masked"
     UNSHARES = "unshares"
 
-    __str__ = str.__str__
-    __format__ = str.__format__
+    def __str__(self) -> str:
+        return str.__str__(self)
+
+    def __format__(self, spec: str) -> str:
+        return str.__format__(self, spec)
 
 _ADVERT = {"c_pk": 32, "s_pk": 32, "b_commit": 32, "signature": 64}
 

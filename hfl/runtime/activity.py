@@ -54,7 +54,8 @@ class Activity:
         if job != self.job:  # another job's counters start afresh
             return replace(self, job=job, stage=stage, round=counts.get("round"),
                            block=counts.get("block"))
-        new = replace(self, stage=stage, **counts)
+        new = replace(self, stage=stage, round=counts.get("round", self.round),
+                      block=counts.get("block", self.block))
         return self if new == self else new
 
     @property

@@ -25,7 +25,6 @@ module); `load` brings an older record up through the class's `record_migrations
 from __future__ import annotations
 
 import dataclasses
-import functools
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -91,8 +90,17 @@ def _array_type(tp: Any) -> bool:
             and all(a is type(None) or _array_type(a) for a in args))
 
 
-@functools.cache
+_PLANS: dict[type, tuple[_Field, ...]] = {}
+
+
 def _plan(cls: type) -> tuple[_Field, ...]:
+    """The class's fields and how each is stored, worked out once per class."""
+    if cls not in _PLANS:
+        _PLANS[cls] = _make_plan(cls)
+    return _PLANS[cls]
+
+
+def _make_plan(cls: type) -> tuple[_Field, ...]:
     if not dataclasses.is_dataclass(cls):
         raise TypeError(f"{cls!r} is not a dataclass")
     hints = typing.get_type_hints(cls)
