@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fleet import broker as broker_mod  # noqa: E402
+from fleet.ops import broker as broker_mod  # noqa: E402
 from fleet.ops.broker import Broker  # noqa: E402
 from hfl.runtime.mqtt import BrokerSettings, Session  # noqa: E402
 

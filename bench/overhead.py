@@ -62,8 +62,8 @@ from application import JobStatus  # noqa: E402
 from coordinator.runner import coordinator_node  # noqa: E402
 from edge_agent import runner as agent_runner  # noqa: E402
 from edge_agent.machine import Update  # noqa: E402
-from fleet import procs  # noqa: E402
 from fleet.ops.broker import free_port  # noqa: E402
+from fleet.sim import procs  # noqa: E402
 from fleet.sim.inproc import FleetLayout, InProcessFleet  # noqa: E402
 from hfl.crypto.pki import Pki  # noqa: E402
 from hfl.crypto.secagg import params_for  # noqa: E402
@@ -190,7 +190,7 @@ def run_hfl(p: int, n: int, secagg: bool, tls: bool = True, timeout: float = 600
             stop.set()
             for proc in procs:
                 proc.join(30)
-            fleet.ops.broker.close()
+            fleet.broker.close()
         cpu, rss, rejected = out.get(timeout=10)
     if len(marks) != ROUNDS + 1:
         raise RuntimeError(f"{len(marks) - 1} of {ROUNDS} versions in {timeout} s; "

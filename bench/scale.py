@@ -51,9 +51,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from application import App  # noqa: E402
-from fleet import procs  # noqa: E402
 from fleet.ops.acl import ANY, pattern  # noqa: E402
 from fleet.ops.broker import Broker, BrokerTls  # noqa: E402
+from fleet.sim import procs  # noqa: E402
 from fleet.sim.follow import RoundRow, follow  # noqa: E402
 from fleet.sim.report import write_json  # noqa: E402
 from hfl.crypto.identity import Identity  # noqa: E402

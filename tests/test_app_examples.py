@@ -82,7 +82,7 @@ class Spy:
         c.on_connect = lambda c, *_: c.subscribe(f"{fleet.topics.prefix}/#", options=opts)
         c.on_subscribe = lambda *_: self.ready.set()
         c.on_message = lambda c, u, m: self.got.append((m.topic, m.payload, m.retain, m.qos))
-        c.connect(fleet.ops.broker.host, fleet.ops.broker.port)
+        c.connect(fleet.broker.host, fleet.broker.port)
         c.loop_start()
         self.client = c
         assert self.ready.wait(10)
@@ -108,7 +108,7 @@ def test_examples_receive_versions_and_the_wire_is_the_documented_contract(tmp_p
                            tmp_path)
     fleet.start()
     spy = Spy(fleet)
-    host, port = fleet.ops.broker.host, str(fleet.ops.broker.port)
+    host, port = fleet.broker.host, str(fleet.broker.port)
     devices = {i: fleet.pki.device(i).dir for i in ("app", "js-app")}
     (tmp_path / "request.toml").write_text(_toml(_spec(cfg, "digits-py", "site-1")))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get(

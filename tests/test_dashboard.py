@@ -101,7 +101,7 @@ def test_each_job_row_names_the_sites_its_newest_version_was_made_without(
     rows = {r["job"]: r for r in Dashboard(reg, lambda: fleet).state()["jobs"]}
     assert rows["r1-m"]["missing"] == {"site-b": "secure group too small"}
     assert rows["r2-m"]["missing"] == {} and "gone" not in rows  # the registry's jobs only
-    page = (ROOT / "fleet" / "web" / "dashboard.js").read_text()
+    page = (ROOT / "fleet" / "ops" / "web" / "dashboard.js").read_text()
     assert "j.missing" in page and "n.problems" in page and "n.stale" in page
     reg.close()
 

@@ -37,7 +37,7 @@ ROUNDS = 3
 
 def observer_config(fleet: InProcessFleet, path: Path, id_: str = "ops") -> Path:
     path.write_text(f'[identity]\nid = "{id_}"\ndir = "{fleet.pki.device(id_).dir}"\n'
-                    f'[broker]\nhost = "{fleet.ops.broker.host}"\nport = {fleet.ops.broker.port}\n')
+                    f'[broker]\nhost = "{fleet.broker.host}"\nport = {fleet.broker.port}\n')
     return path
 
 
@@ -186,7 +186,7 @@ def test_status_names_what_is_wrong(tmp_path: Path) -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             free = s.getsockname()[1]
-        config.write_text(config.read_text().replace(f"port = {fleet.ops.broker.port}",
+        config.write_text(config.read_text().replace(f"port = {fleet.broker.port}",
                                                      f"port = {free}"))
         run = CliRunner().invoke(hfl, ["status", "--once", "--wait", "1", "-c", str(config)])
         assert run.exit_code == 1 and f"broker 127.0.0.1:{free} not ready" in run.output

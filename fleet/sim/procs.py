@@ -38,7 +38,7 @@ from hfl.runtime.node import Node, run_in_thread
 from hfl.wire.messages import Metrics, Role
 from hfl.wire.topics import Topics
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # what an agent sends in a secure round, in order
 STAGES = (WireStage.ADVERT, WireStage.SHARES, WireStage.MASKED, WireStage.UNSHARES)
 

@@ -119,16 +119,16 @@ def run(tmp_path: Path, *, rounds: int, kills: list[tuple[int, str, tuple[str, .
                 pass
             landed.append({"target": target, **now, "late": late})
             for id_ in late:
-                fleet.sim.procs[id_].send_signal(signal.SIGSTOP)
-            fleet.ops.broker.kill()  # SIGKILL: no goodbye, nothing saved on the way out
+                fleet.procs[id_].send_signal(signal.SIGSTOP)
+            fleet.broker.kill()  # SIGKILL: no goodbye, nothing saved on the way out
             time.sleep(DOWN_S)
-            fleet.ops.broker.start()  # on the same port
+            fleet.broker.start()  # on the same port
             time.sleep(LATE_S)
             for id_ in late:
-                fleet.sim.procs[id_].send_signal(signal.SIGCONT)
-        fleet.sim.follow(app, jobs, timeout=timeout)
+                fleet.procs[id_].send_signal(signal.SIGCONT)
+        fleet.follow(app, jobs, timeout=timeout)
         seconds = time.monotonic() - started
-        alive = {id_: p.poll() is None for id_, p in fleet.sim.procs.items()}
+        alive = {id_: p.poll() is None for id_, p in fleet.procs.items()}
         for id_ in ("coordinator", *SITES):
             fleet.stop(id_)  # logs its tally
     finally:

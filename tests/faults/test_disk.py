@@ -95,12 +95,12 @@ def test_a_full_disk_mid_round_stalls_cleanly_and_recovers(tmp_path: Path) -> No
             wait_for("the failed save logged", lambda: "cannot write the state in"
                      in fleet.log("site-a"), timeout=30)
             time.sleep(2)  # it keeps failing (retries) and keeps running
-            assert fleet.sim.procs["site-a"].poll() is None
+            assert fleet.procs["site-a"].poll() is None
             saved = checkpoint_copy(disk / "site-a", tmp_path / "copy")
             assert saved["round/r1-m"][0]["senders"] == []  # the round as last saved
             assert "partial_sent" not in fleet.log("site-a")  # nothing left unsaved
             filler.unlink()
-            out = fleet.sim.follow(app, jobs)
+            out = fleet.follow(app, jobs)
         finally:
             fleet.close()
     (job,) = jobs
@@ -125,7 +125,7 @@ def test_a_read_only_state_directory_stops_the_service_with_a_clear_error(
             proc = fleet.spawn(role, wait=False)
             code = proc.wait(60)
         finally:
-            fleet.sim.procs.clear()
+            fleet.procs.clear()
             fleet.close()
     assert code == 1
     log = fleet.log(role)

@@ -23,7 +23,7 @@ def run(tmp_path: Path, sp, silent: dict[str, str], rounds: set[int] | None = No
         fleet.spawn("site-a")
         agents = fleet.start_agents("site-a", STEPS, SAMPLES, silent=silent, rounds=rounds)
         app, jobs = fleet.request(sp)
-        out = fleet.sim.follow(app, jobs)
+        out = fleet.follow(app, jobs)
     finally:
         fleet.close()
     no_crash(fleet, "site-a", "coordinator")
@@ -81,7 +81,7 @@ def test_a_straggler_past_the_deadline_is_left_out_and_its_late_update_refused(
                  timeout=20)
         time.sleep(0.5)
         agents[5].release()  # too late: its update is for a closed round
-        out = fleet.sim.follow(app, jobs)
+        out = fleet.follow(app, jobs)
     finally:
         fleet.close()
     (job,) = jobs

@@ -81,19 +81,19 @@ def test_ten_thousand_fuzzed_messages_while_a_job_runs(tmp_path: Path) -> None:
                     time.sleep(0.2)  # spread over the job
             fuzzer.flush(60)
 
-        before = {id_: memory_mib(fleet.sim.procs[id_].pid) for id_ in ("site-a", "coordinator")}
+        before = {id_: memory_mib(fleet.procs[id_].pid) for id_ in ("site-a", "coordinator")}
         thread = threading.Thread(target=flood, daemon=True)
         thread.start()
         app, jobs = fleet.request(sp)
         wait_for("a third of the fuzz sent", lambda: sent >= len(mixed) // 3, timeout=120)
         for a in agents:
             a.release()
-        out = fleet.sim.follow(app, jobs, timeout=300)
+        out = fleet.follow(app, jobs, timeout=300)
         thread.join(300)
         assert sent == len(mixed)
         for id_ in ("site-a", "coordinator"):  # each has taken in everything: its log is quiet
             quiet_log(fleet, id_)
-        peak = {id_: memory_mib(fleet.sim.procs[id_].pid) for id_ in ("site-a", "coordinator")}
+        peak = {id_: memory_mib(fleet.procs[id_].pid) for id_ in ("site-a", "coordinator")}
         for id_ in ("site-a", "coordinator"):
             assert fleet.stop(id_) == 0  # alive until asked to stop, and a clean exit
     finally:

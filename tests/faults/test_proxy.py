@@ -27,7 +27,7 @@ def test_duplicated_reordered_and_late_copies_are_dropped_and_counted(
         proxy.start()
         fleet.start_agents("site-a", STEPS, SAMPLES)
         app, jobs = fleet.request(sp)
-        out = fleet.sim.follow(app, jobs)
+        out = fleet.follow(app, jobs)
         proxy.stop()
         fleet.stop("site-a")  # logs its tally
     finally:

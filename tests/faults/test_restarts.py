@@ -66,7 +66,7 @@ def test_aggregator_killed_while_collecting_resumes_and_counts_nobody_twice(
             a.release()  # their updates (adverts) wait at the broker for site-a's session
         time.sleep(0.5)
         fleet.spawn("site-a", wait=False)
-        out = fleet.sim.follow(app, jobs)
+        out = fleet.follow(app, jobs)
     finally:
         fleet.close()
     (job,) = jobs
@@ -107,7 +107,7 @@ def test_coordinator_killed_between_partials_publishes_the_same_global_model(
 
         wait_for("site-b's partial sent while the coordinator is down", b_sent)
         fleet.spawn("coordinator", wait=False)
-        out = fleet.sim.follow(app, jobs)
+        out = fleet.follow(app, jobs)
     finally:
         fleet.close()
     (job,) = jobs
@@ -134,13 +134,13 @@ def test_broker_restarted_mid_round_loses_nothing(tmp_path: Path) -> None:
             a.release()
         wait_for("3 updates saved", lambda: len((saved_round(fleet, "site-a") or {}).get(
             "senders", [])) == 3)
-        fleet.ops.broker.stop()  # SIGTERM: Mosquitto saves its persistence database
+        fleet.broker.stop()  # SIGTERM: Mosquitto saves its persistence database
         for a in agents[3:]:
             a.release()  # published while the broker is down: queued in the agents' clients
         time.sleep(1.0)
-        fleet.ops.broker.start()
-        out = fleet.sim.follow(app, jobs)
-        alive = {id_: p.poll() is None for id_, p in fleet.sim.procs.items()}
+        fleet.broker.start()
+        out = fleet.follow(app, jobs)
+        alive = {id_: p.poll() is None for id_, p in fleet.procs.items()}
     finally:
         fleet.close()
     (job,) = jobs

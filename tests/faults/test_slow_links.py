@@ -75,7 +75,7 @@ def test_agents_on_a_throttled_link_count_like_the_others(tmp_path: Path, secure
             fleet.spawn_agents("site-a", steps, samples, ids=slow, netns=ns)
             t0 = time.monotonic()
             app, jobs = fleet.request(sp)
-            out = fleet.sim.follow(app, jobs, timeout=600)
+            out = fleet.follow(app, jobs, timeout=600)
             took = time.monotonic() - t0
         finally:
             fleet.close()

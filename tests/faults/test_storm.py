@@ -35,9 +35,9 @@ def test_a_thousand_agents_connect_at_once_and_all_count(tmp_path: Path) -> None
         connect_s = time.monotonic() - t0
         t1 = time.monotonic()
         app, jobs = fleet.request(sp)
-        out = fleet.sim.follow(app, jobs, timeout=600)
+        out = fleet.follow(app, jobs, timeout=600)
         job_s = time.monotonic() - t1
-        peak = memory_mib(fleet.sim.procs["site-a"].pid)
+        peak = memory_mib(fleet.procs["site-a"].pid)
         fleet.stop("site-a")
     finally:
         fleet.close()
